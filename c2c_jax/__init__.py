@@ -1,0 +1,6 @@
+"""c2c-jax: Cache-to-Cache communication between LLMs, in JAX/Flax."""
+
+from c2c_jax.models import Decoder, KVCache, ModelConfig, load_model, load_tokenizer
+
+__all__ = ["Decoder", "KVCache", "ModelConfig", "load_model", "load_tokenizer"]
+__version__ = "0.1.0"

@@ -1,0 +1,242 @@
+"""One generic decoder for Qwen2/2.5, Qwen3, Llama 3.x and other Llama-architecture models.
+
+The families differ only in flags of `ModelConfig`: q/k/v bias (Qwen2), per-head q/k RMSNorm and an
+explicit head_dim (Qwen3), llama3 RoPE scaling and tied embeddings (Llama 3.2). Layer parameters are
+stacked on a leading layer axis and run with `jax.lax.scan`.
+
+One forward serves prefill and decode: tokens, positions and a `KVCache` in; logits (or the final
+hidden states, or nothing) and the updated cache out. New keys/values are written at columns
+`[cache.end, cache.end + T)` of every row, so a batch of prompts is left-padded to a common end.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from c2c_jax.models.config import ModelConfig, RopeConfig
+from c2c_jax.models.kv_cache import KVCache
+
+Output = Literal["logits", "hidden", "kv"]
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 and cast back, as transformers does."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    return rope.inverse_frequencies(head_dim)
+
+
+def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: float32 [B, T, head_dim] for the rotate-half convention."""
+    inv_freq = jnp.asarray(_inverse_frequencies(rope, head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, head_dim]; rotates pairs (i, i + head_dim/2) like HF's rotate_half."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def attention_mask(valid: jax.Array, end: jax.Array, num_new: int) -> jax.Array:
+    """bool [B, 1, T, S]: query t (at column end + t) sees real tokens at columns <= its own.
+
+    Every query also sees itself, so a padding query has a well-defined (finite) output: NaN in a
+    padded row would otherwise leak into everyone through 0 * NaN in the value product.
+    """
+    columns = jnp.arange(valid.shape[1])
+    query_columns = end + jnp.arange(num_new)
+    causal = columns[None, :] <= query_columns[:, None]
+    itself = columns[None, :] == query_columns[:, None]
+    return ((valid[:, None, :] & causal[None]) | itself[None])[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, attention_impl: AttentionImpl,
+                 rngs: nnx.Rngs):
+        c = config
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.qkv_bias)
+        self.k_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias)
+        self.v_proj = linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.qkv_bias)
+        self.o_proj = linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.attention_impl = attention_impl
+
+    def project_kv(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of new tokens exactly as HF caches them: [B, T, kv_heads, head_dim]."""
+        b, t, _ = x.shape
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rope(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, mask, cache_k, cache_v, layer, end):
+        """Writes this layer's new K/V into the stacked cache at (layer, :, end) and attends over it."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = apply_rope(q, cos, sin)
+        k_new, v_new = self.project_kv(x, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k_new[None].astype(cache_k.dtype), (layer, 0, end, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v_new[None].astype(cache_v.dtype), (layer, 0, end, 0, 0))
+        keys, values = cache_k[layer], cache_v[layer]
+        out = jax.nn.dot_product_attention(
+            q.astype(keys.dtype), keys, values, mask=mask, implementation=self._implementation(q, t))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
+
+    def _implementation(self, q, num_new):
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        # cuDNN flash attention pays off for prefill on GPU; single-token decode stays on XLA.
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and num_new > 1 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        c = config
+        linear = functools.partial(nnx.Linear, use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(c.hidden_size, c.intermediate_size)
+        self.up_proj = linear(c.hidden_size, c.intermediate_size)
+        self.down_proj = linear(c.intermediate_size, c.hidden_size)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, attention_impl: AttentionImpl,
+                 rngs: nnx.Rngs):
+        norm = functools.partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype,
+                                   attention_impl=attention_impl, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def kv(self, x, cos, sin):
+        return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
+
+    def __call__(self, x, cos, sin, mask, cache_k, cache_v, layer, end):
+        h, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, layer, end)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache_k, cache_v
+
+
+class Decoder(nnx.Module):
+    """A decoder-only LM with an explicit, layer-stacked KV cache."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None, scan_unroll: int = 1,
+                 remat: bool = False, attention_impl: AttentionImpl = "auto", rngs: nnx.Rngs):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.config = config
+        self.dtype = dtype
+        self.scan_unroll = scan_unroll
+        self.remat = remat
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_layers(rngs):
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                rngs=rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+            config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def init_cache(self, batch: int, capacity: int, num_layers: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache.empty(num_layers=c.num_layers if num_layers is None else num_layers, batch=batch,
+                             capacity=capacity, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, token_mask: jax.Array | None = None,
+                 *, output: Output = "logits") -> tuple[jax.Array | None, KVCache]:
+        """Runs `tokens` [B, T] at `positions` [B, T] on top of `cache`.
+
+        token_mask: bool [B, T], False for padding tokens (default: all real).
+        output: "logits" (float32 [B, T, vocab]), "hidden" (final-normed [B, T, hidden]) or "kv".
+          "kv" fills only the cache's `num_layers` layers and stops right after the deepest one's
+          K/V projection: no attention/MLP in that layer, no final norm, no lm_head.
+        """
+        cfg = self.config
+        b, t = tokens.shape
+        if output != "kv" and cache.num_layers != cfg.num_layers:
+            raise ValueError(f"a cache of {cache.num_layers} layers can only be filled with output='kv' "
+                             f"(the model has {cfg.num_layers})")
+        if cache.num_layers > cfg.num_layers:
+            raise ValueError(f"cache has {cache.num_layers} layers, the model only {cfg.num_layers}")
+        if token_mask is None:
+            token_mask = jnp.ones((b, t), bool)
+        end = cache.end
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, end))
+        mask = attention_mask(valid, end, t)
+        cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
+        x = self.embed_tokens(tokens)
+
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def layer_at(i):
+            return nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
+
+        def body(carry, i):
+            x, k, v = carry
+            return layer_at(i)(x, cos, sin, mask, k, v, i, end), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), jnp.arange(num_full),
+                                    unroll=min(self.scan_unroll, max(num_full, 1)))
+        if output == "kv":
+            last = cache.num_layers - 1
+            k_new, v_new = layer_at(last).kv(x, cos, sin)
+            k = jax.lax.dynamic_update_slice(k, k_new[None].astype(k.dtype), (last, 0, end, 0, 0))
+            v = jax.lax.dynamic_update_slice(v, v_new[None].astype(v.dtype), (last, 0, end, 0, 0))
+        new_cache = KVCache(k=k, v=v, valid=valid, end=end + t)
+        if output == "kv":
+            return None, new_cache
+        hidden = self.norm(x)
+        return (hidden if output == "hidden" else self.logits(hidden)), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits from final-normed hidden states."""
+        if self.lm_head is None:
+            weight = self.embed_tokens.embedding[...].T
+        else:
+            weight = self.lm_head.kernel[...]
+        return jnp.dot(hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)

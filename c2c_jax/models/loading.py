@@ -1,0 +1,358 @@
+"""Loading real checkpoints into `Decoder`: local HF directories, hub ids and GGUF files.
+
+Weights are read one tensor at a time (safetensors are memory-mapped, GGUF tensors dequantized one
+by one), converted to the target dtype, stacked over layers and placed on devices, so no full fp32
+host copy of a large model is ever built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from c2c_jax.models.config import ModelConfig, RopeConfig, UnsupportedModelError
+from c2c_jax.models.decoder import Decoder
+
+# Returns the sharding of one parameter from its path (e.g. ("layers", "mlp", "up_proj", "kernel")) and shape.
+ParamSharding = Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding]
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+# Tensors a checkpoint may carry that the model does not need.
+_IGNORED_TENSORS = re.compile(r"(.*rotary_emb\.inv_freq$)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, corrupt or does not match its config."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor sources: name -> numpy array (HF layout: Linear weights are [out, in]).
+
+
+class SafetensorsReader:
+    """Lazily memory-maps the tensors of one or several (sharded) `.safetensors` files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index_file = directory / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+        self._entries: dict[str, tuple[Path, int, str, tuple[int, ...], int, int]] = {}
+        for name in files:
+            file = directory / name
+            if not file.exists():
+                raise FileNotFoundError(f"checkpoint shard {name} listed in {index_file.name} is missing from {directory}")
+            self._read_header(file)
+
+    def _read_header(self, file: Path) -> None:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file} is truncated (no safetensors header)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                raise CheckpointError(f"{file} is corrupt: header length {header_len} exceeds the file size")
+            try:
+                header = json.loads(f.read(header_len))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{file} is corrupt: unreadable safetensors header ({e})") from None
+        data_start = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if data_start + end > size:
+                raise CheckpointError(f"{file} is truncated: tensor {name} ends past the end of the file")
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"tensor {name} in {file} has unsupported dtype {info['dtype']}")
+            self._entries[name] = (file, data_start, info["dtype"], tuple(info["shape"]), begin, end)
+
+    def names(self) -> Iterable[str]:
+        return self._entries.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, data_start, dtype, shape, begin, _ = self._entries[name]
+        if not shape or 0 in shape:
+            return np.zeros(shape, _SAFETENSORS_DTYPES[dtype])
+        return np.memmap(file, dtype=_SAFETENSORS_DTYPES[dtype], mode="r", offset=data_start + begin, shape=shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mapping between our parameter paths and HF tensor names.
+
+
+def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
+    """("layers", "self_attn", "q_proj", "kernel"), 3 -> "model.layers.3.self_attn.q_proj.weight"."""
+    *modules, leaf = path
+    if modules == ["lm_head"]:
+        return "lm_head.weight"
+    suffix = "bias" if leaf == "bias" else "weight"
+    if modules[0] == "layers":
+        modules = ["layers", str(layer), *modules[1:]]
+    return ".".join(["model", *modules, suffix])
+
+
+def _to_param(path: tuple[str, ...], hf_array: np.ndarray) -> np.ndarray:
+    # HF Linear weights are [out, in]; Flax kernels are [in, out].
+    return hf_array.T if path[-1] == "kernel" else hf_array
+
+
+def _path_names(path) -> tuple[str, ...]:
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            names.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                names.append(key.name)
+        else:
+            names.append(str(getattr(key, "idx", key)))
+    return tuple(names)
+
+
+def _fill_state(abstract_state, get_tensor: Callable[[str], np.ndarray], num_layers: int,
+                param_sharding: ParamSharding | None):
+    """Builds the concrete parameter state from the abstract one, tensor by tensor."""
+
+    def fill(path, leaf):
+        names = _path_names(path)
+        dtype = leaf.dtype
+        if names[0] == "layers":
+            stacked = np.empty(leaf.shape, dtype)
+            for i in range(num_layers):
+                stacked[i] = _checked(names, i, _to_param(names, get_tensor(hf_tensor_name(names, i))), leaf.shape[1:])
+            host = stacked
+        else:
+            host = _checked(names, None, _to_param(names, get_tensor(hf_tensor_name(names, None))), leaf.shape)
+            host = np.asarray(host, dtype)
+        sharding = param_sharding(names, leaf.shape) if param_sharding else None
+        return jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_state)
+
+
+def _checked(names, layer, array, expected_shape):
+    if tuple(array.shape) != tuple(expected_shape):
+        raise CheckpointError(
+            f"tensor {hf_tensor_name(names, layer)} has shape {tuple(array.shape)}, the config implies "
+            f"{tuple(expected_shape)}")
+    return array
+
+
+def _build(config: ModelConfig, get_tensor, available: Iterable[str], *, dtype, param_dtype,
+           param_sharding, decoder_kwargs) -> Decoder:
+    abstract = nnx.eval_shape(
+        lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **decoder_kwargs))
+    graphdef, abstract_state = nnx.split(abstract)
+    used: set[str] = set()
+
+    def tracking_get(name: str) -> np.ndarray:
+        used.add(name)
+        return get_tensor(name)
+
+    state = _fill_state(abstract_state, tracking_get, config.num_layers, param_sharding)
+    unused = [n for n in available if n not in used and not _IGNORED_TENSORS.match(n)
+              and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if unused:
+        raise CheckpointError(
+            f"checkpoint has {len(unused)} tensor(s) the {config.model_type} model does not use, e.g. "
+            f"{', '.join(sorted(unused)[:5])}: the weights do not match config.json")
+    return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory or GGUF file; hub ids are fetched with `huggingface_hub`."""
+    path = Path(os.fspath(path_or_id)).expanduser()
+    if path.exists():
+        return path
+    text = os.fspath(path_or_id)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(".gguf"):
+        raise FileNotFoundError(f"checkpoint {text!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            text, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
+                                  "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, network down, gated: all end the same way for the user
+        raise RuntimeError(
+            f"could not fetch {text!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without hub access, "
+            f"download the checkpoint elsewhere (e.g. `huggingface-cli download {text} --local-dir DIR`) and pass "
+            f"the local directory DIR, or a .gguf file, instead of the hub id.") from e
+
+
+def load_model(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
+               param_sharding: ParamSharding | None = None, **decoder_kwargs) -> Decoder:
+    """Loads a decoder from a local HF directory, a hub id or a `.gguf` file.
+
+    dtype: compute (and KV-cache) dtype; param_dtype: weight dtype (defaults to dtype).
+    decoder_kwargs: passed to `Decoder` (scan_unroll, remat, attention_impl).
+    """
+    path = resolve_checkpoint(path_or_id)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, param_sharding=param_sharding, **decoder_kwargs)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    config = ModelConfig.from_pretrained(path)
+    reader = SafetensorsReader(path)
+
+    def get(name: str) -> np.ndarray:
+        if name not in reader:
+            raise CheckpointError(f"checkpoint {path} lacks tensor {name}")
+        return reader[name]
+
+    return _build(config, get, reader.names(), dtype=dtype, param_dtype=param_dtype,
+                  param_sharding=param_sharding, decoder_kwargs=decoder_kwargs)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike):
+    """The `transformers` tokenizer of a checkpoint directory, hub id or GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = resolve_checkpoint(path_or_id)
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF.
+
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """"blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"; None for tensors we do not use."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m:
+        module = _GGUF_LAYER.get(m.group(2))
+        return None if module is None else f"model.layers.{m.group(1)}.{module}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+    if m and m.group(1) in _GGUF_GLOBAL:
+        return f"{_GGUF_GLOBAL[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    # llama.cpp's converter reorders the rows of Llama q/k projections for its interleaved RoPE;
+    # our RoPE (like HF's) is rotate-half, so restore HF's row order.
+    half = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_config(reader) -> ModelConfig:
+    fields = reader.fields
+
+    def get(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    arch = get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise UnsupportedModelError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHS)}")
+    names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise CheckpointError("GGUF file lacks tensor token_embd.weight")
+    hidden, vocab = (int(d) for d in names["token_embd.weight"].shape)  # GGUF lists dims innermost first
+    num_heads = int(get(f"{arch}.attention.head_count"))
+    head_dim = int(get(f"{arch}.attention.key_length", hidden // num_heads))
+    theta = float(get(f"{arch}.rope.freq_base", 10000.0))
+    rope = RopeConfig(theta=theta)
+    if "rope_freqs.weight" in names:
+        # Llama 3.1+ GGUF files carry the scaled RoPE as explicit per-frequency divisors.
+        divisors = _gguf_array(names["rope_freqs.weight"]).astype(np.float32)
+        rope = RopeConfig(theta=theta, rope_type="divisors", divisors=tuple(float(d) for d in divisors))
+    eos = get("tokenizer.ggml.eos_token_id")
+    hf = {
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(get(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(get(f"{arch}.block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(get(f"{arch}.attention.head_count_kv", num_heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "max_position_embeddings": int(get(f"{arch}.context_length", 32768)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "pad_token_id": get("tokenizer.ggml.padding_token_id"),
+    }
+    config = ModelConfig.from_hf_dict(hf)
+    return config if rope.rope_type == "default" else dataclasses.replace(config, rope=rope)
+
+
+def _gguf_array(tensor) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+
+def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
+              param_sharding: ParamSharding | None = None, **decoder_kwargs) -> Decoder:
+    """Loads a (possibly quantized) GGUF file; tensors are dequantized one at a time."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    config = gguf_config(reader)
+    tensors = {}
+    for t in reader.tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is not None:
+            tensors[hf_name] = t
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"GGUF file {path} lacks the tensor for {name}")
+        array = _gguf_array(tensors[name])
+        if config.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+            array = _unpermute_rope(array, heads)
+        return array
+
+    return _build(config, get, tensors.keys(), dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype,
+                  param_sharding=param_sharding, decoder_kwargs=decoder_kwargs)

@@ -1,0 +1,180 @@
+"""Our decoder against transformers' PyTorch models: logits and every layer's cached K and V."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from c2c_jax.models import CheckpointError, ModelConfig, UnsupportedModelError, load_model
+from tiny_models import FAMILIES, make_tiny_model, torch_forward
+
+TOL = 1e-4
+
+
+def run(model, tokens, positions=None, token_mask=None, capacity=None, output="logits"):
+    b, t = tokens.shape
+    if positions is None:
+        positions = np.broadcast_to(np.arange(t), (b, t))
+    cache = model.init_cache(b, capacity or t)
+    return model(jnp.asarray(tokens), jnp.asarray(positions), cache,
+                 None if token_mask is None else jnp.asarray(token_mask), output=output)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def tiny(request, tmp_path_factory):
+    family = request.param
+    directory = tmp_path_factory.mktemp(family)
+    torch_model = make_tiny_model(family, directory)
+    model = load_model(directory, dtype=jnp.float32)
+    return family, torch_model, model, directory
+
+
+def test_logits_and_cache_match_transformers(tiny):
+    _, torch_model, model, _ = tiny
+    tokens = np.random.default_rng(0).integers(0, 160, (2, 19))
+    ref_logits, ref_k, ref_v = torch_forward(torch_model, tokens)
+    logits, cache = run(model, tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.k, ref_k, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.v, ref_v, atol=TOL, rtol=0)
+    assert int(cache.end) == 19 and np.asarray(cache.valid).all()
+
+
+def test_prefill_then_decode_equals_full_forward(tiny):
+    _, _, model, _ = tiny
+    tokens = np.random.default_rng(1).integers(0, 160, (2, 16))
+    full_logits, full_cache = run(model, tokens)
+    prompt = 11
+    logits, cache = run(model, tokens[:, :prompt], capacity=16)
+    step_logits = [logits]
+    decode = jax.jit(lambda c, tok, pos: model(tok, pos, c))
+    for t in range(prompt, 16):
+        positions = np.full((2, 1), t)
+        out, cache = decode(cache, jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(positions))
+        step_logits.append(out)
+    np.testing.assert_allclose(np.concatenate(step_logits, axis=1), full_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.k, full_cache.k, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.v, full_cache.v, atol=TOL, rtol=0)
+
+
+def test_left_padded_batch_equals_rows_alone(tiny):
+    _, _, model, _ = tiny
+    rng = np.random.default_rng(2)
+    lengths = [13, 6, 9]
+    width = max(lengths)
+    tokens = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), bool)
+    positions = np.zeros((3, width), np.int64)
+    rows = []
+    for r, n in enumerate(lengths):
+        row = rng.integers(0, 160, n)
+        rows.append(row)
+        tokens[r, width - n:] = row
+        mask[r, width - n:] = True
+        positions[r, width - n:] = np.arange(n)
+    # One decode step after the padded prefill, too.
+    logits, cache = run(model, tokens, positions, mask, capacity=width + 1)
+    next_tokens = rng.integers(0, 160, (3, 1))
+    step, _ = model(jnp.asarray(next_tokens), jnp.asarray(np.array(lengths)[:, None]), cache)
+    for r, n in enumerate(lengths):
+        alone, alone_cache = run(model, np.concatenate([rows[r], next_tokens[r]])[None])
+        np.testing.assert_allclose(logits[r, width - n:], alone[0, :n], atol=TOL, rtol=0)
+        np.testing.assert_allclose(step[r, 0], alone[0, n], atol=TOL, rtol=0)
+        np.testing.assert_allclose(cache.k[:, r, width - n:width], alone_cache.k[:, 0, :n], atol=TOL, rtol=0)
+        assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_kv_only_mode_matches_full_cache(tiny):
+    _, _, model, _ = tiny
+    tokens = np.random.default_rng(3).integers(0, 160, (2, 10))
+    _, full = run(model, tokens)
+    for depth in (1, 2, model.config.num_layers):
+        cache = model.init_cache(2, 10, num_layers=depth)
+        out, kv = model(jnp.asarray(tokens), jnp.asarray(np.broadcast_to(np.arange(10), (2, 10))), cache,
+                        output="kv")
+        assert out is None and kv.k.shape[0] == depth
+        np.testing.assert_allclose(kv.k, full.k[:depth], atol=TOL, rtol=0)
+        np.testing.assert_allclose(kv.v, full.v[:depth], atol=TOL, rtol=0)
+
+
+def test_bf16_model_tracks_fp32(tiny):
+    family, torch_model, _, directory = tiny
+    model = load_model(directory, dtype=jnp.bfloat16)
+    assert model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    tokens = np.random.default_rng(4).integers(0, 160, (1, 12))
+    ref_logits, _, _ = torch_forward(torch_model, tokens)
+    logits, cache = run(model, tokens)
+    assert cache.k.dtype == jnp.bfloat16
+    np.testing.assert_allclose(logits, ref_logits, atol=0.1, rtol=0.05)
+
+
+def test_v4_and_v5_config_layouts_agree():
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2)
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    v4 = ModelConfig.from_hf_dict({**base, "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **scaling}})
+    v4_old = ModelConfig.from_hf_dict({**base, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **scaling}})
+    v5 = ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **scaling}})
+    assert v4 == v5 == v4_old
+    assert v5.rope.rope_type == "llama3" and v5.rope.factor == 32.0 and v5.rope.theta == 5e5
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match=r"GPT2LMHeadModel.*llama, qwen2, qwen3"):
+        load_model(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="RoPE type 'yarn'"):
+        ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=1, hidden_size=8, intermediate_size=8,
+                                      num_hidden_layers=1, num_attention_heads=1,
+                                      rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+def test_missing_and_corrupt_checkpoints_name_the_problem(tmp_path, tiny):
+    family, _, _, directory = tiny
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(empty)
+    # Drop one tensor: the error names it.
+    import safetensors.numpy as stn
+    tensors = stn.load_file(str(directory / "model.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((directory / "config.json").read_text())
+    missing = "model.layers.1.mlp.up_proj.weight"
+    stn.save_file({k: v for k, v in tensors.items() if k != missing}, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=missing.replace(".", r"\.")):
+        load_model(broken, dtype=jnp.float32)
+    # Truncated file.
+    data = (directory / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(broken, dtype=jnp.float32)
+    # Config that does not match the weights.
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"shape .* config implies"):
+        load_model(broken, dtype=jnp.float32)
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    torch_model = make_tiny_model("qwen2", tmp_path / "src")
+    torch_model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    tokens = np.random.default_rng(5).integers(0, 160, (1, 8))
+    ref_logits, _, _ = torch_forward(torch_model, tokens)
+    logits, _ = run(load_model(tmp_path / "sharded", dtype=jnp.float32), tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+
+
+def test_hub_id_without_network_names_the_local_alternative(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"Hugging Face Hub.*local directory"):
+        load_model("Qwen/Qwen3-0.6B-not-cached-here")
