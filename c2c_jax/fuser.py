@@ -1,0 +1,290 @@
+"""The C2C fuser: maps a sharer's per-layer K/V into the receiver's K/V space.
+
+One projector per receiver layer and per branch (K and V), exactly the reference C2CProjector
+(c2c_reference.md §1):
+
+    a = in_proj(concat(flat sharer kv, flat receiver kv))          sharer first
+    a = trunk(a)                                                   one FFN block
+    P = proj_out(proj_blocks(a))                                   (num_layers - 2) FFN blocks
+    alpha = sigmoid(weight_head(weight_block(a)))                  one weight per token and receiver head
+    out = receiver + gate * alpha * P                              residual; gate in [0, 1]
+
+FFN block: x + dropout(W2 gelu(W1 rmsnorm(x))), exact GELU, bias-free, RMSNorm eps 1e-6.
+Gate: one scalar logit per layer and branch; a Gumbel-sigmoid sample with annealed temperature
+in training, hard `logit > 0` at inference.
+
+All projectors have the same shapes, so their parameters are stacked on leading
+(receiver layer, branch) axes and run as one vmapped computation instead of 2 x layers small ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from c2c_jax.models.kv_cache import KVCache
+
+GateNoise = Literal["gumbel", "logistic"]
+# The reference's AblationProjector levels (c2c_reference.md §1.8) under readable names.
+ABLATIONS = {
+    "none": 0,  # full C2C: receiver + gate * alpha * P
+    "no_weight": 1,  # alpha := 1
+    "no_weight_no_gate": 2,  # alpha := 1, gate := 1
+    "project": 3,  # paper's "Project" row: the sharer alone is projected, output = P (no residual)
+    "fuse": 4,  # paper's "+Fuse" row: gate := 1, output = receiver + alpha * P
+}
+BRANCHES = ("key", "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class FuserConfig:
+    """Shapes and hyper-parameters of a fuser for one (receiver, sharer) pair. Hashable."""
+
+    receiver_layers: int
+    receiver_kv_heads: int
+    receiver_head_dim: int
+    sharer_kv_heads: int
+    sharer_head_dim: int
+    layer_map: tuple[int, ...]  # sharer layer read by each receiver layer
+    hidden_dim: int = 1024
+    intermediate_dim: int = 1024
+    num_layers: int = 3
+    dropout: float = 0.1
+    initial_temperature: float = 1.0
+    final_temperature: float = 0.001
+    anneal_steps: int = 1929
+    gate_noise: GateNoise = "gumbel"  # "gumbel": the reference's single-Gumbel form; "logistic": P(open)=sigmoid(logit)
+    ablation: str = "none"
+    zero_init: bool = False  # zero the output projections so a new fuser starts as the identity
+    dtype: str = "bfloat16"  # compute dtype; parameters are always float32
+
+    def __post_init__(self):
+        if self.num_layers < 3:
+            raise ValueError(f"fuser num_layers must be >= 3 (got {self.num_layers}), as in the reference")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown fuser ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        if self.gate_noise not in ("gumbel", "logistic"):
+            raise ValueError(f"unknown gate_noise {self.gate_noise!r}; choose 'gumbel' or 'logistic'")
+        if len(self.layer_map) != self.receiver_layers:
+            raise ValueError(f"layer_map has {len(self.layer_map)} entries for {self.receiver_layers} receiver layers")
+
+    @property
+    def sharer_dim(self) -> int:
+        return self.sharer_kv_heads * self.sharer_head_dim
+
+    @property
+    def receiver_dim(self) -> int:
+        return self.receiver_kv_heads * self.receiver_head_dim
+
+    @property
+    def uses_receiver(self) -> bool:
+        return ABLATIONS[self.ablation] != 3
+
+    @property
+    def uses_weight(self) -> bool:
+        return ABLATIONS[self.ablation] in (0, 4)
+
+    @property
+    def uses_gate(self) -> bool:
+        return ABLATIONS[self.ablation] in (0, 1)
+
+    @property
+    def in_dim(self) -> int:
+        return self.sharer_dim + (self.receiver_dim if self.uses_receiver else 0)
+
+    @property
+    def sharer_depth(self) -> int:
+        """Sharer layers its prefix pass must run: up to the deepest mapped one."""
+        return max(self.layer_map) + 1
+
+    def num_params(self) -> int:
+        """Closed form of c2c_reference.md §1.7 (both branches, all receiver layers)."""
+        h, m, out = self.hidden_dim, self.intermediate_dim, self.receiver_dim
+        ffn = lambda inner: h + 2 * h * inner  # noqa: E731
+        branch = (self.in_dim * h + h) + ffn(m) + (self.num_layers - 2) * ffn(m) + (h * out + out)
+        if self.uses_weight:
+            branch += ffn(h) + h * self.receiver_kv_heads + self.receiver_kv_heads
+        return self.receiver_layers * (2 * branch + (2 if self.uses_gate else 0))
+
+
+def gate_temperature(step, config: FuserConfig):
+    """T0 * (Tf / T0) ** min(step / anneal_steps, 1): geometric decay over `anneal_steps` optimizer steps."""
+    t0, tf = config.initial_temperature, config.final_temperature
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / config.anneal_steps, 1.0)
+    return t0 * (tf / t0) ** progress
+
+
+def _torch_linear_init(fan_in: int):
+    # PyTorch's nn.Linear default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _linear(din, dout, *, bias, dtype, rngs, zero=False):
+    init = nnx.initializers.zeros if zero else _torch_linear_init(din)
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=init, bias_init=init, dtype=dtype,
+                      param_dtype=jnp.float32, rngs=rngs)
+
+
+class FFNBlock(nnx.Module):
+    """y = x + dropout(W2 gelu(W1 rmsnorm(x)))."""
+
+    def __init__(self, dim: int, inner: int, *, dtype, rngs: nnx.Rngs):
+        self.norm_scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.w1 = _linear(dim, inner, bias=False, dtype=dtype, rngs=rngs)
+        self.w2 = _linear(inner, dim, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, dropout_rate: float, key):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6) * self.norm_scale[...]
+        y = self.w2(jax.nn.gelu(self.w1(normed.astype(x.dtype)), approximate=False))
+        if key is not None and dropout_rate > 0:
+            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, y.shape)
+            y = jnp.where(keep, y / (1.0 - dropout_rate), 0).astype(y.dtype)
+        return x + y
+
+
+class BranchProjector(nnx.Module):
+    """One (receiver layer, branch) projector; `Fuser` stacks these."""
+
+    def __init__(self, config: FuserConfig, *, rngs: nnx.Rngs):
+        c, dtype = config, jnp.dtype(config.dtype)
+        h, m = c.hidden_dim, c.intermediate_dim
+        self.in_proj = _linear(c.in_dim, h, bias=True, dtype=dtype, rngs=rngs)
+        self.trunk = FFNBlock(h, m, dtype=dtype, rngs=rngs)
+        self.proj_blocks = nnx.List([FFNBlock(h, m, dtype=dtype, rngs=rngs) for _ in range(c.num_layers - 2)])
+        self.proj_out = _linear(h, c.receiver_dim, bias=True, dtype=dtype, rngs=rngs, zero=c.zero_init)
+        # Ablations without the head-wise weight or the gate have no parameters for them (as upstream).
+        self.weight_block = FFNBlock(h, h, dtype=dtype, rngs=rngs) if c.uses_weight else None
+        self.weight_head = _linear(h, c.receiver_kv_heads, bias=True, dtype=dtype, rngs=rngs) if c.uses_weight else None
+        self.gate_logit = nnx.Param(jnp.zeros((), jnp.float32)) if c.uses_gate else None
+        self.config = config
+
+    def __call__(self, sharer, receiver, dropout_key, gate_uniform, temperature):
+        """sharer [B, S, Hs*Ds], receiver [B, S, Ht*Dt] -> fused receiver [B, S, Ht*Dt].
+
+        At inference `dropout_key` and `gate_uniform` are None (no dropout, hard gate); in training
+        `gate_uniform` [B, S, Ht, 1] holds the U[0, 1) draws behind the sampled gate.
+        """
+        c = self.config
+        b, s, _ = receiver.shape
+        dtype = jnp.dtype(c.dtype)
+        num_keys = len(self.proj_blocks) + 2
+        keys = [None] * num_keys if dropout_key is None else list(jax.random.split(dropout_key, num_keys))
+        x = jnp.concatenate([sharer, receiver.astype(sharer.dtype)], axis=-1) if c.uses_receiver else sharer
+        a = self.trunk(self.in_proj(x.astype(dtype)), c.dropout, keys[0])
+        p = a
+        for block, block_key in zip(self.proj_blocks, keys[2:]):
+            p = block(p, c.dropout, block_key)
+        projection = self.proj_out(p).reshape(b, s, c.receiver_kv_heads, c.receiver_head_dim)
+        weight = jnp.ones((), dtype)
+        if c.uses_weight:
+            weight = jax.nn.sigmoid(self.weight_head(self.weight_block(a, c.dropout, keys[1])))[..., None]
+        gate = self._gate(gate_uniform, temperature).astype(dtype) if c.uses_gate else jnp.ones((), dtype)
+        delta = (gate * weight * projection).reshape(b, s, -1)
+        if not c.uses_receiver:
+            return delta.astype(receiver.dtype)
+        return (receiver.astype(dtype) + delta).astype(receiver.dtype)
+
+    def _gate(self, uniform, temperature):
+        logit = self.gate_logit[...]
+        if uniform is None:
+            return (logit > 0).astype(jnp.float32)
+        if self.config.gate_noise == "gumbel":  # one Gumbel sample, as the reference: P(open | 0) = 0.63
+            noise = -jnp.log(-jnp.log(uniform + 1e-20) + 1e-20)
+        else:  # logistic noise (difference of two Gumbels): P(open) = sigmoid(logit)
+            noise = jnp.log(uniform + 1e-20) - jnp.log1p(-uniform + 1e-20)
+        return jax.nn.sigmoid((logit + noise) / temperature)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FuserNoise:
+    """The randomness of one training-mode fusion: gate draws and dropout."""
+
+    gate_uniform: jax.Array  # float32 [receiver layers, 2, B, S, receiver kv_heads, 1], U[0, 1)
+    dropout_key: jax.Array  # PRNG key
+
+
+class Fuser(nnx.Module):
+    """Projectors for every receiver layer and both branches, parameters stacked on (layer, branch)."""
+
+    def __init__(self, config: FuserConfig, *, rngs: nnx.Rngs):
+        self.config = config
+
+        @nnx.split_rngs(splits=config.receiver_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def per_layer(rngs):
+            @nnx.split_rngs(splits=len(BRANCHES))
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def per_branch(rngs):
+                return BranchProjector(config, rngs=rngs)
+
+            return per_branch(rngs)
+
+        self.projectors = per_layer(rngs)
+
+    def gates_open(self) -> jax.Array:
+        """bool [receiver layers, 2]: which (layer, branch) gates are open at inference."""
+        if not self.config.uses_gate:
+            return jnp.ones((self.config.receiver_layers, len(BRANCHES)), bool)
+        return self.projectors.gate_logit[...] > 0
+
+    def sample_noise(self, key, batch: int, capacity: int) -> FuserNoise:
+        c = self.config
+        gate_key, dropout_key = jax.random.split(key)
+        shape = (c.receiver_layers, len(BRANCHES), batch, capacity, c.receiver_kv_heads, 1)
+        return FuserNoise(jax.random.uniform(gate_key, shape, jnp.float32), dropout_key)
+
+    def __call__(self, sharer: KVCache, receiver: KVCache, fuse_mask: jax.Array, *,
+                 noise: FuserNoise | None = None, temperature=None) -> KVCache:
+        """Fuses the sharer's cache into the receiver's at the columns where `fuse_mask` [B, S] is True.
+
+        Both caches must be column-aligned (same batch and capacity). Passing `noise` (from
+        `sample_noise`) switches on training behaviour: dropout and sampled gates at `temperature`.
+        """
+        c = self.config
+        if noise is not None and temperature is None:
+            raise ValueError("training-mode fusion (noise given) needs the gate temperature")
+        if sharer.k.shape[1:3] != receiver.k.shape[1:3]:
+            raise ValueError(f"sharer cache {sharer.k.shape} and receiver cache {receiver.k.shape} are not "
+                             "column-aligned (batch and capacity must match)")
+        if sharer.num_layers < c.sharer_depth:
+            raise ValueError(f"the fuser reads sharer layer {c.sharer_depth - 1}, the sharer cache has "
+                             f"{sharer.num_layers} layers")
+        layer_map = jnp.asarray(c.layer_map)
+        flat = lambda x: x.reshape(*x.shape[:3], -1)  # noqa: E731  [L, B, S, H, D] -> [L, B, S, H*D]
+        sharer_kv = jnp.stack([flat(sharer.k[layer_map]), flat(sharer.v[layer_map])], axis=1)
+        receiver_kv = jnp.stack([flat(receiver.k), flat(receiver.v)], axis=1)
+
+        graphdef, params = nnx.split(self.projectors)
+        if noise is None:
+            dropout_keys = gate_uniform = None
+        else:
+            dropout_keys = jax.random.split(noise.dropout_key, (c.receiver_layers, len(BRANCHES)))
+            gate_uniform = noise.gate_uniform
+
+        def project(p, s, r, k, u):
+            return nnx.merge(graphdef, p)(s, r, k, u, temperature)
+
+        axis = None if noise is None else 0
+        for _ in range(2):  # over branches, then over receiver layers
+            project = jax.vmap(project, in_axes=(0, 0, 0, axis, axis))
+        fused = project(params, sharer_kv, receiver_kv, dropout_keys, gate_uniform)
+        fused = fused.reshape(receiver_kv.shape[:-1] + (c.receiver_kv_heads, c.receiver_head_dim))
+        select = fuse_mask[None, :, :, None, None]
+        return dataclasses.replace(
+            receiver,
+            k=jnp.where(select, fused[:, 0], receiver.k),
+            v=jnp.where(select, fused[:, 1], receiver.v),
+        )
+
+
+def count_params(fuser: Fuser) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(fuser, nnx.Param)))
+
