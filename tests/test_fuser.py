@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from scipy.special import erf
 
 from c2c_jax.checkpoint import (FuserCheckpointError, export_upstream_fuser, flat_params, fuser_from_flat,
                                 import_upstream_fuser, load_fuser, save_fuser)
 from c2c_jax.fuser import ABLATIONS, Fuser, FuserConfig, FuserNoise, count_params, gate_temperature
 from c2c_jax.models import KVCache
 from c2c_jax.torch_pickle import load_state_dict
+from reference_c2c import reference_fuse
 
 RECEIVER_LAYERS, HT, DT = 3, 2, 8  # receiver: 3 layers, 2 KV heads x 8
 SHARER_LAYERS, HS, DS = 2, 3, 4  # sharer: 2 layers, 3 KV heads x 4
@@ -23,45 +23,7 @@ LAYER_MAP = (0, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
-# Independent reference, written from the formulas, on upstream state-dict tensors ([out, in] weights).
-
-
-def ref_linear(x, sd, name):
-    y = x @ sd[f"{name}.weight"].T
-    return y + sd[f"{name}.bias"] if f"{name}.bias" in sd else y
-
-
-def ref_ffn(x, sd, name):
-    normed = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * sd[f"{name}.norm.weight"]
-    hidden = normed @ sd[f"{name}.w1.weight"].T
-    gelu = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
-    return x + gelu @ sd[f"{name}.w2.weight"].T
-
-
-def ref_branch(sd, b, sharer, receiver, level, uniform=None, temperature=None):
-    """One branch of one projector. sharer [B,S,Hs*Ds], receiver [B,S,Ht*Dt] -> [B,S,Ht*Dt]."""
-    x = sharer if level == 3 else np.concatenate([sharer, receiver], -1)
-    a = ref_ffn(ref_linear(x, sd, f"{b}_in"), sd, f"{b}_mlp1.blocks.0")
-    p = a
-    for j in range(L - 2):
-        p = ref_ffn(p, sd, f"{b}_proj_mlp2.blocks.{j}")
-    proj = ref_linear(p, sd, f"{b}_proj_out").reshape(*p.shape[:2], HT, DT)
-    if level in (0, 4):
-        alpha = 1 / (1 + np.exp(-ref_linear(ref_ffn(a, sd, f"{b}_scalar_mlp2.blocks.0"), sd, f"{b}_scalar_head")))
-        alpha = alpha[..., None]
-    else:
-        alpha = 1.0
-    if level in (0, 1):
-        logit = sd[f"{b}_gate_logit"]
-        if uniform is None:
-            gate = float(logit > 0)
-        else:
-            g = -np.log(-np.log(uniform + 1e-20) + 1e-20)
-            gate = 1 / (1 + np.exp(-(logit + g) / temperature))
-    else:
-        gate = 1.0
-    delta = (gate * alpha * proj).reshape(receiver.shape)
-    return delta if level == 3 else receiver + delta
+# Random fusers under the exact upstream key names.
 
 
 def random_state_dicts(rng, level=0):
@@ -129,19 +91,6 @@ def random_caches(rng, batch=2, capacity=5):
     return cache(SHARER_LAYERS, HS, DS), cache(RECEIVER_LAYERS, HT, DT), fuse_mask
 
 
-def reference_fuse(dicts, sharer, receiver, fuse_mask, level, uniform=None, temperature=None):
-    flat = lambda x: np.asarray(x).reshape(*x.shape[:2], -1)  # noqa: E731  [B,S,H,D] -> [B,S,H*D]
-    outputs = []
-    for b, (branch, src, dst) in enumerate((("key", sharer.k, receiver.k), ("value", sharer.v, receiver.v))):
-        out = np.array(dst)
-        for t, s in enumerate(LAYER_MAP):
-            u = None if uniform is None else uniform[t, b]
-            fused = ref_branch(dicts[t], branch, flat(src[s]), flat(dst[t]), level, u, temperature)
-            out[t] = np.where(fuse_mask[:, :, None, None], fused.reshape(out[t].shape), out[t])
-        outputs.append(out)
-    return outputs
-
-
 def fp32(fuser):
     return fuser_from_flat(dataclasses.replace(fuser.config, dtype="float32"),
                            {k: np.asarray(v) for k, v in flat_params(fuser).items()}, "test")
@@ -158,7 +107,7 @@ def test_inference_matches_numpy_reference(tmp_path, level):
     assert fuser.config.ablation == {v: k for k, v in ABLATIONS.items()}[level]
     sharer, receiver, fuse_mask = random_caches(rng)
     fused = fuser(sharer, receiver, jnp.asarray(fuse_mask))
-    ref_k, ref_v = reference_fuse(dicts, sharer, receiver, fuse_mask, level)
+    ref_k, ref_v = reference_fuse(dicts, LAYER_MAP, sharer.k, sharer.v, receiver.k, receiver.v, fuse_mask, level)
     np.testing.assert_allclose(fused.k, ref_k, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(fused.v, ref_v, atol=2e-5, rtol=1e-5)
     # Unfused columns are untouched bit for bit.
@@ -177,7 +126,8 @@ def test_train_mode_with_fixed_noise_matches_numpy_reference(tmp_path):
     temperature = 0.7
     fused = jax.jit(lambda f, s, r, m, n: f(s, r, m, noise=n, temperature=temperature))(
         fuser, sharer, receiver, jnp.asarray(fuse_mask), noise)
-    ref_k, ref_v = reference_fuse(dicts, sharer, receiver, fuse_mask, 0, uniform, temperature)
+    ref_k, ref_v = reference_fuse(dicts, LAYER_MAP, sharer.k, sharer.v, receiver.k, receiver.v, fuse_mask, 0,
+                                  uniform, temperature)
     np.testing.assert_allclose(fused.k, ref_k, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(fused.v, ref_v, atol=2e-5, rtol=1e-5)
 

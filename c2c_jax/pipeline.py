@@ -1,0 +1,358 @@
+"""Fused inference: prefill receiver and sharers, fuse, decode.
+
+For a batch of prompts, left-padded to a common width W (so every prompt ends at column W - 1):
+
+    1. receiver and every sharer run the first W - 1 columns, KV only (no logits);
+    2. each fuser writes its sharer's K/V into the receiver cache where `fuse_mask` is set;
+    3. the receiver runs the last prompt column on the fused cache -> logits of the first new token;
+    4. decode on the fused cache (generated tokens are never fused).
+
+The last prompt token is excluded from fusion so that the first new token is predicted by a query
+that attends to the fused prefix (c2c_reference.md §2.4). Everything from step 1 to the end of the
+decode loop is one jitted function; only the decode loop's tokens come back to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from c2c_jax.alignment import TokenAligner, tokenizers_compatible
+from c2c_jax.fuser import Fuser
+from c2c_jax.models import Decoder, KVCache
+
+MultiSharerMode = Literal["sequential", "parallel"]
+SharerPositions = Literal["shared", "own"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The model bundle.
+
+
+class C2CModel(nnx.Module):
+    """A frozen receiver, frozen sharers and one fuser per sharer."""
+
+    def __init__(self, receiver: Decoder, sharers: Sequence[Decoder] = (), fusers: Sequence[Fuser] = (), *,
+                 multi_sharer_mode: MultiSharerMode = "sequential"):
+        if len(sharers) != len(fusers):
+            raise ValueError(f"{len(sharers)} sharer(s) but {len(fusers)} fuser(s): each sharer needs its fuser")
+        if multi_sharer_mode not in ("sequential", "parallel"):
+            raise ValueError(f"unknown multi_sharer_mode {multi_sharer_mode!r}; choose 'sequential' or 'parallel'")
+        for i, (sharer, fuser) in enumerate(zip(sharers, fusers)):
+            check_fuser_fits(fuser, receiver, sharer, name=f"fuser {i}")
+        self.receiver = receiver
+        self.sharers = nnx.List(sharers)
+        self.fusers = nnx.List(fusers)
+        self.multi_sharer_mode = multi_sharer_mode
+
+    def fuse(self, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], fuse_masks: Sequence[jax.Array],
+             *, noise=None, temperature=None) -> KVCache:
+        """Applies every fuser. sequential: each sees the cache fused by the ones before it; parallel:
+        each sees the receiver's own cache and the residuals are summed (c2c_reference.md §2.3)."""
+        if self.multi_sharer_mode == "sequential" or len(self.fusers) == 1:
+            for fuser, cache, mask in zip(self.fusers, sharer_caches, fuse_masks):
+                receiver_cache = fuser(cache, receiver_cache, mask, noise=noise, temperature=temperature)
+            return receiver_cache
+        base = receiver_cache
+        dk = dv = jnp.zeros(base.k.shape, jnp.float32)
+        for fuser, cache, mask in zip(self.fusers, sharer_caches, fuse_masks):
+            fused = fuser(cache, base, mask, noise=noise, temperature=temperature)
+            dk += fused.k.astype(jnp.float32) - base.k.astype(jnp.float32)
+            dv += fused.v.astype(jnp.float32) - base.v.astype(jnp.float32)
+        return dataclasses.replace(base, k=(base.k.astype(jnp.float32) + dk).astype(base.k.dtype),
+                                   v=(base.v.astype(jnp.float32) + dv).astype(base.v.dtype))
+
+    def prefix_caches(self, batch: "PromptBatch", length: int, *, with_sharers: bool = True
+                      ) -> tuple[KVCache, list[KVCache]]:
+        """KV-only passes of the receiver and (optionally) every sharer over the first `length` columns."""
+        columns = slice(0, length)
+        receiver_cache = _kv_pass(self.receiver, batch.tokens[:, columns], batch.positions[:, columns],
+                                  batch.valid[:, columns], self.receiver.config.num_layers)
+        sharer_caches = []
+        if with_sharers:
+            for sharer, fuser, tokens, positions, valid in zip(self.sharers, self.fusers, batch.sharer_tokens,
+                                                               batch.sharer_positions, batch.sharer_valid):
+                sharer_caches.append(_kv_pass(sharer, tokens[:, columns], positions[:, columns], valid[:, columns],
+                                              fuser.config.sharer_depth))
+        return receiver_cache, sharer_caches
+
+    def prefill(self, batch: "PromptBatch", capacity: int, *, fuse: bool = True) -> tuple[jax.Array, KVCache]:
+        """float32 logits [B, vocab] of the first new token, and the (fused) receiver cache.
+
+        Receiver-only (`fuse=False`) takes the same route minus the sharers and fusers, so with
+        closed gates both give bit-identical logits.
+        """
+        width = batch.tokens.shape[1]
+        if width < 2:
+            raise ValueError("a prompt needs at least 2 tokens: all but the last are prefilled (and fused)")
+        receiver_cache, sharer_caches = self.prefix_caches(batch, width - 1, with_sharers=fuse)
+        if fuse and self.fusers:
+            fuse_masks = [m[:, : width - 1] for m in batch.fuse_mask]
+            receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
+        cache = receiver_cache.with_capacity(capacity)
+        last = slice(width - 1, width)
+        hidden, cache = self.receiver(batch.tokens[:, last], batch.positions[:, last], cache, batch.valid[:, last],
+                                      output="hidden")
+        return self.receiver.logits(hidden[:, -1]), cache
+
+
+def _kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
+    _, cache = model(tokens, positions, cache, valid, output="kv")
+    return cache
+
+
+def check_fuser_fits(fuser: Fuser, receiver: Decoder, sharer: Decoder, name: str = "fuser") -> None:
+    from c2c_jax.checkpoint import check_pair
+
+    check_pair(fuser.config, receiver.config, sharer.config, source=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched prompts.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded prompts for the receiver and, column-aligned, for every sharer. All [B, W]."""
+
+    tokens: jax.Array  # int32 receiver ids
+    valid: jax.Array  # bool: real receiver token
+    positions: jax.Array  # int32 receiver positions
+    sharer_tokens: tuple
+    sharer_valid: tuple
+    sharer_positions: tuple
+    fuse_mask: tuple  # per sharer, bool: fuse this column
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt before batching: receiver ids plus, per sharer, ids, validity and fusable columns."""
+
+    tokens: np.ndarray
+    valid: np.ndarray
+    sharer_tokens: tuple
+    sharer_valid: tuple
+    fusable: tuple
+
+
+class PromptEncoder:
+    """Turns chats (or raw text) into `PromptBatch`es for a receiver and its sharers.
+
+    Sharers whose tokenizer matches the receiver's read the receiver's ids directly and every
+    prompt token but the last is fused. Others go through `TokenAligner`: each model renders its
+    own chat template, only message-content tokens are fused.
+    """
+
+    def __init__(self, receiver_tokenizer, sharer_tokenizers: Sequence = (), *, alignment: str = "auto",
+                 strategy: str = "first", sharer_positions: SharerPositions = "shared", pad_to: int = 64,
+                 enable_thinking: bool = False):
+        if alignment not in ("auto", "on", "off"):
+            raise ValueError(f"alignment must be 'auto', 'on' or 'off', not {alignment!r}")
+        if sharer_positions not in ("shared", "own"):
+            raise ValueError(f"sharer_positions must be 'shared' or 'own', not {sharer_positions!r}")
+        self.receiver_tokenizer = receiver_tokenizer
+        self.aligners = []
+        for tok in sharer_tokenizers:
+            needed = alignment == "on" or (alignment == "auto" and not tokenizers_compatible(receiver_tokenizer, tok))
+            self.aligners.append(TokenAligner(receiver_tokenizer, tok, strategy) if needed else None)
+        if sum(a is not None for a in self.aligners) and len(self.aligners) > 1:
+            raise ValueError("token alignment is supported for a single sharer; with several sharers all must "
+                             "share the receiver's tokenizer")
+        self.sharer_positions = sharer_positions
+        self.pad_to = pad_to
+        self.enable_thinking = enable_thinking
+        pad = receiver_tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (receiver_tokenizer.eos_token_id or 0))
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> EncodedPrompt:
+        aligner = next((a for a in self.aligners if a is not None), None)
+        if aligner is not None:
+            chat = aligner.align_chat(messages, add_generation_prompt=add_generation_prompt,
+                                      enable_thinking=self.enable_thinking,
+                                      continue_final_message=continue_final_message)
+            # Trailing columns without a receiver token carry only sharer template tokens that no
+            # fused position can see: drop them so every prompt ends with a real receiver token.
+            n = int(np.flatnonzero(chat.receiver_valid)[-1]) + 1
+            fusable = chat.message_mask[:n] & chat.receiver_valid[:n] & chat.sharer_valid[:n]
+            return EncodedPrompt(chat.receiver_ids[:n], chat.receiver_valid[:n], (chat.sharer_ids[:n],),
+                                 (chat.sharer_valid[:n],), (fusable,))
+        text = self.receiver_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, enable_thinking=self.enable_thinking)
+        return self.encode_text(text)
+
+    def encode_text(self, text: str) -> EncodedPrompt:
+        ids = np.asarray(self.receiver_tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+        return self.encode_ids(ids)
+
+    def encode_ids(self, ids: np.ndarray) -> EncodedPrompt:
+        ids = np.asarray(ids, np.int32)
+        valid = np.ones(ids.shape, bool)
+        sharer_tokens = tuple(ids if a is None else a.map_ids(ids) for a in self.aligners)
+        return EncodedPrompt(ids, valid, sharer_tokens, tuple(valid for _ in self.aligners),
+                             tuple(valid for _ in self.aligners))
+
+    def batch(self, prompts: Sequence[EncodedPrompt], *, width: int | None = None) -> PromptBatch:
+        """Left-pads to a common width (a multiple of `pad_to`, or `width`)."""
+        longest = max(len(p.tokens) for p in prompts)
+        if width is None:
+            width = -(-longest // self.pad_to) * self.pad_to
+        if longest > width:
+            raise ValueError(f"a prompt of {longest} tokens does not fit the batch width {width}")
+        b, n_sharers = len(prompts), len(self.aligners)
+
+        def left_pad(rows, fill, dtype):
+            out = np.full((b, width), fill, dtype)
+            for r, row in enumerate(rows):
+                out[r, width - len(row):] = row
+            return out
+
+        tokens = left_pad([p.tokens for p in prompts], self.pad_id, np.int32)
+        valid = left_pad([p.valid for p in prompts], False, bool)
+        starts = np.array([width - len(p.tokens) for p in prompts])[:, None]
+        shared = np.maximum(np.arange(width)[None] - starts, 0).astype(np.int32)
+        sharer_tokens, sharer_valid, sharer_positions, fuse_mask = [], [], [], []
+        for j in range(n_sharers):
+            sharer_tokens.append(left_pad([p.sharer_tokens[j] for p in prompts], self.pad_id, np.int32))
+            s_valid = left_pad([p.sharer_valid[j] for p in prompts], False, bool)
+            sharer_valid.append(s_valid)
+            sharer_positions.append(shared if self.sharer_positions == "shared" else _own_positions(s_valid))
+            fuse_mask.append(left_pad([p.fusable[j] for p in prompts], False, bool))
+        positions = shared if self.sharer_positions == "shared" else _own_positions(valid)
+        return PromptBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(positions),
+                           tuple(map(jnp.asarray, sharer_tokens)), tuple(map(jnp.asarray, sharer_valid)),
+                           tuple(map(jnp.asarray, sharer_positions)), tuple(map(jnp.asarray, fuse_mask)))
+
+
+def _own_positions(valid: np.ndarray) -> np.ndarray:
+    return np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling and decoding.
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """int32 [B] from float32 logits [B, vocab]."""
+    if sampling.temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        # Keep the sorted prefix whose cumulative probability is <= top_p, and always the top token.
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        keep = (cumulative <= sampling.top_p).at[:, 0].set(True)
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    tokens: jax.Array  # int32 [B, max_new_tokens], `pad_id` after a row's end
+    lengths: jax.Array  # int32 [B]: new tokens per row, EOS included
+
+
+def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key, sampling: SamplingConfig,
+           eos_ids: tuple[int, ...], pad_id: int) -> Generation:
+    """Samples up to `max_new_tokens` tokens with a `lax.while_loop`; stops when every row hit EOS."""
+    b = first_logits.shape[0]
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    first_key, key = jax.random.split(key)
+    first = sample_tokens(first_logits, first_key, sampling)
+    tokens = jnp.full((b, sampling.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    finished = jnp.isin(first, eos)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        step, _, _, finished, _, _ = state
+        return (step < sampling.max_new_tokens) & ~jnp.all(finished)
+
+    def body(state):
+        step, cache, tokens, finished, lengths, key = state
+        key, step_key = jax.random.split(key)
+        previous = tokens[:, step - 1]
+        logits, cache = receiver(previous[:, None], (next_positions + step - 1)[:, None], cache)
+        token = jnp.where(finished, pad_id, sample_tokens(logits[:, 0], step_key, sampling))
+        tokens = tokens.at[:, step].set(token)
+        lengths = lengths + (~finished).astype(jnp.int32)
+        finished = finished | jnp.isin(token, eos)
+        return step + 1, cache, tokens, finished, lengths, key
+
+    state = (jnp.asarray(1, jnp.int32), cache, tokens, finished, lengths, key)
+    _, _, tokens, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+    return Generation(tokens, lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id", "fuse"))
+def _generate(graphdef, state, batch: PromptBatch, key, *, sampling, eos_ids, pad_id, fuse):
+    model = nnx.merge(graphdef, state)
+    capacity = batch.tokens.shape[1] + sampling.max_new_tokens
+    logits, cache = model.prefill(batch, capacity, fuse=fuse)
+    next_positions = batch.positions[:, -1] + 1
+    return decode(model.receiver, logits, cache, next_positions, key, sampling, eos_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "fuse"))
+def _first_token_logits(graphdef, state, batch: PromptBatch, *, capacity, fuse):
+    model = nnx.merge(graphdef, state)
+    logits, _ = model.prefill(batch, capacity, fuse=fuse)
+    return logits
+
+
+class Generator:
+    """Text in, text out: receiver-only or C2C generation over batches of chats."""
+
+    def __init__(self, model: C2CModel, encoder: PromptEncoder, *, eos_ids: Sequence[int] | None = None):
+        self.model = model
+        self.encoder = encoder
+        self.graphdef, self.state = nnx.split(model)
+        tok = encoder.receiver_tokenizer
+        if eos_ids is None:
+            eos_ids = set(model.receiver.config.eos_token_ids)
+            eos_ids.update(i for i in (tok.eos_token_id,) if i is not None)
+            im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+            eos_ids.update(i for i in (im_end,) if i is not None)
+        self.eos_ids = tuple(sorted(int(i) for i in eos_ids))
+
+    def generate_batch(self, batch: PromptBatch, sampling: SamplingConfig, *, fuse: bool = True,
+                       seed: int = 0) -> Generation:
+        max_len = self.model.receiver.config.max_position_embeddings
+        if batch.tokens.shape[1] + sampling.max_new_tokens > max_len:
+            raise ValueError(f"prompt width {batch.tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} "
+                             f"exceeds the receiver's context of {max_len} tokens")
+        return _generate(self.graphdef, self.state, batch, jax.random.key(seed), sampling=sampling,
+                         eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
+
+    def first_token_logits(self, batch: PromptBatch, *, fuse: bool = True) -> jax.Array:
+        return _first_token_logits(self.graphdef, self.state, batch, capacity=batch.tokens.shape[1], fuse=fuse)
+
+    def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
+             fuse: bool = True, seed: int = 0) -> list[str]:
+        """One answer per conversation (a list of {"role", "content"} messages)."""
+        batch = self.encoder.batch([self.encoder.encode_chat(c) for c in conversations])
+        out = jax.device_get(self.generate_batch(batch, sampling, fuse=fuse, seed=seed))
+        tok = self.encoder.receiver_tokenizer
+        return [tok.decode(out.tokens[r, : out.lengths[r]], skip_special_tokens=True).strip()
+                for r in range(len(conversations))]
