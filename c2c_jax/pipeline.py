@@ -82,23 +82,28 @@ class C2CModel(nnx.Module):
                                               fuser.config.sharer_depth))
         return receiver_cache, sharer_caches
 
-    def prefill(self, batch: "PromptBatch", capacity: int, *, fuse: bool = True) -> tuple[jax.Array, KVCache]:
-        """float32 logits [B, vocab] of the first new token, and the (fused) receiver cache.
+    def prefill(self, batch: "PromptBatch", capacity: int, *, fuse: bool = True, suffix_length: int = 1
+                ) -> tuple[jax.Array, KVCache]:
+        """float32 logits [B, vocab] after the last prompt column, and the (fused) receiver cache.
 
-        Receiver-only (`fuse=False`) takes the same route minus the sharers and fusers, so with
-        closed gates both give bit-identical logits.
+        The last `suffix_length` columns run after fusion, on the fused cache, and are never fused
+        themselves: 1 for generation (c2c_reference.md §2.4); the answer prefix's length when scoring
+        option logits after "The correct answer is" (§5.4). Receiver-only (`fuse=False`) takes the
+        same route minus the sharers and fusers, so with closed gates both give bit-identical logits.
         """
         width = batch.tokens.shape[1]
-        if width < 2:
-            raise ValueError("a prompt needs at least 2 tokens: all but the last are prefilled (and fused)")
-        receiver_cache, sharer_caches = self.prefix_caches(batch, width - 1, with_sharers=fuse)
+        split = width - suffix_length
+        if split < 1 or suffix_length < 1:
+            raise ValueError(f"cannot split a {width}-column prompt into a fused prefix and a suffix of "
+                             f"{suffix_length}: the prefix needs at least one column")
+        receiver_cache, sharer_caches = self.prefix_caches(batch, split, with_sharers=fuse)
         if fuse and self.fusers:
-            fuse_masks = [m[:, : width - 1] for m in batch.fuse_mask]
+            fuse_masks = [m[:, :split] for m in batch.fuse_mask]
             receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
         cache = receiver_cache.with_capacity(capacity)
-        last = slice(width - 1, width)
-        hidden, cache = self.receiver(batch.tokens[:, last], batch.positions[:, last], cache, batch.valid[:, last],
-                                      output="hidden")
+        suffix = slice(split, width)
+        hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix], cache,
+                                      batch.valid[:, suffix], output="hidden")
         return self.receiver.logits(hidden[:, -1]), cache
 
 
@@ -314,10 +319,10 @@ def _generate(graphdef, state, batch: PromptBatch, key, *, sampling, eos_ids, pa
     return decode(model.receiver, logits, cache, next_positions, key, sampling, eos_ids, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "fuse"))
-def _first_token_logits(graphdef, state, batch: PromptBatch, *, capacity, fuse):
+@functools.partial(jax.jit, static_argnames=("graphdef", "fuse", "suffix_length"))
+def _next_token_logits(graphdef, state, batch: PromptBatch, *, fuse, suffix_length):
     model = nnx.merge(graphdef, state)
-    logits, _ = model.prefill(batch, capacity, fuse=fuse)
+    logits, _ = model.prefill(batch, batch.tokens.shape[1], fuse=fuse, suffix_length=suffix_length)
     return logits
 
 
@@ -345,8 +350,9 @@ class Generator:
         return _generate(self.graphdef, self.state, batch, jax.random.key(seed), sampling=sampling,
                          eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
 
-    def first_token_logits(self, batch: PromptBatch, *, fuse: bool = True) -> jax.Array:
-        return _first_token_logits(self.graphdef, self.state, batch, capacity=batch.tokens.shape[1], fuse=fuse)
+    def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1) -> jax.Array:
+        """float32 [B, vocab] logits after each prompt: the first-token prediction (time to first token)."""
+        return _next_token_logits(self.graphdef, self.state, batch, fuse=fuse, suffix_length=suffix_length)
 
     def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
              fuse: bool = True, seed: int = 0) -> list[str]:

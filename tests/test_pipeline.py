@@ -46,29 +46,33 @@ def generator(pair, fuser=None, **encoder_kwargs):
     return Generator(model, encoder)
 
 
-def test_first_token_logits_match_independent_reference(pair, tmp_path):
+@pytest.mark.parametrize("suffix_length", [1, 3])
+def test_next_token_logits_match_independent_reference(pair, tmp_path, suffix_length):
     tokens = np.random.default_rng(0).integers(4, 149, (1, 12))
-    # Reference: PyTorch prefix passes, NumPy fusion, PyTorch step on the fused DynamicCache.
-    _, rk, rv = torch_forward(pair["torch_receiver"], tokens[:, :-1])
-    _, sk, sv = torch_forward(pair["torch_sharer"], tokens[:, :-1])
+    split = 12 - suffix_length
+    # Reference: PyTorch prefix passes, NumPy fusion, PyTorch pass of the suffix on the fused DynamicCache.
+    _, rk, rv = torch_forward(pair["torch_receiver"], tokens[:, :split])
+    _, sk, sv = torch_forward(pair["torch_sharer"], tokens[:, :split])
     export_upstream_fuser(pair["fuser"], tmp_path / "up", dtype="float32")
     dicts = [{k: v.numpy() for k, v in torch.load(tmp_path / "up" / f"projector_{i}.pt").items()} for i in range(3)]
-    fk, fv = reference_fuse(dicts, pair["fuser"].config.layer_map, sk, sv, rk, rv, np.ones((1, 11), bool))
+    fk, fv = reference_fuse(dicts, pair["fuser"].config.layer_map, sk, sv, rk, rv, np.ones((1, split), bool))
     cache = transformers.DynamicCache()
     for layer in range(3):
         cache.update(torch.tensor(fk[layer].transpose(0, 2, 1, 3)), torch.tensor(fv[layer].transpose(0, 2, 1, 3)),
                      layer)
     with torch.no_grad():
-        ref = pair["torch_receiver"](input_ids=torch.tensor(tokens[:, -1:]), position_ids=torch.tensor([[11]]),
-                                     past_key_values=cache).logits[:, -1].numpy()
+        ref = pair["torch_receiver"](input_ids=torch.tensor(tokens[:, split:]),
+                                     position_ids=torch.arange(split, 12)[None], past_key_values=cache
+                                     ).logits[:, -1].numpy()
 
     gen = generator(pair, pad_to=1)
     batch = gen.encoder.batch([gen.encoder.encode_ids(tokens[0])])
-    ours = gen.first_token_logits(batch)
+    ours = gen.next_token_logits(batch, suffix_length=suffix_length)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     receiver_only, _, _ = torch_forward(pair["torch_receiver"], tokens)
     assert np.abs(np.asarray(ours) - receiver_only[:, -1]).max() > 1e-3  # fusion really changed the answer
-    np.testing.assert_allclose(gen.first_token_logits(batch, fuse=False), receiver_only[:, -1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(gen.next_token_logits(batch, fuse=False, suffix_length=suffix_length),
+                               receiver_only[:, -1], atol=1e-4, rtol=0)
 
 
 def test_closed_gates_give_receiver_only_logits_exactly(pair):
@@ -77,7 +81,7 @@ def test_closed_gates_give_receiver_only_logits_exactly(pair):
     gen = generator(pair, closed)
     prompts = [np.random.default_rng(i).integers(4, 149, n) for i, n in enumerate((9, 17, 30))]
     batch = gen.encoder.batch([gen.encoder.encode_ids(p) for p in prompts])
-    np.testing.assert_array_equal(gen.first_token_logits(batch), gen.first_token_logits(batch, fuse=False))
+    np.testing.assert_array_equal(gen.next_token_logits(batch), gen.next_token_logits(batch, fuse=False))
 
 
 def test_batched_generation_equals_per_prompt(pair):
@@ -94,14 +98,14 @@ def test_batched_generation_equals_per_prompt(pair):
         np.testing.assert_array_equal(together.tokens[r], alone.tokens[0])
         assert together.lengths[r] == alone.lengths[0]
     # Greedy generation is the argmax chain of the fused model, step by step.
-    logits = gen.first_token_logits(batch)
+    logits = gen.next_token_logits(batch)
     np.testing.assert_array_equal(together.tokens[:, 0], np.argmax(logits, -1))
 
 
 def test_generation_stops_at_eos_and_pads(pair):
     gen = generator(pair, pad_to=8)
     batch = gen.encoder.batch([gen.encoder.encode_ids(np.arange(5, 20))])
-    first = int(np.argmax(gen.first_token_logits(batch), -1)[0])
+    first = int(np.argmax(gen.next_token_logits(batch), -1)[0])
     gen.eos_ids = (first,)  # the very first token ends the answer
     out = jax.device_get(gen.generate_batch(batch, SamplingConfig(max_new_tokens=5)))
     assert out.lengths[0] == 1 and out.tokens[0, 0] == first

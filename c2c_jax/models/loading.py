@@ -31,6 +31,7 @@ _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+RANDOM_PREFIX = "random:"
 # Tensors a checkpoint may carry that the model does not need.
 _IGNORED_TENSORS = re.compile(r"(.*rotary_emb\.inv_freq$)")
 
@@ -210,11 +211,17 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
 
 def load_model(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
                param_sharding: ParamSharding | None = None, **decoder_kwargs) -> Decoder:
-    """Loads a decoder from a local HF directory, a hub id or a `.gguf` file.
+    """Loads a decoder from a local HF directory, a hub id, a `.gguf` file, or "random:<family>".
 
     dtype: compute (and KV-cache) dtype; param_dtype: weight dtype (defaults to dtype).
     decoder_kwargs: passed to `Decoder` (scan_unroll, remat, attention_impl).
+    "random:qwen3" (qwen2, llama) is a tiny randomly initialised model for smoke runs.
     """
+    if os.fspath(path_or_id).startswith(RANDOM_PREFIX):
+        from c2c_jax.models.tiny import random_model
+
+        return random_model(os.fspath(path_or_id)[len(RANDOM_PREFIX):], dtype=dtype, param_dtype=param_dtype,
+                            **decoder_kwargs)
     path = resolve_checkpoint(path_or_id)
     param_dtype = dtype if param_dtype is None else param_dtype
     if path.is_file() and path.suffix == ".gguf":
@@ -234,9 +241,13 @@ def load_model(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype
 
 
 def load_tokenizer(path_or_id: str | os.PathLike):
-    """The `transformers` tokenizer of a checkpoint directory, hub id or GGUF file."""
+    """The `transformers` tokenizer of a checkpoint directory, hub id, GGUF file or "random:<family>"."""
     from transformers import AutoTokenizer
 
+    if os.fspath(path_or_id).startswith(RANDOM_PREFIX):
+        from c2c_jax.models.tiny import byte_tokenizer
+
+        return byte_tokenizer()
     path = resolve_checkpoint(path_or_id)
     if path.is_file() and path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -268,6 +279,16 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+def _hf_to_gguf_name(name: str) -> str:
+    """Inverse of `gguf_to_hf_name`, for error messages."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m:
+        module = {hf: g for g, hf in _GGUF_LAYER.items()}.get(m.group(2), m.group(2))
+        return f"blk.{m.group(1)}.{module}.{m.group(3)}"
+    module, leaf = name.rsplit(".", 1)
+    return f"{ {hf: g for g, hf in _GGUF_GLOBAL.items()}.get(module, module)}.{leaf}"
+
+
 def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
     # llama.cpp's converter reorders the rows of Llama q/k projections for its interleaved RoPE;
     # our RoPE (like HF's) is rotate-half, so restore HF's row order.
@@ -285,45 +306,68 @@ def gguf_config(reader) -> ModelConfig:
     if arch not in _GGUF_ARCHS:
         raise UnsupportedModelError(
             f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHS)}")
+
+    def require(key):
+        if key not in fields:
+            raise CheckpointError(f"GGUF file lacks metadata key {key}")
+        return get(key)
+
+    if get(f"{arch}.expert_count", 0):
+        raise UnsupportedModelError(f"mixture-of-experts GGUF models ({arch} with experts) are not supported")
     names = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in names:
         raise CheckpointError("GGUF file lacks tensor token_embd.weight")
     hidden, vocab = (int(d) for d in names["token_embd.weight"].shape)  # GGUF lists dims innermost first
-    num_heads = int(get(f"{arch}.attention.head_count"))
+    num_heads = int(require(f"{arch}.attention.head_count"))
     head_dim = int(get(f"{arch}.attention.key_length", hidden // num_heads))
+    if int(get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
+        raise UnsupportedModelError("partial rotary embeddings (rope.dimension_count != head_dim) are not supported")
     theta = float(get(f"{arch}.rope.freq_base", 10000.0))
-    rope = RopeConfig(theta=theta)
+    # llama.cpp's converter writes linear scaling as metadata and Llama 3.1+ scaling as a tensor.
+    scaling = get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope = RopeConfig(theta=theta, rope_type="linear", factor=float(require(f"{arch}.rope.scaling.factor")))
+    elif scaling == "none":
+        rope = RopeConfig(theta=theta)
+    else:
+        raise UnsupportedModelError(f"unsupported GGUF RoPE scaling {scaling!r}; supported: none, linear")
     if "rope_freqs.weight" in names:
-        # Llama 3.1+ GGUF files carry the scaled RoPE as explicit per-frequency divisors.
-        divisors = _gguf_array(names["rope_freqs.weight"]).astype(np.float32)
-        rope = RopeConfig(theta=theta, rope_type="divisors", divisors=tuple(float(d) for d in divisors))
-    eos = get("tokenizer.ggml.eos_token_id")
+        # Per-frequency divisors that llama.cpp computes from the llama3 rope_scaling parameters.
+        divisors = _gguf_array(names["rope_freqs.weight"])
+        if divisors.shape != (head_dim // 2,):
+            raise CheckpointError(f"GGUF tensor rope_freqs.weight has shape {divisors.shape}, expected ({head_dim // 2},)")
+        rope = dataclasses.replace(rope, rope_type="divisors", divisors=tuple(float(d) for d in divisors))
     hf = {
         "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": int(hidden),
-        "intermediate_size": int(get(f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(get(f"{arch}.block_count")),
+        "intermediate_size": int(require(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(require(f"{arch}.block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(get(f"{arch}.attention.head_count_kv", num_heads)),
         "head_dim": head_dim,
         "rms_norm_eps": float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": theta,
         "max_position_embeddings": int(get(f"{arch}.context_length", 32768)),
+        # GGUF has no flags for these: the tensors present say it (as llama.cpp's loader decides too).
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos,
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": get("tokenizer.ggml.padding_token_id"),
     }
-    config = ModelConfig.from_hf_dict(hf)
-    return config if rope.rope_type == "default" else dataclasses.replace(config, rope=rope)
+    return dataclasses.replace(ModelConfig.from_hf_dict(hf), rope=rope)
 
 
 def _gguf_array(tensor) -> np.ndarray:
     from gguf.quants import dequantize
 
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+    try:
+        return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"GGUF tensor {tensor.name} is stored as {tensor.tensor_type.name}, which gguf cannot dequantize") from None
 
 
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,

