@@ -220,8 +220,14 @@ def load_model(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype
     if os.fspath(path_or_id).startswith(RANDOM_PREFIX):
         from c2c_jax.models.tiny import random_model
 
-        return random_model(os.fspath(path_or_id)[len(RANDOM_PREFIX):], dtype=dtype, param_dtype=param_dtype,
-                            **decoder_kwargs)
+        model = random_model(os.fspath(path_or_id)[len(RANDOM_PREFIX):], dtype=dtype, param_dtype=param_dtype,
+                             **decoder_kwargs)
+        if param_sharding is not None:
+            graphdef, state = nnx.split(model)
+            state = jax.tree_util.tree_map_with_path(
+                lambda path, x: jax.device_put(x, param_sharding(_path_names(path), x.shape)), state)
+            model = nnx.merge(graphdef, state)
+        return model
     path = resolve_checkpoint(path_or_id)
     param_dtype = dtype if param_dtype is None else param_dtype
     if path.is_file() and path.suffix == ".gguf":
@@ -290,8 +296,8 @@ def _hf_to_gguf_name(name: str) -> str:
 
 
 def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    # llama.cpp's converter reorders the rows of Llama q/k projections for its interleaved RoPE;
-    # our RoPE (like HF's) is rotate-half, so restore HF's row order.
+    # llama.cpp's converter reorders the rows of Llama q/k projections (weights and biases) for its
+    # interleaved RoPE; our RoPE (like HF's) is rotate-half, so restore HF's row order.
     half = weight.shape[0] // num_heads // 2
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
@@ -335,7 +341,8 @@ def gguf_config(reader) -> ModelConfig:
         # Per-frequency divisors that llama.cpp computes from the llama3 rope_scaling parameters.
         divisors = _gguf_array(names["rope_freqs.weight"])
         if divisors.shape != (head_dim // 2,):
-            raise CheckpointError(f"GGUF tensor rope_freqs.weight has shape {divisors.shape}, expected ({head_dim // 2},)")
+            raise CheckpointError(
+                f"GGUF tensor rope_freqs.weight has shape {divisors.shape}, expected ({head_dim // 2},)")
         rope = dataclasses.replace(rope, rope_type="divisors", divisors=tuple(float(d) for d in divisors))
     hf = {
         "model_type": arch,
@@ -380,8 +387,9 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # the reader fails with a bare reshape/view error on a truncated file
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
     config = gguf_config(reader)
     tensors = {}
     for t in reader.tensors:
@@ -391,7 +399,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:
-            raise CheckpointError(f"GGUF file {path} lacks the tensor for {name}")
+            raise CheckpointError(f"GGUF file {path} lacks tensor {_hf_to_gguf_name(name)} (for {name})")
         array = _gguf_array(tensors[name])
         if config.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
