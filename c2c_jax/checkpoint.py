@@ -342,3 +342,52 @@ def load_any_fuser(directory: str | os.PathLike, receiver: ModelConfig | None = 
         check_pair(fuser.config, receiver, sharer, source=f"fuser {directory}")
     return fuser
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints (Orbax): fuser parameters, optimizer state, step, data position. Never the LLMs.
+
+
+class TrainCheckpointer:
+    """A thin wrapper over `orbax.checkpoint.CheckpointManager`, so an Orbax API change touches one place."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                 create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """state: a TrainState (step, params, opt_state); meta: JSON-serialisable (data position, ...)."""
+        ocp = self._ocp
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, template, step: int | None = None):
+        """Restores into the structure, dtypes and shardings of `template` (a TrainState)."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (template.params, template.opt_state))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract[0]), opt_state=ocp.args.StandardRestore(abstract[1]),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
+            raise FuserCheckpointError(
+                f"cannot restore training checkpoint {self.directory / str(step)} ({type(e).__name__}: {e}); "
+                "it is damaged or was written by a run with another fuser/optimizer config. Move it away to "
+                "start over; nothing was deleted.") from e
+        state = dataclasses.replace(template, step=jnp.asarray(step, jnp.int32), params=restored.params,
+                                    opt_state=restored.opt_state)
+        return state, restored.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()

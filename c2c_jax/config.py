@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from c2c_jax.benchmarks import T2T_BACKGROUND_PROMPT
+
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -66,15 +68,17 @@ def default_config() -> ml_collections.ConfigDict:
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(
-        data=-1,  # -1: all devices not used by fsdp
+        data=-1,  # -1: all devices (with fsdp); else the first data x fsdp devices
         fsdp=1,
         shard_frozen=False,  # FSDP-shard the frozen receiver and sharer over the fsdp axis
+        shard_fuser=False,  # FSDP-shard the fuser parameters and optimizer state too
     ))
 
     c.ckpt = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True, export_upstream=False))
 
     c.eval = ml_collections.ConfigDict(dict(
-        fuser="",  # fuser directory (ours or upstream layout); required for the c2c method
+        fuser="",  # fuser directory (ours or upstream layout), or several comma-separated; required for c2c
+        sharers="",  # one sharer model per fuser (comma-separated); default: sharer.path for each
         benchmarks="openbookqa,arc-challenge,mmlu-redux,ceval",
         methods="receiver,sharer,t2t,c2c",
         source="hub",  # hub | offline | path to a local benchmark file
@@ -83,7 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=16,
         max_new_tokens=64,
         t2t_message_tokens=256,  # length of the sharer's background message in text-to-text
+        background_prompt=T2T_BACKGROUND_PROMPT,  # text-to-text stage 1; must contain {question}
         use_cot=False,
+        latency_items=10,  # items per benchmark timed at batch size 1 (after a warm-up call)
         output_dir="",  # default: <workdir>/eval
     ))
 

@@ -1,0 +1,394 @@
+"""Training the fuser: the jitted train/eval steps and the loop around them.
+
+Only the fuser is trained. Per micro-batch:
+    1. receiver and sharer run the prompt prefix, KV only, outside the gradient;
+    2. inside `value_and_grad` w.r.t. the fuser parameters: fuse (sampled gates, dropout), then the
+       receiver runs the suffix (last instruction token + answer) on the fused cache, and the loss
+       is the summed next-token cross-entropy of the answer tokens.
+Micro-batches are scanned inside one jitted step; gradients are normalised by the global count of
+answer tokens (or, optionally, upstream's mean of micro-batch means), clipped, and applied by AdamW.
+The frozen weights are closed over, never differentiated, never in the optimizer, never saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from c2c_jax import build, sharding
+from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
+from c2c_jax.fuser import Fuser, gate_temperature
+from c2c_jax.models import Decoder, KVCache
+
+log = logging.getLogger("c2c_jax.train")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # int32 []: optimizer steps taken
+    params: Any  # fuser parameters, float32 (a plain nested dict)
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss.
+
+
+def answer_loss_sum(receiver: Decoder, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                    chunk: int = 256) -> jax.Array:
+    """Summed cross-entropy over masked positions, computed in sequence chunks.
+
+    Full-vocabulary logits for a long answer are large ([B, R, 151936] float32); each chunk's logits
+    are recomputed in the backward pass instead of being kept.
+    """
+    b, r, d = hidden.shape
+    chunk = min(chunk, r)
+    pad = (-r) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    n = hidden.shape[1] // chunk
+
+    @jax.checkpoint
+    def chunk_loss(h, t, m):
+        logits = receiver.logits(h)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * m)
+
+    split = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    losses = jax.lax.map(lambda xs: chunk_loss(*xs), (split(hidden), split(targets), split(mask)))
+    return losses.sum()
+
+
+def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache]:
+    def kv(model, tokens, positions, valid, depth):
+        cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
+        return model(tokens, positions, cache, valid, output="kv")[1]
+
+    receiver_cache = kv(receiver, mb.prefix_tokens, mb.prefix_positions, mb.prefix_valid,
+                        receiver.config.num_layers)
+    sharer_cache = kv(sharer, mb.sharer_prefix_tokens, mb.sharer_prefix_positions, mb.sharer_prefix_valid,
+                      fuser_depth)
+    return jax.lax.stop_gradient((receiver_cache, sharer_cache))
+
+
+def micro_batch_loss(params, frozen, mb, key, temperature, *, graphdefs, train: bool):
+    """(summed answer loss, answer-token count) of one micro-batch; differentiable in `params`."""
+    receiver_def, sharer_def, fuser_def = graphdefs
+    receiver = nnx.merge(receiver_def, frozen[0])
+    sharer = nnx.merge(sharer_def, frozen[1])
+    fuser: Fuser = nnx.merge(fuser_def, params)
+    receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, fuser.config.sharer_depth, mb)
+    b, p = mb.prefix_tokens.shape
+    noise = fuser.sample_noise(key, b, p) if train else None
+    fused = fuser(sharer_cache, receiver_cache, mb.fuse_mask, noise=noise, temperature=temperature)
+    cache = fused.with_capacity(p + mb.suffix_tokens.shape[1])
+    hidden, _ = receiver(mb.suffix_tokens, mb.suffix_positions, cache, mb.suffix_valid, output="hidden")
+    loss = answer_loss_sum(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
+    return loss, mb.loss_mask.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer and steps.
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup over `warmup_fraction` of the steps, then linear decay toward 0 at `total_steps`.
+
+    As HF's "linear" scheduler, shifted by one step so that the first update is not wasted at lr 0:
+    step k (0-based) uses lr * (k + 1) / warmup while warming up.
+    """
+    warmup = int(optim.warmup_fraction * total_steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        rising = optim.lr * (step + 1) / max(warmup, 1)
+        falling = optim.lr * (total_steps - step) / max(total_steps - warmup, 1)
+        return jnp.where(step < warmup, rising, jnp.clip(falling, 0.0, optim.lr))
+
+    return schedule
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: optim.decay_gates or "gate_logit" not in jax.tree_util.keystr(path), params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip_norm),
+        optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay, mask=decay_mask))
+
+
+def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fuser_config, normalization,
+               schedule):
+    """One optimizer step over `batch` ([micro_batches, B, ...]); returns the new state and metrics."""
+    temperature = gate_temperature(state.step, fuser_config)
+    key = jax.random.fold_in(base_key, state.step)
+    counts = batch.loss_mask.sum(axis=(1, 2)).astype(jnp.float32)
+    total = jnp.maximum(counts.sum(), 1.0)
+    if normalization == "tokens":
+        scales = jnp.full(counts.shape, 1.0) / total
+    else:  # upstream: token mean per micro-batch, then averaged over micro-batches
+        scales = 1.0 / (jnp.maximum(counts, 1.0) * counts.shape[0])
+    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs, train=True)
+
+    def accumulate(grads_sum, xs):
+        mb, mb_key, scale = xs
+
+        def scaled(params):
+            loss, count = loss_fn(params, frozen, mb, mb_key, temperature)
+            return loss * scale, (loss, count)
+
+        (_, (loss, _)), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
+        return jax.tree.map(jnp.add, grads_sum, grads), loss
+
+    keys = jax.random.split(key, counts.shape[0])
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = jnp.sum(losses * scales)
+    metrics = {
+        "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+        "temperature": temperature, "answer_tokens": counts.sum(),
+        "gate_logits": state.params["projectors"]["gate_logit"] if "gate_logit" in state.params["projectors"]
+        else jnp.zeros(()),
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params, frozen, batch, *, graphdefs):
+    """(summed loss, token count) over `batch` with inference-mode fusion (hard gates, no dropout)."""
+    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs, train=False)
+
+    def one(carry, mb):
+        loss, count = loss_fn(params, frozen, mb, None, None)
+        return (carry[0] + loss, carry[1] + count), None
+
+    (loss, count), _ = jax.lax.scan(one, (jnp.zeros(()), jnp.zeros((), jnp.int32)), batch)
+    return loss, count
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between steps (built by `setup`, used by `train_and_evaluate`)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdefs: tuple
+    frozen: tuple
+    state: TrainState
+    step_fn: Any
+    eval_fn: Any
+    train_iter: Any
+    eval_examples: list
+    total_steps: int
+    fuser_template: Fuser
+    tokenizers: tuple
+    data_stats: dict
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+    from c2c_jax import data as data_lib
+
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(config.mesh)
+    n_devices = mesh.size
+    micro, batch_size = config.train.micro_batch_size, config.train.batch_size
+    if batch_size % micro:
+        raise ValueError(f"train.batch_size {batch_size} is not a multiple of train.micro_batch_size {micro}")
+    if micro % n_devices:
+        raise ValueError(f"train.micro_batch_size {micro} must be divisible by the {n_devices} devices")
+    param_sharding = sharding.param_sharding_fn(mesh, config.mesh.shard_frozen)
+    receiver, receiver_tok, sharer, sharer_tok = build.load_pair(
+        config, param_sharding=param_sharding, remat=config.train.remat)
+    fuser = build.new_fuser(config, receiver, sharer)
+
+    train_examples, eval_examples, stats = data_lib.load_train_data(
+        config, receiver_tok, sharer_tok, receiver.config.vocab_size, sharer.config.vocab_size)
+    train_iter = data_lib.BatchIterator(
+        train_examples, micro_batch_size=micro, micro_batches=batch_size // micro,
+        prefix_buckets=tuple(config.data.prefix_buckets), suffix_buckets=tuple(config.data.suffix_buckets),
+        seed=config.seed, pad_id=_pad_id(receiver_tok), sharer_pad_id=_pad_id(sharer_tok),
+        sharer_positions=config.alignment.sharer_positions, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    steps_per_epoch = train_iter.num_steps_per_epoch()
+    total_steps = config.train.max_steps if config.train.max_steps > 0 else config.train.epochs * steps_per_epoch
+    if total_steps <= 0:
+        raise ValueError(f"no training steps: {len(train_examples)} examples do not fill one batch of {batch_size}")
+
+    receiver_def, receiver_state = nnx.split(receiver)
+    sharer_def, sharer_state = nnx.split(sharer)
+    fuser_def, fuser_state = nnx.split(fuser)
+    params = nnx.to_pure_dict(fuser_state)
+    tx = make_optimizer(config.optim, total_steps)
+    opt_state = tx.init(params)
+    shard_fuser = config.mesh.shard_fuser
+    # The same placement in and out of every step, so the step compiles once per batch shape.
+    state_sharding = TrainState(
+        sharding.replicated(mesh),
+        sharding.tree_shardings(params, mesh, shard=shard_fuser, stacked_dims=2),
+        sharding.tree_shardings(opt_state, mesh, shard=shard_fuser, stacked_dims=2))
+    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, opt_state), state_sharding)
+    graphdefs = (receiver_def, sharer_def, fuser_def)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser.config,
+                          normalization=config.train.loss_normalization, schedule=make_schedule(config.optim, total_steps)),
+        out_shardings=(state_sharding, None), donate_argnums=(0,))
+    eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
+    return Run(config, mesh, graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn, train_iter,
+               eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+
+def _batch_tokens(batch) -> int:
+    return int(np.sum(batch.prefix_valid) + np.sum(batch.suffix_valid))
+
+
+def evaluate_loss(run: Run, params) -> float:
+    from c2c_jax import data as data_lib
+
+    if not run.eval_examples:
+        return float("nan")
+    c = run.config
+    it = data_lib.BatchIterator(
+        run.eval_examples, micro_batch_size=c.train.micro_batch_size, micro_batches=1,
+        prefix_buckets=tuple(c.data.prefix_buckets), suffix_buckets=tuple(c.data.suffix_buckets),
+        seed=c.seed + 1, pad_id=_pad_id(run.tokenizers[0]), sharer_pad_id=_pad_id(run.tokenizers[1]),
+        sharer_positions=c.alignment.sharer_positions, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    n = min(c.train.eval_batches, max(it.num_steps_per_epoch(), 1))
+    total_loss, total_count = 0.0, 0
+    for _ in range(n):
+        batch = sharding.place_batch(next(it), run.mesh, batch_axis=1)
+        loss, count = jax.device_get(run.eval_fn(params, run.frozen, batch))
+        total_loss, total_count = total_loss + float(loss), total_count + int(count)
+    return total_loss / max(total_count, 1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains a fuser; checkpoints under `workdir/checkpoints`, exports `workdir/final`. Resumes if it can."""
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    run = setup(config)
+    is_main = jax.process_index() == 0
+    checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
+                                     async_save=config.ckpt.async_save)
+    if checkpointer.latest_step() is not None:
+        run.state, meta = checkpointer.restore(run.state)
+        run.train_iter.restore(meta["data"])
+        log.info("resumed from step %d", int(run.state.step))
+    elif is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = _summary_writer(workdir) if is_main else None
+    if is_main:
+        log.info("data: %s", json.dumps(run.data_stats))
+        log.info("fuser: %d parameters; %d steps", run.fuser_template.config.num_params(), run.total_steps)
+
+    base_key = jax.random.key(config.seed)
+    start = int(run.state.step)
+    bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+    history, shapes = [], set()
+    tokens_since, time_since = 0, time.perf_counter()
+    metrics = None
+    for step in range(start, run.total_steps):
+        host_batch = next(run.train_iter)
+        shapes.add((host_batch.prefix_tokens.shape[-1], host_batch.suffix_tokens.shape[-1]))
+        tokens_since += _batch_tokens(host_batch) * jax.process_count()
+        batch = sharding.place_batch(host_batch, run.mesh, batch_axis=1)
+        run.state, metrics = run.step_fn(run.state, run.frozen, batch, base_key)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == run.total_steps:
+            m = jax.device_get(metrics)
+            elapsed = time.perf_counter() - time_since
+            tokens_per_s = tokens_since / max(elapsed, 1e-9)
+            tokens_since, time_since = 0, time.perf_counter()
+            record = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                      "lr": float(m["lr"]), "temperature": float(m["temperature"]), "tokens_per_s": tokens_per_s}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", shapes=len(shapes))
+            if writer:
+                for key in ("loss", "grad_norm", "lr", "temperature", "tokens_per_s"):
+                    writer.add_scalar(f"train/{key}", record[key], done)
+                for (layer, branch), logit in np.ndenumerate(np.asarray(m["gate_logits"]).reshape(-1, 2)):
+                    writer.add_scalar(f"gates/layer{layer:02d}_{'kv'[branch]}", float(logit), done)
+        if done % config.train.eval_every == 0 or done == run.total_steps:
+            eval_loss = evaluate_loss(run, run.state.params)
+            if history and run.eval_examples:
+                history[-1]["eval_loss"] = eval_loss
+            if writer and run.eval_examples:
+                writer.add_scalar("eval/loss", eval_loss, done)
+        if done % config.ckpt.every == 0 or done == run.total_steps:
+            checkpointer.save(done, run.state, {"data": run.train_iter.state(), "step": done})
+        bar.update(1)
+    bar.close()
+    checkpointer.wait()
+    log.info("compiled %d distinct batch shapes: %s", len(shapes), sorted(shapes))
+
+    fuser = nnx.merge(run.graphdefs[2], jax.device_get(run.state.params))
+    summary = {"steps": run.total_steps, "history": history, "batch_shapes": sorted(shapes)}
+    if is_main:
+        save_fuser(fuser, workdir / "final")
+        if config.ckpt.export_upstream:
+            export_upstream_fuser(fuser, workdir / "final_upstream")
+        plot_gates(fuser, workdir / "gates.png")
+        (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if writer:
+        writer.close()
+    return summary
+
+
+def _summary_writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard logging is optional
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def plot_gates(fuser: Fuser, path: Path) -> None:
+    """Per-layer gate logits of the K and V branches, open ones highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not fuser.config.uses_gate:
+        return
+    logits = np.asarray(fuser.projectors.gate_logit[...], np.float32)
+    layers = np.arange(logits.shape[0])
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers)), 3.5))
+    for branch, (name, offset) in enumerate((("K", -0.2), ("V", 0.2))):
+        colors = ["tab:green" if v > 0 else "tab:gray" for v in logits[:, branch]]
+        ax.bar(layers + offset, logits[:, branch], width=0.4, color=colors, edgecolor="black", label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("receiver layer")
+    ax.set_ylabel("gate logit (open if > 0)")
+    ax.set_title(f"fuser gates: {int((logits > 0).sum())} of {logits.size} open (left bar K, right bar V)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""Training: only the fuser moves, resume is exact, sharding does not change the math, it learns."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from c2c_jax import sharding, trainer
+from configs import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    config = tiny.get_config()
+    config.mesh.data = 1  # one device unless a test asks for more
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    return config
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
+
+
+def test_one_step_moves_only_the_fuser_and_checkpoints_hold_only_the_fuser(tmp_path):
+    run = trainer.setup(tiny_config())
+    frozen_before = host(run.frozen)
+    params_before = host(run.state.params)
+    batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
+    state, metrics = run.step_fn(run.state, run.frozen, batch, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(host(run.frozen))):
+        np.testing.assert_array_equal(a, b)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_before), jax.tree.leaves(host(state.params)))]
+    assert all(changed), "every fuser parameter should move after one AdamW step"
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    # Optimizer moments mirror the fuser exactly: no slot for any frozen weight.
+    adam = state.opt_state[1][0]
+    assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
+    fuser_shapes = {np.shape(x) for x in jax.tree.leaves(state.params)}
+    assert all(np.shape(x) in fuser_shapes | {()} for x in jax.tree.leaves(state.opt_state))
+
+    # A checkpoint holds the fuser, its optimizer state and metadata, nothing of the LLMs.
+    from c2c_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(1, state, {"data": run.train_iter.state()})
+    step_dir = tmp_path / "ckpt" / "1"
+    assert {p.name for p in step_dir.iterdir() if p.is_dir()} == {"params", "opt_state", "meta"}
+    frozen_shapes = {np.shape(x) for x in jax.tree.leaves(run.frozen)}
+    stored = ocp.PyTreeCheckpointer().restore(step_dir / "opt_state")
+    stored_shapes = {np.shape(x) for x in jax.tree.leaves(stored)} | {
+        np.shape(x) for x in jax.tree.leaves(ocp.PyTreeCheckpointer().restore(step_dir / "params"))}
+    assert stored_shapes <= fuser_shapes | {()}
+    assert not (frozen_shapes - fuser_shapes) & stored_shapes
+    restored, meta = ckpt.restore(run.state)
+    for a, b in zip(jax.tree.leaves(host(state.params)), jax.tree.leaves(host(restored.params))):
+        np.testing.assert_array_equal(a, b)
+    assert meta["data"] == run.train_iter.state() and int(restored.step) == 1
+
+
+def test_step_on_8_device_fsdp_mesh_equals_single_device():
+    assert jax.device_count() == 8
+    single = trainer.setup(tiny_config(**{"train.micro_batch_size": 8}))
+    sharded_config = tiny_config(**{"train.micro_batch_size": 8, "mesh.data": 4, "mesh.fsdp": 2,
+                                    "mesh.shard_frozen": True, "mesh.shard_fuser": True})
+    sharded = trainer.setup(sharded_config)
+    assert sharded.mesh.size == 8
+    # Parameters really are split across the fsdp axis.
+    spec = jax.tree.leaves(sharded.state.params)[3].sharding.spec
+    assert "fsdp" in tuple(spec)
+    results = []
+    for run in (single, sharded):
+        batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
+        state, metrics = run.step_fn(run.state, run.frozen, batch, jax.random.key(0))
+        results.append((host(state.params), float(metrics["loss"]), float(metrics["grad_norm"]),
+                        float(metrics["lr"])))
+    (p1, loss1, norm1, lr), (p8, loss8, norm8, _) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    np.testing.assert_allclose(norm8, norm1, rtol=1e-5)
+    # Adam's first update is about lr * sign(grad) for every element; summation-order noise can only
+    # flip elements whose gradient is ~eps, so 10% of one update separates noise from a wrong split.
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(b, a, atol=0.1 * lr, rtol=0)
+
+
+def _train_args(workdir, steps):
+    return [sys.executable, "-m", "c2c_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            "--config.mesh.data=1", f"--config.train.max_steps={steps}", "--config.train.log_every=1",
+            "--config.train.eval_every=100000", "--config.ckpt.every=3"]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    steps = 30
+    full = trainer.train_and_evaluate(
+        tiny_config(**{"train.max_steps": steps, "train.log_every": 1, "train.eval_every": 100000,
+                       "ckpt.every": 3}), tmp_path / "full")
+    losses = {h["step"]: h["loss"] for h in full["history"]}
+
+    workdir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(_train_args(workdir, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "3").exists():
+        assert proc.poll() is None and time.time() < deadline, "training died before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save
+    proc.wait()
+    resumed_from = ocp.CheckpointManager(workdir / "checkpoints").latest_step()
+    assert resumed_from < steps, "the run finished before it could be killed; the test proves nothing"
+
+    result = subprocess.run(_train_args(workdir, steps), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = json.loads((workdir / "train_summary.json").read_text())["history"]
+    assert history[0]["step"] == resumed_from + 1 and history[-1]["step"] == steps
+    for h in history:
+        assert h["loss"] == pytest.approx(losses[h["step"]], rel=1e-6, abs=1e-7), h["step"]
+
+
+def test_tiny_fuser_overfits_a_small_set(tmp_path):
+    config = tiny_config(**{
+        "data.max_rows": 8, "data.eval_fraction": 0.0, "train.max_steps": 150, "train.micro_batch_size": 8,
+        "train.log_every": 1, "train.eval_every": 100000, "ckpt.every": 100000, "optim.lr": 3e-3,
+        "optim.warmup_fraction": 0.05, "fuser.dropout": 0.0, "fuser.hidden_dim": 64, "fuser.intermediate_dim": 128})
+    history = trainer.train_and_evaluate(config, tmp_path)["history"]
+    first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-5:]])
+    assert first / last >= 5, (first, last)
+    assert (tmp_path / "final" / "fuser.safetensors").exists() and (tmp_path / "gates.png").exists()
+
+
+def test_bad_batch_configuration_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a multiple of train.micro_batch_size"):
+        trainer.setup(tiny_config(**{"train.batch_size": 10, "train.micro_batch_size": 4}))
+    with pytest.raises(ValueError, match="does not fit the 8 available devices"):
+        trainer.setup(tiny_config(**{"mesh.data": 16}))
