@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 LETTERS = string.ascii_uppercase
 ANSWER_PREFIX = "The correct answer is"
+# Text-to-text stage 1 (c2c_reference.md §5.8): the sharer is asked for background, without the options.
+T2T_BACKGROUND_PROMPT = "Briefly describe the most useful background to solve the problem:\n\n{question}"
 
 BENCHMARKS = ("openbookqa", "arc-challenge", "mmlu", "mmlu-redux", "ceval")
 
