@@ -4,30 +4,33 @@ Every config field can be overridden, e.g. `--config.optim.lr=3e-4 --config.trai
 Rerunning with the same workdir resumes from the last checkpoint.
 """
 
-import logging as py_logging
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+def main() -> None:
+    import logging as py_logging
 
-from c2c_jax import sharding
+    from absl import app, flags, logging
+    from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen.py", "Training configuration file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/c2c", "Directory for checkpoints, logs and the final fuser.")
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", "runs/c2c", "Checkpoints, logs and the final fuser go here.")
+    flags.mark_flags_as_required(["config"])
 
+    def run(argv):
+        del argv
+        from c2c_jax import sharding
 
-def main(argv):
-    del argv
-    sharding.maybe_initialize_distributed()  # before anything touches a device
-    from c2c_jax import trainer
+        sharding.maybe_initialize_distributed()  # before anything touches a device
+        from c2c_jax import trainer
 
-    logging.set_verbosity(logging.INFO)
-    py_logging.getLogger("absl").setLevel(py_logging.WARNING)  # Orbax's per-file progress lines
-    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if summary["history"]:
-        last = summary["history"][-1]
-        logging.info("done: step %d, loss %.4f; final fuser in %s/final", last["step"], last["loss"], _WORKDIR.value)
+        logging.set_verbosity(logging.INFO)
+        py_logging.getLogger("absl").setLevel(py_logging.WARNING)  # Orbax's per-file progress lines
+        summary = trainer.train_and_evaluate(config_flag.value, workdir_flag.value)
+        if summary["history"]:
+            last = summary["history"][-1]
+            print(f"done: step {last['step']}, loss {last['loss']:.4f}; fuser in {workdir_flag.value}/final")
+
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

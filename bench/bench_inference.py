@@ -1,0 +1,270 @@
+"""Inference benchmarks at Qwen3-0.6B <- Qwen2.5-0.5B shapes, random bf16 weights.
+
+Models (issue 2): prefill of 512 and 2048 tokens (full logits and KV-only), decode ms/token at
+batch 1 and 64, for both models, next to transformers' PyTorch models on the same card.
+Fusion (issue 3): fusing all 28 layers, C2C time-to-first-token and receiver-only TTFT at 512 and
+2048 prompt tokens, batch 1 and 16.
+Methods (issue 5): first-token latency of receiver, sharer, text-to-text (sharer writes an
+80-token message first) and C2C at a 512-token prompt.
+
+    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,methods]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name,  # noqa: E402
+                    random_decoder, time_ms)
+
+from c2c_jax.alignment import terminal_layer_map  # noqa: E402
+from c2c_jax.fuser import Fuser, FuserConfig  # noqa: E402
+from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, _generate  # noqa: E402
+
+
+def prefill_fn(graphdef, output):
+    @jax.jit
+    def run(state, tokens):
+        model = nnx.merge(graphdef, state)
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        num_layers = model.config.num_layers
+        cache = model.init_cache(b, t, num_layers=num_layers)
+        out, cache = model(tokens, positions, cache, output=output)
+        return cache.k if out is None else out
+    return run
+
+
+def decode_fn(graphdef, steps):
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def run(state, cache, token, start):
+        model = nnx.merge(graphdef, state)
+
+        def body(i, carry):
+            cache, token = carry
+            logits, cache = model(token, jnp.full(token.shape, start + i), cache)
+            return cache, jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
+
+        cache, token = jax.lax.fori_loop(0, steps, body, (cache, token))
+        return cache, token
+    return run
+
+
+def bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, decode_steps, context, torch_compare):
+    for name, cfg in (("qwen3-0.6b", receiver_cfg), ("qwen2.5-0.5b", sharer_cfg)):
+        model = random_decoder(cfg)
+        graphdef, state = nnx.split(model)
+        for t in lengths:
+            tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg["vocab_size"], (1, t)), jnp.int32)
+            for output in ("logits", "kv"):
+                ms = time_ms(prefill_fn(graphdef, output), state, tokens)
+                report.add(model=name, what=f"prefill_{output}", tokens=t, batch=1, ms=round(ms, 3))
+        for b in decode_batches:
+            prompt = context
+            cache = model.init_cache(b, prompt + decode_steps + 1)
+            run = decode_fn(graphdef, decode_steps)
+            token = jnp.zeros((b, 1), jnp.int32)
+            cache = _fill(model, cache, prompt)
+            # Each call decodes `decode_steps` tokens; the cache is donated and threaded through.
+            for _ in range(2):
+                cache, token = run(state, cache, token, prompt)
+                jax.block_until_ready(token)
+                cache = _rewind(cache, prompt)
+            start = time.perf_counter()
+            cache, token = run(state, cache, token, prompt)
+            jax.block_until_ready(token)
+            ms = (time.perf_counter() - start) * 1e3 / decode_steps
+            report.add(model=name, what="decode_ms_per_token", batch=b, context=prompt, ms=round(ms, 3))
+        if torch_compare:
+            bench_torch(report, name, cfg, lengths, decode_batches, decode_steps)
+        del model, state
+
+
+def _fill(model, cache, prompt):
+    """Marks `prompt` columns as filled (contents do not matter for timing)."""
+    valid = cache.valid.at[:, :prompt].set(True)
+    return dataclasses.replace(cache, valid=valid, end=jnp.asarray(prompt, jnp.int32))
+
+
+def _rewind(cache, prompt):
+    return dataclasses.replace(cache, end=jnp.asarray(prompt, jnp.int32))
+
+
+def bench_torch(report, name, cfg, lengths, decode_batches, decode_steps):
+    """transformers' PyTorch model of the same architecture, random bf16 weights, same card."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        report.add(model=name, what="torch", note="torch/transformers not installed")
+        return
+    if not torch.cuda.is_available():
+        report.add(model=name, what="torch", note="no CUDA device for torch")
+        return
+    hf = dict(cfg)
+    model_type = hf.pop("model_type")
+    config_cls = {"qwen3": transformers.Qwen3Config, "qwen2": transformers.Qwen2Config}[model_type]
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**hf), dtype=torch.bfloat16).cuda().eval()
+
+    def timed(fn, iters=10, warmup=2):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(iters):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        return float(np.median(samples))
+
+    with torch.no_grad():
+        for t in lengths:
+            ids = torch.randint(0, cfg["vocab_size"], (1, t), device="cuda")
+            ms = timed(lambda: model(input_ids=ids, use_cache=True))
+            report.add(model=name, what="torch_prefill_logits", tokens=t, batch=1, ms=round(ms, 3))
+        for b in decode_batches:
+            ids = torch.randint(0, cfg["vocab_size"], (b, 512), device="cuda")
+
+            def decode():
+                out = model(input_ids=ids, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                for _ in range(decode_steps):
+                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            prefill_ms = timed(lambda: model(input_ids=ids, use_cache=True), iters=3, warmup=1)
+            ms = (timed(decode, iters=3, warmup=1) - prefill_ms) / decode_steps
+            report.add(model=name, what="torch_decode_ms_per_token", batch=b, context=512, ms=round(ms, 3))
+    del model
+    torch.cuda.empty_cache()
+
+
+def make_c2c(receiver_cfg, sharer_cfg, gates_open=True):
+    receiver = random_decoder(receiver_cfg)
+    sharer = random_decoder(sharer_cfg, seed=1)
+    r, s = receiver.config, sharer.config
+    fuser_config = FuserConfig(
+        receiver_layers=r.num_layers, receiver_kv_heads=r.num_kv_heads, receiver_head_dim=r.head_dim,
+        sharer_kv_heads=s.num_kv_heads, sharer_head_dim=s.head_dim,
+        layer_map=terminal_layer_map(r.num_layers, s.num_layers),
+        hidden_dim=1024 if receiver_cfg is QWEN3_0_6B else 32, intermediate_dim=1024 if receiver_cfg is QWEN3_0_6B else 32)
+    fuser = nnx.jit(lambda: Fuser(fuser_config, rngs=nnx.Rngs(2)))()
+    if gates_open:
+        fuser.projectors.gate_logit[...] = jnp.ones_like(fuser.projectors.gate_logit[...])
+    return C2CModel(receiver, [sharer], [fuser])
+
+
+def prompt_batch(b, t, vocab):
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, vocab, (b, t)), jnp.int32)
+    ones = jnp.ones((b, t), bool)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return PromptBatch(tokens, ones, positions, (tokens,), (ones,), (positions,), (ones,))
+
+
+def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches):
+    model = make_c2c(receiver_cfg, sharer_cfg)
+    graphdef, state = nnx.split(model)
+    fuser = model.fusers[0]
+    n_params = fuser.config.num_params()
+
+    @jax.jit
+    def fuse_only(state, batch):
+        m = nnx.merge(graphdef, state)
+        receiver_cache, sharer_caches = m.prefix_caches(batch, batch.tokens.shape[1])
+        return receiver_cache, sharer_caches
+
+    @jax.jit
+    def fuse(state, receiver_cache, sharer_caches, mask):
+        m = nnx.merge(graphdef, state)
+        return m.fuse(receiver_cache, sharer_caches, [mask]).k
+
+    @functools.partial(jax.jit, static_argnames=("fuse_flag",))
+    def ttft(state, batch, fuse_flag):
+        m = nnx.merge(graphdef, state)
+        logits, _ = m.prefill(batch, batch.tokens.shape[1], fuse=fuse_flag)
+        return jnp.argmax(logits, -1)
+
+    for t in lengths:
+        for b in batches:
+            batch = prompt_batch(b, t, receiver_cfg["vocab_size"])
+            receiver_cache, sharer_caches = fuse_only(state, batch)
+            ms_fuse = time_ms(fuse, state, receiver_cache, sharer_caches, batch.fuse_mask[0])
+            flops = 2 * n_params * b * t
+            report.add(what="fusion_all_layers", tokens=t, batch=b, ms=round(ms_fuse, 3),
+                       tflops=round(flops / ms_fuse / 1e9, 1))
+            ms_c2c = time_ms(ttft, state, batch, True)
+            ms_recv = time_ms(ttft, state, batch, False)
+            report.add(what="ttft", tokens=t, batch=b, c2c_ms=round(ms_c2c, 3), receiver_only_ms=round(ms_recv, 3))
+
+
+def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
+    """First-token latency per evaluation method at batch 1 (greedy, no EOS so lengths are fixed)."""
+    model = make_c2c(receiver_cfg, sharer_cfg)
+    sharer_only = C2CModel(model.sharers[0])
+    vocab = receiver_cfg["vocab_size"]
+    c2c_def, c2c_state = nnx.split(model)
+    sharer_def, sharer_state = nnx.split(sharer_only)
+    key = jax.random.key(0)
+
+    def first_token(graphdef, state, batch, fuse):
+        return _generate(graphdef, state, batch, key, sampling=SamplingConfig(max_new_tokens=1), eos_ids=(),
+                         pad_id=0, fuse=fuse).tokens
+
+    batch = prompt_batch(1, prompt, vocab)
+    receiver_ms = time_ms(first_token, c2c_def, c2c_state, batch, False)
+    c2c_ms = time_ms(first_token, c2c_def, c2c_state, batch, True)
+    sharer_ms = time_ms(first_token, sharer_def, sharer_state, batch, False)
+
+    def t2t(batch, long_batch):
+        message = _generate(sharer_def, sharer_state, batch, key, sampling=SamplingConfig(max_new_tokens=message_tokens),
+                            eos_ids=(), pad_id=0, fuse=False).tokens
+        jax.block_until_ready(message)
+        return first_token(c2c_def, c2c_state, long_batch, False)
+
+    long_batch = prompt_batch(1, 2 * prompt + message_tokens, vocab)  # question twice (both turns) + message
+    t2t_ms = time_ms(t2t, batch, long_batch, iters=5)
+    report.add(what="method_first_token_latency", prompt_tokens=prompt, message_tokens=message_tokens,
+               receiver_ms=round(receiver_ms, 2), sharer_ms=round(sharer_ms, 2), c2c_ms=round(c2c_ms, 2),
+               t2t_ms=round(t2t_ms, 2), c2c_speedup_over_t2t=round(t2t_ms / c2c_ms, 1))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check of this script")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--only", default="models,fusion,methods")
+    args = parser.parse_args()
+    parts = args.only.split(",")
+    print("device:", device_name(), flush=True)
+    if args.smoke:
+        receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = SMOKE_RECEIVER, SMOKE_SHARER, (32,), (1, 2), (1, 2), 4
+    else:
+        receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = QWEN3_0_6B, QWEN2_5_0_5B, (512, 2048), (1, 16), (1, 64), 64
+    report = Report("inference")
+    if "models" in parts:
+        bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, steps, 512 if not args.smoke else 16,
+                     not args.skip_torch)
+    if "fusion" in parts:
+        bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches)
+    if "methods" in parts:
+        bench_methods(report, receiver_cfg, sharer_cfg, 512 if not args.smoke else 32, 80 if not args.smoke else 8)
+    report.save()
+
+
+if __name__ == "__main__":
+    main()

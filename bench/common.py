@@ -1,0 +1,73 @@
+"""Shared helpers for the GPU benchmarks: real model shapes with random weights, timing, reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from c2c_jax.models import Decoder, ModelConfig
+
+# Architectures of the paper's main pair (their HF config.json files), so no weights are needed.
+QWEN3_0_6B = dict(
+    model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    max_position_embeddings=40960, tie_word_embeddings=True, eos_token_id=151645)
+QWEN2_5_0_5B = dict(
+    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    max_position_embeddings=32768, tie_word_embeddings=True, eos_token_id=151645)
+# Tiny stand-ins for a CPU smoke run of the benchmark scripts (--smoke).
+SMOKE_RECEIVER = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+SMOKE_SHARER = dict(QWEN2_5_0_5B, vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+
+
+def random_decoder(hf_config: dict, *, dtype=jnp.bfloat16, seed: int = 0, **kwargs) -> Decoder:
+    """A decoder of the given architecture with random weights, created directly on the device."""
+    config = ModelConfig.from_hf_dict(hf_config)
+    return nnx.jit(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs))()
+
+
+def time_ms(fn, *args, warmup: int = 2, iters: int = 10) -> float:
+    """Median wall time of `fn(*args)` in ms, synchronised on its outputs; compile excluded by warm-up."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), jax {jax.__version__})"
+
+
+class Report:
+    """Collects result rows and prints/saves them as JSON lines (one file per benchmark)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.rows = []
+        self.out_dir = os.environ.get("OUT", ".")
+
+    def add(self, **row) -> None:
+        row = {"bench": self.name, **row}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def save(self) -> None:
+        path = os.path.join(self.out_dir, f"{self.name}.jsonl")
+        with open(path, "w") as f:
+            f.write(json.dumps({"device": device_name()}) + "\n")
+            for row in self.rows:
+                f.write(json.dumps(row) + "\n")

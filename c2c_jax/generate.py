@@ -1,0 +1,85 @@
+"""Ask the receiver alone and the receiver with C2C, side by side.
+
+    python -m c2c_jax.generate --config=configs/qwen.py --config.generate.fuser=runs/qwen/final \\
+        --prompt="What is the boiling point of water at the top of Mount Everest?"
+    python -m c2c_jax.generate --config=configs/qwen.py --config.generate.fuser=... --chat   # interactive
+
+The fuser may be one trained here (runs/.../final) or a published upstream one (a `final/`
+directory with projector_{i}.pt files).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+
+def side_by_side(question: str, receiver_answer: str, c2c_answer: str, width: int = 100) -> str:
+    wrap = lambda text: textwrap.indent(textwrap.fill(text, width - 4) or "(empty)", "    ")  # noqa: E731
+    return (f"> {question}\n\n  receiver alone:\n{wrap(receiver_answer)}\n\n  receiver + C2C:\n{wrap(c2c_answer)}\n"
+            + "-" * width)
+
+
+def answer_prompts(generator, prompts, sampling) -> list[str]:
+    """Side-by-side blocks for a batch of single-turn prompts."""
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    alone = generator.chat(conversations, sampling, fuse=False)
+    fused = generator.chat(conversations, sampling, fuse=True)
+    return [side_by_side(p, a, f) for p, a, f in zip(prompts, alone, fused)]
+
+
+def chat_loop(generator, sampling, read=input, write=print) -> None:
+    """Two parallel conversations (receiver alone, receiver + C2C) fed the same user turns."""
+    alone, fused = [], []
+    write("Chat with the receiver alone and with C2C. An empty line or Ctrl-D quits; /reset starts over.")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            alone, fused = [], []
+            continue
+        alone.append({"role": "user", "content": line})
+        fused.append({"role": "user", "content": line})
+        (a,) = generator.chat([alone], sampling, fuse=False)
+        (f,) = generator.chat([fused], sampling, fuse=True)
+        alone.append({"role": "assistant", "content": a})
+        fused.append({"role": "assistant", "content": f})
+        write(side_by_side(line, a, f))
+
+
+def main() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    prompt_flag = flags.DEFINE_multi_string("prompt", [], "A user message; repeat the flag for a batch.")
+    chat_flag = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat, both answers at every turn.")
+    flags.mark_flags_as_required(["config"])
+
+    def run(argv):
+        del argv
+        from c2c_jax import build, sharding
+        from c2c_jax.pipeline import SamplingConfig
+
+        sharding.maybe_initialize_distributed()
+        g = config_flag.value.generate
+        if not g.fuser:
+            raise app.UsageError("set --config.generate.fuser to a fuser directory (ours or the upstream layout)")
+        if not prompt_flag.value and not chat_flag.value:
+            raise app.UsageError("give --prompt=... (repeatable) or --chat")
+        generator = build.load_generator(config_flag.value, g.fuser)
+        sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                                  top_p=g.top_p)
+        if prompt_flag.value:
+            print("\n".join(answer_prompts(generator, prompt_flag.value, sampling)))
+        if chat_flag.value:
+            chat_loop(generator, sampling)
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
