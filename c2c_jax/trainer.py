@@ -235,6 +235,23 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     if total_steps <= 0:
         raise ValueError(f"no training steps: {len(train_examples)} examples do not fill one batch of {batch_size}")
 
+    steps = build_steps(config, mesh, receiver, sharer, fuser, total_steps)
+    return Run(config, mesh, steps.graphdefs, steps.frozen, steps.state, steps.step_fn, steps.eval_fn, train_iter,
+               eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
+
+
+@dataclasses.dataclass
+class Steps:
+    graphdefs: tuple
+    frozen: tuple
+    state: TrainState
+    step_fn: Any
+    eval_fn: Any
+
+
+def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, sharer: Decoder, fuser: Fuser,
+                total_steps: int) -> Steps:
+    """The initial train state (placed on `mesh`) and the jitted train and eval steps."""
     receiver_def, receiver_state = nnx.split(receiver)
     sharer_def, sharer_state = nnx.split(sharer)
     fuser_def, fuser_state = nnx.split(fuser)
@@ -251,11 +268,11 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     graphdefs = (receiver_def, sharer_def, fuser_def)
     step_fn = jax.jit(
         functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser.config,
-                          normalization=config.train.loss_normalization, schedule=make_schedule(config.optim, total_steps)),
+                          normalization=config.train.loss_normalization,
+                          schedule=make_schedule(config.optim, total_steps)),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
-    return Run(config, mesh, graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn, train_iter,
-               eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
+    return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)
 
 
 def _pad_id(tokenizer) -> int:

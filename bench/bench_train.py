@@ -1,0 +1,135 @@
+"""Training throughput at the configs/qwen.py shapes with random bf16 weights (issue 4).
+
+Qwen3-0.6B receiver <- Qwen2.5-0.5B sharer, fuser h = m = 1024, L = 3 (477,848,056 parameters),
+micro-batch 4 x 2048 tokens (prefix P + suffix R = 2048, default 1024 + 1024). Reports step time,
+tokens/s and MFU: the model FLOPs the step executes (forward of the frozen prefix passes, forward +
+backward of the fuser, forward + activation-backward of the receiver's suffix pass and its LM head,
+causal attention counted as half a square), over the card's dense bf16 peak.
+
+    python bench/bench_train.py [--smoke] [--prefix 1024 --suffix 1024 --batch 4] [--peak-tflops 989]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name, random_decoder, \
+    time_ms  # noqa: E402
+
+from c2c_jax import sharding, trainer  # noqa: E402
+from c2c_jax.alignment import terminal_layer_map  # noqa: E402
+from c2c_jax.config import default_config  # noqa: E402
+from c2c_jax.data import TrainBatch  # noqa: E402
+from c2c_jax.fuser import Fuser, FuserConfig  # noqa: E402
+from c2c_jax.models import ModelConfig  # noqa: E402
+
+
+def layer_flops_per_token(c: ModelConfig, context: float) -> tuple[float, float]:
+    """(matmul FLOPs per token per layer, attention FLOPs per token per layer at this mean context)."""
+    d, h, kv, hd, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    linear = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
+    attention = 2 * 2 * h * hd * context  # QK^T and PV
+    return linear, attention
+
+
+def kv_only_flops(c: ModelConfig, depth: int, tokens: int, seq: int) -> float:
+    """Prefix pass stopping after layer depth-1's K/V projection; causal mean context seq / 2."""
+    linear, attention = layer_flops_per_token(c, seq / 2)
+    kv_proj = 2 * 2 * c.hidden_size * c.num_kv_heads * c.head_dim
+    return tokens * ((depth - 1) * (linear + attention) + kv_proj)
+
+
+def step_flops(rc: ModelConfig, sc: ModelConfig, fc: FuserConfig, b: int, p: int, r: int) -> dict:
+    prefix_tokens, suffix_tokens = b * p, b * r
+    receiver_prefix = kv_only_flops(rc, rc.num_layers, prefix_tokens, p)
+    sharer_prefix = kv_only_flops(sc, fc.sharer_depth, prefix_tokens, p)
+    fuser = 3 * 2 * fc.num_params() * prefix_tokens  # forward + backward (weights and activations)
+    linear, attention = layer_flops_per_token(rc, p + r / 2)
+    suffix_forward = suffix_tokens * rc.num_layers * (linear + attention)
+    head_forward = 2 * suffix_tokens * rc.hidden_size * rc.vocab_size
+    # No weight gradients for the frozen receiver: backward = activation gradients only (~1x forward);
+    # the chunked cross-entropy recomputes the head's logits once more in the backward pass.
+    receiver_suffix = 2 * suffix_forward + 3 * head_forward
+    parts = dict(receiver_prefix=receiver_prefix, sharer_prefix=sharer_prefix, fuser=fuser,
+                 receiver_suffix=receiver_suffix)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def random_batch(b, p, r, vocab, seed=0) -> TrainBatch:
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, vocab, (1, b, p)).astype(np.int32)
+    suffix = rng.integers(0, vocab, (1, b, r)).astype(np.int32)
+    ones_p, ones_r = np.ones((1, b, p), bool), np.ones((1, b, r), bool)
+    pos_p = np.broadcast_to(np.arange(p, dtype=np.int32), (1, b, p))
+    pos_r = np.broadcast_to(np.arange(p, p + r, dtype=np.int32), (1, b, r))
+    targets = np.roll(suffix, -1, axis=-1)
+    return TrainBatch(prefix, ones_p, pos_p, prefix, ones_p, pos_p, ones_p, suffix, ones_r, pos_r, targets, ones_r)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prefix", type=int, default=1024)
+    parser.add_argument("--suffix", type=int, default=1024)
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM)")
+    args = parser.parse_args()
+    print("device:", device_name(), flush=True)
+    receiver_cfg, sharer_cfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
+    hidden = 32 if args.smoke else 1024
+    b, p, r = (2, 32, 16) if args.smoke else (args.batch, args.prefix, args.suffix)
+
+    receiver = random_decoder(receiver_cfg, remat=args.remat)
+    sharer = random_decoder(sharer_cfg, seed=1)
+    rc, sc = receiver.config, sharer.config
+    fc = FuserConfig(receiver_layers=rc.num_layers, receiver_kv_heads=rc.num_kv_heads, receiver_head_dim=rc.head_dim,
+                     sharer_kv_heads=sc.num_kv_heads, sharer_head_dim=sc.head_dim,
+                     layer_map=terminal_layer_map(rc.num_layers, sc.num_layers), hidden_dim=hidden,
+                     intermediate_dim=hidden)
+    fuser = nnx.jit(lambda: Fuser(fc, rngs=nnx.Rngs(0)))()
+    config = default_config()
+    mesh = sharding.make_mesh(config.mesh)
+    steps = trainer.build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
+    batch = sharding.place_batch(random_batch(b, p, r, rc.vocab_size), mesh, batch_axis=1)
+    key = jax.random.key(0)
+    state = steps.state
+
+    def one_step():
+        nonlocal state
+        state, metrics = steps.step_fn(state, steps.frozen, batch, key)
+        return metrics["loss"]
+
+    compiled = steps.step_fn.lower(state, steps.frozen, batch, key).compile()
+    xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan")) if hasattr(compiled, "cost_analysis") else float("nan")
+    if isinstance(xla_flops, (list, tuple)):
+        xla_flops = xla_flops[0].get("flops", float("nan")) if xla_flops else float("nan")
+    memory = compiled.memory_analysis()
+    ms = time_ms(one_step, warmup=2, iters=10)
+    flops = step_flops(rc, sc, fc, b, p, r)
+    tokens = b * (p + r)
+    report = Report("train")
+    report.add(device=device_name(), batch=b, prefix=p, suffix=r, fuser_params=fc.num_params(), step_ms=round(ms, 2),
+               tokens_per_s=round(tokens / ms * 1e3), model_tflop_per_step=round(flops["total"] / 1e12, 3),
+               flops_split={k: round(v / 1e12, 3) for k, v in flops.items()},
+               xla_cost_analysis_tflop=round(float(xla_flops) / 1e12, 3) if xla_flops == xla_flops else None,
+               achieved_tflops=round(flops["total"] / ms / 1e9, 1),
+               mfu=round(flops["total"] / (ms / 1e3) / (args.peak_tflops * 1e12), 4),
+               peak_tflops=args.peak_tflops, remat=args.remat,
+               temp_gib=round(getattr(memory, "temp_size_in_bytes", 0) / 2**30, 2) if memory else None,
+               loss=float(jax.device_get(one_step())))
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
