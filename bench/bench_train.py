@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import common  # noqa: E402
 from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name, random_decoder, \
     time_ms  # noqa: E402
 
@@ -84,7 +85,9 @@ def main():
     parser.add_argument("--suffix", type=int, default=1024)
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM)")
+    parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
     args = parser.parse_args()
+    common.SCAN_UNROLL = args.unroll
     print("device:", device_name(), flush=True)
     receiver_cfg, sharer_cfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
     hidden = 32 if args.smoke else 1024
@@ -125,7 +128,7 @@ def main():
                xla_cost_analysis_tflop=round(float(xla_flops) / 1e12, 3) if xla_flops == xla_flops else None,
                achieved_tflops=round(flops["total"] / ms / 1e9, 1),
                mfu=round(flops["total"] / (ms / 1e3) / (args.peak_tflops * 1e12), 4),
-               peak_tflops=args.peak_tflops, remat=args.remat,
+               peak_tflops=args.peak_tflops, remat=args.remat, scan_unroll=receiver.scan_unroll,
                temp_gib=round(getattr(memory, "temp_size_in_bytes", 0) / 2**30, 2) if memory else None,
                loss=float(jax.device_get(one_step())))
     report.save()

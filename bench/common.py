@@ -29,9 +29,13 @@ SMOKE_SHARER = dict(QWEN2_5_0_5B, vocab_size=512, hidden_size=48, intermediate_s
                     num_attention_heads=4, num_key_value_heads=2)
 
 
+SCAN_UNROLL = None  # set by the scripts' --unroll flag
+
+
 def random_decoder(hf_config: dict, *, dtype=jnp.bfloat16, seed: int = 0, **kwargs) -> Decoder:
     """A decoder of the given architecture with random weights, created directly on the device."""
     config = ModelConfig.from_hf_dict(hf_config)
+    kwargs.setdefault("scan_unroll", SCAN_UNROLL)
     return nnx.jit(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs))()
 
 
