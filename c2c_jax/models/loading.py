@@ -105,8 +105,13 @@ class SafetensorsReader:
 # Mapping between our parameter paths and HF tensor names.
 
 
+# Our fused projections (one matmul instead of several) and the HF tensors they concatenate
+# along the output dimension, in order.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
-    """("layers", "self_attn", "q_proj", "kernel"), 3 -> "model.layers.3.self_attn.q_proj.weight"."""
+    """("layers", "self_attn", "o_proj", "kernel"), 3 -> "model.layers.3.self_attn.o_proj.weight"."""
     *modules, leaf = path
     if modules == ["lm_head"]:
         return "lm_head.weight"
@@ -116,9 +121,18 @@ def hf_tensor_name(path: tuple[str, ...], layer: int | None) -> str:
     return ".".join(["model", *modules, suffix])
 
 
-def _to_param(path: tuple[str, ...], hf_array: np.ndarray) -> np.ndarray:
+def hf_tensor_names(path: tuple[str, ...], layer: int | None) -> list[str]:
+    """The HF tensors behind one of our parameters (several for a fused projection)."""
+    *modules, leaf = path
+    parts = FUSED_PROJECTIONS.get(modules[-1], (modules[-1],))
+    return [hf_tensor_name((*modules[:-1], part, leaf), layer) for part in parts]
+
+
+def _hf_param(path: tuple[str, ...], layer: int | None, get_tensor) -> np.ndarray:
+    arrays = [get_tensor(name) for name in hf_tensor_names(path, layer)]
+    array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
     # HF Linear weights are [out, in]; Flax kernels are [in, out].
-    return hf_array.T if path[-1] == "kernel" else hf_array
+    return array.T if path[-1] == "kernel" else array
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -144,10 +158,10 @@ def _fill_state(abstract_state, get_tensor: Callable[[str], np.ndarray], num_lay
         if names[0] == "layers":
             stacked = np.empty(leaf.shape, dtype)
             for i in range(num_layers):
-                stacked[i] = _checked(names, i, _to_param(names, get_tensor(hf_tensor_name(names, i))), leaf.shape[1:])
+                stacked[i] = _checked(names, i, _hf_param(names, i, get_tensor), leaf.shape[1:])
             host = stacked
         else:
-            host = _checked(names, None, _to_param(names, get_tensor(hf_tensor_name(names, None))), leaf.shape)
+            host = _checked(names, None, _hf_param(names, None, get_tensor), leaf.shape)
             host = np.asarray(host, dtype)
         sharding = param_sharding(names, leaf.shape) if param_sharding else None
         return jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
@@ -158,7 +172,7 @@ def _fill_state(abstract_state, get_tensor: Callable[[str], np.ndarray], num_lay
 def _checked(names, layer, array, expected_shape):
     if tuple(array.shape) != tuple(expected_shape):
         raise CheckpointError(
-            f"tensor {hf_tensor_name(names, layer)} has shape {tuple(array.shape)}, the config implies "
+            f"tensor {' + '.join(hf_tensor_names(names, layer))} has shape {tuple(array.shape)}, the config implies "
             f"{tuple(expected_shape)}")
     return array
 
