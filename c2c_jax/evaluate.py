@@ -744,17 +744,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
     benches = [load_benchmark(name, source=source, limit=settings.limit)
                for name, source in zip(settings.benchmarks, settings.sources)]
     runners, models = _build_methods(config, settings)
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    # In a multi-process launch every process evaluates (redundantly, on its own devices); one writes.
+    writer = jax.process_index() == 0
+    if writer:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
     per_bench = {}
     for bench in benches:
         per_bench[bench.name] = evaluate_benchmark(bench, runners, settings)
-        _write_csv(settings.output_dir / f"{bench.name}.csv", per_bench[bench.name]["results"])
-        # Rewritten after every benchmark, so a long run can be inspected (and survives a crash) midway.
         summary = _summarise(settings, models, per_bench, config)
-        (settings.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (settings.output_dir / "results.md").write_text(results_markdown(summary))
-    _plots(summary, settings.output_dir)
-    logger.info("wrote %s", settings.output_dir)
+        if writer:
+            _write_csv(settings.output_dir / f"{bench.name}.csv", per_bench[bench.name]["results"])
+            # Rewritten after every benchmark, so a long run can be inspected (and survives a crash) midway.
+            (settings.output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            (settings.output_dir / "results.md").write_text(results_markdown(summary))
+    if writer:
+        _plots(summary, settings.output_dir)
+        logger.info("wrote %s", settings.output_dir)
     return summary
 
 
@@ -769,6 +774,9 @@ def main() -> None:
 
     def run(argv):
         del argv
+        from c2c_jax import sharding
+
+        sharding.maybe_initialize_distributed()
         summary = evaluate(config_flag.value, workdir_flag.value)
         print(results_markdown(summary))
 

@@ -309,6 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Trains a fuser; checkpoints under `workdir/checkpoints`, exports `workdir/final`. Resumes if it can."""
     from tqdm import tqdm
 
+    if str(workdir).startswith(("gs://", "s3://", "http://", "https://")):
+        raise ValueError(f"workdir {workdir} is a URL; c2c_jax writes through the local filesystem. Mount the bucket "
+                         "(gcsfuse, as launch/tpu_vm.sh does on every TPU worker) and pass the mount path.")
     workdir = Path(workdir)
     run = setup(config)
     is_main = jax.process_index() == 0
@@ -328,6 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     base_key = jax.random.key(config.seed)
     start = int(run.state.step)
+    summary_file = workdir / "train_summary.json"
+    if start >= run.total_steps and summary_file.exists():
+        log.info("%s already finished all %d steps; nothing to do", workdir, run.total_steps)
+        return json.loads(summary_file.read_text())
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
     history, shapes = [], set()
     tokens_since, time_since = 0, time.perf_counter()
@@ -373,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if config.ckpt.export_upstream:
             export_upstream_fuser(fuser, workdir / "final_upstream")
         plot_gates(fuser, workdir / "gates.png")
-        (workdir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        summary_file.write_text(json.dumps(summary, indent=2))
     if writer:
         writer.close()
     return summary
@@ -389,16 +396,16 @@ def _summary_writer(workdir: Path):
 
 def plot_gates(fuser: Fuser, path: Path) -> None:
     """Per-layer gate logits of the K and V branches, open ones highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
 
     if not fuser.config.uses_gate:
         return
     logits = np.asarray(fuser.projectors.gate_logit[...], np.float32)
     layers = np.arange(logits.shape[0])
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers)), 3.5))
+    fig = Figure(figsize=(max(6, 0.3 * len(layers)), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for branch, (name, offset) in enumerate((("K", -0.2), ("V", 0.2))):
         colors = ["tab:green" if v > 0 else "tab:gray" for v in logits[:, branch]]
         ax.bar(layers + offset, logits[:, branch], width=0.4, color=colors, edgecolor="black", label=name)
@@ -408,4 +415,3 @@ def plot_gates(fuser: Fuser, path: Path) -> None:
     ax.set_title(f"fuser gates: {int((logits > 0).sum())} of {logits.size} open (left bar K, right bar V)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -136,6 +136,13 @@ def test_tiny_fuser_overfits_a_small_set(tmp_path):
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-5:]])
     assert first / last >= 5, (first, last)
     assert (tmp_path / "final" / "fuser.safetensors").exists() and (tmp_path / "gates.png").exists()
+    # Running a finished run again changes nothing and reports what it did.
+    assert trainer.train_and_evaluate(config, tmp_path)["history"] == history
+
+
+def test_url_workdir_is_a_clear_error():
+    with pytest.raises(ValueError, match="Mount the bucket"):
+        trainer.train_and_evaluate(tiny_config(), "gs://bucket/run")
 
 
 def test_bad_batch_configuration_is_a_clear_error():
