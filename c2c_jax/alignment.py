@@ -27,6 +27,19 @@ _TEMPLATE, _MESSAGE = "template", "message"
 _ROLES = ("eos", "bos", "unk", "pad")
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad, else eos, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def own_positions(valid: np.ndarray) -> np.ndarray:
+    """Positions that count only a model's own real tokens (no gaps at padding), per row."""
+    return np.maximum(np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
+
+
 def tokenizers_compatible(receiver_tok, sharer_tok) -> bool:
     """True when receiver ids can be fed to the sharer unchanged (no alignment needed).
 

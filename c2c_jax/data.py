@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Literal, Mapping, Sequence
 import jax
 import numpy as np
 
-from c2c_jax.alignment import TokenAligner, tokenizers_compatible
+from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -352,14 +352,6 @@ class TrainExample:
         return self.tokens[self.split + 1:]
 
 
-def pad_id_of(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad, else eos, else 0 (as `PromptEncoder`)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 class ChatEncoder:
     """Encodes chats into `TrainExample`s for one receiver/sharer pair.
 
@@ -609,8 +601,8 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
             f["sharer_prefix_positions"][row] = shared
             first_suffix = s
         else:
-            f["prefix_positions"][row] = _own_positions(f["prefix_valid"][row])
-            f["sharer_prefix_positions"][row] = _own_positions(f["sharer_prefix_valid"][row])
+            f["prefix_positions"][row] = own_positions(f["prefix_valid"][row])
+            f["sharer_prefix_positions"][row] = own_positions(f["sharer_prefix_valid"][row])
             first_suffix = int(ex.valid[:s].sum())
         m = length - s
         f["suffix_tokens"][row, :m] = ex.tokens[s:]
@@ -620,10 +612,6 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         f["loss_mask"][row, :m - 1] = ex.valid[s + 1:]
     a = micro_batches
     return TrainBatch(**{k: v.reshape(a, n // a, *v.shape[1:]) for k, v in f.items()})
-
-
-def _own_positions(valid: np.ndarray) -> np.ndarray:
-    return np.maximum(np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
 
 
 class BatchIterator:

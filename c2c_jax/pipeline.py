@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c2c_jax.alignment import TokenAligner, tokenizers_compatible
+from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
 from c2c_jax.fuser import Fuser
 from c2c_jax.models import Decoder, KVCache
 
@@ -185,8 +185,7 @@ class PromptEncoder:
         self.sharer_positions = sharer_positions
         self.pad_to = pad_to
         self.enable_thinking = enable_thinking
-        pad = receiver_tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (receiver_tokenizer.eos_token_id or 0))
+        self.pad_id = pad_id_of(receiver_tokenizer)
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> EncodedPrompt:
@@ -241,16 +240,12 @@ class PromptEncoder:
             sharer_tokens.append(left_pad([p.sharer_tokens[j] for p in prompts], self.pad_id, np.int32))
             s_valid = left_pad([p.sharer_valid[j] for p in prompts], False, bool)
             sharer_valid.append(s_valid)
-            sharer_positions.append(shared if self.sharer_positions == "shared" else _own_positions(s_valid))
+            sharer_positions.append(shared if self.sharer_positions == "shared" else own_positions(s_valid))
             fuse_mask.append(left_pad([p.fusable[j] for p in prompts], False, bool))
-        positions = shared if self.sharer_positions == "shared" else _own_positions(valid)
+        positions = shared if self.sharer_positions == "shared" else own_positions(valid)
         return PromptBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(positions),
                            tuple(map(jnp.asarray, sharer_tokens)), tuple(map(jnp.asarray, sharer_valid)),
                            tuple(map(jnp.asarray, sharer_positions)), tuple(map(jnp.asarray, fuse_mask)))
-
-
-def _own_positions(valid: np.ndarray) -> np.ndarray:
-    return np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------------

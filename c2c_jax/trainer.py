@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from c2c_jax import build, sharding
+from c2c_jax.alignment import pad_id_of
 from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
 from c2c_jax.fuser import Fuser, gate_temperature
 from c2c_jax.models import Decoder, KVCache
@@ -224,12 +225,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
 
     train_examples, eval_examples, stats = data_lib.load_train_data(
         config, receiver_tok, sharer_tok, receiver.config.vocab_size, sharer.config.vocab_size)
-    train_iter = data_lib.BatchIterator(
-        train_examples, micro_batch_size=micro, micro_batches=batch_size // micro,
-        prefix_buckets=tuple(config.data.prefix_buckets), suffix_buckets=tuple(config.data.suffix_buckets),
-        seed=config.seed, pad_id=_pad_id(receiver_tok), sharer_pad_id=_pad_id(sharer_tok),
-        sharer_positions=config.alignment.sharer_positions, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    train_iter = data_lib.batch_iterator(
+        config, train_examples, pad_id=pad_id_of(receiver_tok), sharer_pad_id=pad_id_of(sharer_tok),
+        process_index=jax.process_index(), process_count=jax.process_count())
     steps_per_epoch = train_iter.num_steps_per_epoch()
     total_steps = config.train.max_steps if config.train.max_steps > 0 else config.train.epochs * steps_per_epoch
     if total_steps <= 0:
@@ -275,11 +273,6 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
-
-
 def _batch_tokens(batch) -> int:
     return int(np.sum(batch.prefix_valid) + np.sum(batch.suffix_valid))
 
@@ -290,12 +283,12 @@ def evaluate_loss(run: Run, params) -> float:
     if not run.eval_examples:
         return float("nan")
     c = run.config
-    it = data_lib.BatchIterator(
-        run.eval_examples, micro_batch_size=c.train.micro_batch_size, micro_batches=1,
-        prefix_buckets=tuple(c.data.prefix_buckets), suffix_buckets=tuple(c.data.suffix_buckets),
-        seed=c.seed + 1, pad_id=_pad_id(run.tokenizers[0]), sharer_pad_id=_pad_id(run.tokenizers[1]),
-        sharer_positions=c.alignment.sharer_positions, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    eval_config = c.copy_and_resolve_references()
+    eval_config.train.batch_size = c.train.micro_batch_size  # one micro-batch per eval step
+    it = data_lib.batch_iterator(
+        eval_config, run.eval_examples, pad_id=pad_id_of(run.tokenizers[0]),
+        sharer_pad_id=pad_id_of(run.tokenizers[1]), process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=c.seed + 1)
     n = min(c.train.eval_batches, max(it.num_steps_per_epoch(), 1))
     total_loss, total_count = 0.0, 0
     for _ in range(n):
