@@ -71,9 +71,11 @@ def new_fuser(config: ml_collections.ConfigDict, receiver: Decoder, sharer: Deco
 
 
 def prompt_encoder(config: ml_collections.ConfigDict, receiver_tok, sharer_toks=(), **kwargs) -> PromptEncoder:
+    """The config's alignment settings; `kwargs` (pad_to, enable_thinking) override PromptEncoder defaults."""
     a = config.alignment
+    kwargs.setdefault("enable_thinking", config.data.enable_thinking)
     return PromptEncoder(receiver_tok, list(sharer_toks), alignment=a.tokens, strategy=a.strategy,
-                         sharer_positions=a.sharer_positions, enable_thinking=config.data.enable_thinking, **kwargs)
+                         sharer_positions=a.sharer_positions, **kwargs)
 
 
 def load_generator(config: ml_collections.ConfigDict, fuser_path: str = "") -> Generator:

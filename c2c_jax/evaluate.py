@@ -501,7 +501,7 @@ class TextToText:
 
 def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) -> tuple[dict, dict]:
     """{method: runner} and a description of the models, loading only what the methods need."""
-    from c2c_jax.build import load_frozen
+    from c2c_jax.build import load_frozen, prompt_encoder
     from c2c_jax.checkpoint import load_any_fuser
 
     methods = settings.methods
@@ -513,9 +513,7 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
         return cache[(path, dtype)]
 
     def encoder(receiver_tok, sharer_toks=()) -> PromptEncoder:
-        a = config.alignment
-        return PromptEncoder(receiver_tok, list(sharer_toks), alignment=a.tokens, strategy=a.strategy,
-                             sharer_positions=a.sharer_positions, enable_thinking=False)
+        return prompt_encoder(config, receiver_tok, sharer_toks, enable_thinking=False)  # thinking off in eval
 
     def single(name: str, model, tok) -> Route:
         return Route(name, Generator(C2CModel(model), encoder(tok)), fuse=False,
