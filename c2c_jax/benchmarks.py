@@ -569,61 +569,41 @@ def _redux_row(row: Mapping[str, Any]) -> tuple[dict | None, str]:
     return row, ""
 
 
+# name -> (hub dataset, its configs (one per subject, or a single unnamed one), default split)
+_HUB_SOURCES = {
+    "openbookqa": ("allenai/openbookqa", {"": "main"}, "test"),
+    "arc-challenge": ("allenai/ai2_arc", {"": "ARC-Challenge"}, "test"),
+    "mmlu": ("cais/mmlu", {s: s for s in MMLU_SUBJECTS}, "test"),
+    "mmlu-redux": ("edinburgh-dawg/mmlu-redux-2.0", {s: s for s in MMLU_SUBJECTS}, "test"),
+    "ceval": ("ceval/ceval-exam", {s: s for s in CEVAL_SUBJECTS}, "val"),  # C-Eval's test split has no answers
+}
+
+
 def _load_hub(name: str, split: str | None, collector: _Collector) -> None:
-    if name == "openbookqa":
-        split = split or "test"
-        for i, row in enumerate(_hub_load("allenai/openbookqa", "main", split)):
+    dataset, configs, default_split = _HUB_SOURCES[name]
+    split = split or default_split
+    if name == "ceval" and split == "validation":
+        split = "val"
+    for subject, hub_config in configs.items():
+        if collector.full:
+            break
+        if subject and not collector.wants_subject(subject):
+            continue
+        for i, row in enumerate(_hub_load(dataset, hub_config, split)):
             if collector.full:
                 break
-            collector.add(*_row_to_item(row, f"openbookqa/{split}/{i}"))
-    elif name == "arc-challenge":
-        split = split or "test"
-        for i, row in enumerate(_hub_load("allenai/ai2_arc", "ARC-Challenge", split)):
-            if collector.full:
-                break
-            collector.add(*_row_to_item(row, f"arc-challenge/{split}/{i}"))
-    elif name == "mmlu":
-        split = split or "test"
-        for subject in MMLU_SUBJECTS:
-            if collector.full:
-                break
-            if not collector.wants_subject(subject):
-                continue
-            for i, row in enumerate(_hub_load("cais/mmlu", subject, split)):
-                if collector.full:
-                    break
-                collector.add(*_row_to_item(dict(row, subject=subject), f"mmlu/{subject}/{split}/{i}", subject))
-    elif name == "mmlu-redux":
-        split = split or "test"
-        for subject in MMLU_SUBJECTS:
-            if collector.full:
-                break
-            if not collector.wants_subject(subject):
-                continue
-            for i, row in enumerate(_hub_load("edinburgh-dawg/mmlu-redux-2.0", subject, split)):
-                if collector.full:
-                    break
-                item_id = f"mmlu-redux/{subject}/{split}/{i}"
-                fixed, reason = _redux_row(row)
-                if fixed is None:
+            row = dict(row, subject=subject) if subject else row
+            item_id = f"{name}/{subject + '/' if subject else ''}{split}/{row.get('id', i) if name == 'ceval' else i}"
+            if name == "mmlu-redux":
+                row, reason = _redux_row(row)
+                if row is None:
                     collector.add(None, (item_id, reason, subject))
                     continue
-                fixed["subject"] = subject
-                fixed.pop("id", None)
-                collector.add(*_row_to_item(fixed, item_id, subject))
-    elif name == "ceval":
-        split = {"validation": "val", None: "val"}.get(split, split)
-        for subject in CEVAL_SUBJECTS:
-            if collector.full:
-                break
-            if not collector.wants_subject(subject):
-                continue
-            for i, row in enumerate(_hub_load("ceval/ceval-exam", subject, split)):
-                if collector.full:
-                    break
-                row = dict(row, subject=subject)
-                row["id"] = f"ceval/{subject}/{split}/{row.get('id', i)}"
-                collector.add(*_row_to_item(row, row["id"], subject))
+                row["subject"] = subject
+                row.pop("id", None)
+            elif name == "ceval":
+                row["id"] = item_id
+            collector.add(*_row_to_item(row, item_id, subject))
 
 
 # ---------------------------------------------------------------------------------------------
