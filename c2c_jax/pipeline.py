@@ -72,13 +72,13 @@ class C2CModel(nnx.Module):
                       ) -> tuple[KVCache, list[KVCache]]:
         """KV-only passes of the receiver and (optionally) every sharer over the first `length` columns."""
         columns = slice(0, length)
-        receiver_cache = _kv_pass(self.receiver, batch.tokens[:, columns], batch.positions[:, columns],
+        receiver_cache = kv_pass(self.receiver, batch.tokens[:, columns], batch.positions[:, columns],
                                   batch.valid[:, columns], self.receiver.config.num_layers)
         sharer_caches = []
         if with_sharers:
             for sharer, fuser, tokens, positions, valid in zip(self.sharers, self.fusers, batch.sharer_tokens,
                                                                batch.sharer_positions, batch.sharer_valid):
-                sharer_caches.append(_kv_pass(sharer, tokens[:, columns], positions[:, columns], valid[:, columns],
+                sharer_caches.append(kv_pass(sharer, tokens[:, columns], positions[:, columns], valid[:, columns],
                                               fuser.config.sharer_depth))
         return receiver_cache, sharer_caches
 
@@ -107,7 +107,8 @@ class C2CModel(nnx.Module):
         return self.receiver.logits(hidden[:, -1]), cache
 
 
-def _kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
+def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
+    """A fresh cache of `depth` layers filled from `tokens` (KV-only: no logits, no final norm)."""
     cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
     _, cache = model(tokens, positions, cache, valid, output="kv")
     return cache

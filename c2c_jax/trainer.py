@@ -32,6 +32,7 @@ from c2c_jax.alignment import pad_id_of
 from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
 from c2c_jax.fuser import Fuser, gate_temperature
 from c2c_jax.models import Decoder, KVCache
+from c2c_jax.pipeline import kv_pass
 
 log = logging.getLogger("c2c_jax.train")
 
@@ -75,14 +76,10 @@ def answer_loss_sum(receiver: Decoder, hidden: jax.Array, targets: jax.Array, ma
 
 
 def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache]:
-    def kv(model, tokens, positions, valid, depth):
-        cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
-        return model(tokens, positions, cache, valid, output="kv")[1]
-
-    receiver_cache = kv(receiver, mb.prefix_tokens, mb.prefix_positions, mb.prefix_valid,
-                        receiver.config.num_layers)
-    sharer_cache = kv(sharer, mb.sharer_prefix_tokens, mb.sharer_prefix_positions, mb.sharer_prefix_valid,
-                      fuser_depth)
+    receiver_cache = kv_pass(receiver, mb.prefix_tokens, mb.prefix_positions, mb.prefix_valid,
+                             receiver.config.num_layers)
+    sharer_cache = kv_pass(sharer, mb.sharer_prefix_tokens, mb.sharer_prefix_positions, mb.sharer_prefix_valid,
+                           fuser_depth)
     return jax.lax.stop_gradient((receiver_cache, sharer_cache))
 
 
