@@ -26,6 +26,7 @@ from flax import nnx
 
 from c2c_jax.fuser import ABLATIONS, BRANCHES, Fuser, FuserConfig
 from c2c_jax.models.config import ModelConfig
+from c2c_jax.models.loading import path_names
 from c2c_jax.torch_pickle import load_state_dict
 
 FUSER_CONFIG_FILE = "fuser.json"
@@ -41,14 +42,7 @@ class FuserCheckpointError(ValueError):
 
 
 def _param_names(path) -> str:
-    names = []
-    for key in path:
-        if isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":
-                names.append(key.name)
-        else:
-            names.append(str(getattr(key, "key", getattr(key, "idx", key))))
-    return "/".join(names)
+    return "/".join(path_names(path))
 
 
 def flat_params(fuser: Fuser) -> dict[str, jax.Array]:

@@ -135,7 +135,8 @@ def _hf_param(path: tuple[str, ...], layer: int | None, get_tensor) -> np.ndarra
     return array.T if path[-1] == "kernel" else array
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+    """A parameter's key path in an NNX state as names: ("layers", "mlp", "down_proj", "kernel")."""
     names = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):
@@ -153,7 +154,7 @@ def _fill_state(abstract_state, get_tensor: Callable[[str], np.ndarray], num_lay
     """Builds the concrete parameter state from the abstract one, tensor by tensor."""
 
     def fill(path, leaf):
-        names = _path_names(path)
+        names = path_names(path)
         dtype = leaf.dtype
         if names[0] == "layers":
             stacked = np.empty(leaf.shape, dtype)
@@ -239,7 +240,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype
         if param_sharding is not None:
             graphdef, state = nnx.split(model)
             state = jax.tree_util.tree_map_with_path(
-                lambda path, x: jax.device_put(x, param_sharding(_path_names(path), x.shape)), state)
+                lambda path, x: jax.device_put(x, param_sharding(path_names(path), x.shape)), state)
             model = nnx.merge(graphdef, state)
         return model
     path = resolve_checkpoint(path_or_id)
