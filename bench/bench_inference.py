@@ -63,8 +63,11 @@ def decode_fn(graphdef, steps):
     return run
 
 
-def bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, decode_steps, context, torch_compare):
+def bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, decode_steps, context, torch_compare,
+                 names=("qwen3-0.6b", "qwen2.5-0.5b")):
     for name, cfg in (("qwen3-0.6b", receiver_cfg), ("qwen2.5-0.5b", sharer_cfg)):
+        if name not in names:
+            continue
         model = random_decoder(cfg)
         graphdef, state = nnx.split(model)
         for t in lengths:
@@ -252,6 +255,10 @@ def main():
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--only", default="models,fusion,methods")
     parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
+    parser.add_argument("--lengths", default="512,2048", help="prompt lengths (models and fusion)")
+    parser.add_argument("--batches", default="1,16", help="batch sizes (fusion and TTFT)")
+    parser.add_argument("--decode-batches", default="1,64")
+    parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-0.5b", help="which models --only models runs")
     args = parser.parse_args()
     common.SCAN_UNROLL = args.unroll
     parts = args.only.split(",")
@@ -259,12 +266,14 @@ def main():
     if args.smoke:
         receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = SMOKE_RECEIVER, SMOKE_SHARER, (32,), (1, 2), (1, 2), 4
     else:
-        receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = QWEN3_0_6B, QWEN2_5_0_5B, (512, 2048), (1, 16), (1, 64), 64
+        receiver_cfg, sharer_cfg, steps = QWEN3_0_6B, QWEN2_5_0_5B, 64
+        lengths, batches, decode_batches = (tuple(int(x) for x in a.split(",")) for a in
+                                            (args.lengths, args.batches, args.decode_batches))
     report = Report("inference")
     report.add(what="settings", device=device_name(), scan_unroll=random_decoder(receiver_cfg).scan_unroll)
     if "models" in parts:
         bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, steps, 512 if not args.smoke else 16,
-                     not args.skip_torch)
+                     not args.skip_torch, args.models.split(","))
     if "fusion" in parts:
         bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches)
     if "methods" in parts:

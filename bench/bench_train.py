@@ -1,7 +1,8 @@
 """Training throughput at the configs/qwen.py shapes with random bf16 weights (issue 4).
 
 Qwen3-0.6B receiver <- Qwen2.5-0.5B sharer, fuser h = m = 1024, L = 3 (477,848,056 parameters),
-micro-batch 4 x 2048 tokens (prefix P + suffix R = 2048, default 1024 + 1024). Reports step time,
+micro-batch 4 x 2048 tokens (prefix P + suffix R = 2048, default 1024 + 1024), one optimizer
+update per `--micro-batches` micro-batches (default 1). Reports step time,
 tokens/s and MFU: the model FLOPs the step executes (forward of the frozen prefix passes, forward +
 backward of the fuser, forward + activation-backward of the receiver's suffix pass and its LM head,
 causal attention counted as half a square), over the card's dense bf16 peak.
@@ -53,7 +54,10 @@ def step_flops(rc: ModelConfig, sc: ModelConfig, fc: FuserConfig, b: int, p: int
     prefix_tokens, suffix_tokens = b * p, b * r
     receiver_prefix = kv_only_flops(rc, rc.num_layers, prefix_tokens, p)
     sharer_prefix = kv_only_flops(sc, fc.sharer_depth, prefix_tokens, p)
-    fuser = 3 * 2 * fc.num_params() * prefix_tokens  # forward + backward (weights and activations)
+    # Forward, weight gradients, and activation gradients everywhere but into the fuser's input
+    # (the frozen caches): in_proj needs no input gradient.
+    in_proj = fc.receiver_layers * 2 * (fc.in_dim * fc.hidden_dim + fc.hidden_dim)
+    fuser = 2 * prefix_tokens * (3 * fc.num_params() - in_proj)
     linear, attention = layer_flops_per_token(rc, p + r / 2)
     suffix_forward = suffix_tokens * rc.num_layers * (linear + attention)
     head_forward = 2 * suffix_tokens * rc.hidden_size * rc.vocab_size
@@ -66,34 +70,21 @@ def step_flops(rc: ModelConfig, sc: ModelConfig, fc: FuserConfig, b: int, p: int
     return parts
 
 
-def random_batch(b, p, r, vocab, seed=0) -> TrainBatch:
+def random_batch(b, p, r, vocab, seed=0, micro_batches=1) -> TrainBatch:
     rng = np.random.default_rng(seed)
-    prefix = rng.integers(0, vocab, (1, b, p)).astype(np.int32)
-    suffix = rng.integers(0, vocab, (1, b, r)).astype(np.int32)
-    ones_p, ones_r = np.ones((1, b, p), bool), np.ones((1, b, r), bool)
-    pos_p = np.broadcast_to(np.arange(p, dtype=np.int32), (1, b, p))
-    pos_r = np.broadcast_to(np.arange(p, p + r, dtype=np.int32), (1, b, r))
+    m = micro_batches
+    prefix = rng.integers(0, vocab, (m, b, p)).astype(np.int32)
+    suffix = rng.integers(0, vocab, (m, b, r)).astype(np.int32)
+    ones_p, ones_r = np.ones((m, b, p), bool), np.ones((m, b, r), bool)
+    pos_p = np.broadcast_to(np.arange(p, dtype=np.int32), (m, b, p))
+    pos_r = np.broadcast_to(np.arange(p, p + r, dtype=np.int32), (m, b, r))
     targets = np.roll(suffix, -1, axis=-1)
     return TrainBatch(prefix, ones_p, pos_p, prefix, ones_p, pos_p, ones_p, suffix, ones_r, pos_r, targets, ones_r)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prefix", type=int, default=1024)
-    parser.add_argument("--suffix", type=int, default=1024)
-    parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM)")
-    parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
-    args = parser.parse_args()
-    common.SCAN_UNROLL = args.unroll
-    print("device:", device_name(), flush=True)
-    receiver_cfg, sharer_cfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
-    hidden = 32 if args.smoke else 1024
-    b, p, r = (2, 32, 16) if args.smoke else (args.batch, args.prefix, args.suffix)
-
-    receiver = random_decoder(receiver_cfg, remat=args.remat)
+def build(receiver_cfg, sharer_cfg, hidden, b, p, r, remat=False, micro_batches=1):
+    """(one_step callable returning the loss, compiled step, flops split, shapes) at these shapes."""
+    receiver = random_decoder(receiver_cfg, remat=remat)
     sharer = random_decoder(sharer_cfg, seed=1)
     rc, sc = receiver.config, sharer.config
     fc = FuserConfig(receiver_layers=rc.num_layers, receiver_kv_heads=rc.num_kv_heads, receiver_head_dim=rc.head_dim,
@@ -104,25 +95,47 @@ def main():
     config = default_config()
     mesh = sharding.make_mesh(config.mesh)
     steps = trainer.build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
-    batch = sharding.place_batch(random_batch(b, p, r, rc.vocab_size), mesh, batch_axis=1)
+    batch = sharding.place_batch(random_batch(b, p, r, rc.vocab_size, micro_batches=micro_batches), mesh, batch_axis=1)
     key = jax.random.key(0)
-    state = steps.state
+    holder = {"state": steps.state}
 
     def one_step():
-        nonlocal state
-        state, metrics = steps.step_fn(state, steps.frozen, batch, key)
+        holder["state"], metrics = steps.step_fn(holder["state"], steps.frozen, batch, key)
         return metrics["loss"]
 
-    compiled = steps.step_fn.lower(state, steps.frozen, batch, key).compile()
+    compiled = steps.step_fn.lower(holder["state"], steps.frozen, batch, key).compile()
+    flops = {k: v * micro_batches for k, v in step_flops(rc, sc, fc, b, p, r).items()}
+    return one_step, compiled, flops, (receiver, fc)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prefix", type=int, default=1024)
+    parser.add_argument("--suffix", type=int, default=1024)
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches per optimizer step (configs/qwen.py: 16 of 16 sequences)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM)")
+    parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
+    args = parser.parse_args()
+    common.SCAN_UNROLL = args.unroll
+    print("device:", device_name(), flush=True)
+    receiver_cfg, sharer_cfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
+    hidden = 32 if args.smoke else 1024
+    b, p, r = (2, 32, 16) if args.smoke else (args.batch, args.prefix, args.suffix)
+
+    one_step, compiled, flops, (receiver, fc) = build(receiver_cfg, sharer_cfg, hidden, b, p, r, args.remat,
+                                                      args.micro_batches)
     xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan")) if hasattr(compiled, "cost_analysis") else float("nan")
     if isinstance(xla_flops, (list, tuple)):
         xla_flops = xla_flops[0].get("flops", float("nan")) if xla_flops else float("nan")
     memory = compiled.memory_analysis()
     ms = time_ms(one_step, warmup=2, iters=10)
-    flops = step_flops(rc, sc, fc, b, p, r)
-    tokens = b * (p + r)
+    tokens = args.micro_batches * b * (p + r)
     report = Report("train")
-    report.add(device=device_name(), batch=b, prefix=p, suffix=r, fuser_params=fc.num_params(), step_ms=round(ms, 2),
+    report.add(device=device_name(), batch=b, micro_batches=args.micro_batches, prefix=p, suffix=r, fuser_params=fc.num_params(), step_ms=round(ms, 2),
                tokens_per_s=round(tokens / ms * 1e3), model_tflop_per_step=round(flops["total"] / 1e12, 3),
                flops_split={k: round(v / 1e12, 3) for k, v in flops.items()},
                xla_cost_analysis_tflop=round(float(xla_flops) / 1e12, 3) if xla_flops == xla_flops else None,

@@ -68,6 +68,7 @@ class Report:
         row = {"bench": self.name, **row}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
+        self.save()  # after every row, so a run stopped by a time limit keeps what it measured
 
     def save(self) -> None:
         path = os.path.join(self.out_dir, f"{self.name}.jsonl")

@@ -4,7 +4,10 @@ Writes a Perfetto trace with `jax.profiler` and reads it back: wall time of the 
 sum of device kernel time inside it (busy), the number of kernels, and the kernels taking most time.
 Busy << wall means launch/host gaps; busy ~ wall means the kernels themselves are slow.
 
-    python bench/profile_kernels.py --what decode|prefill|fusion|train [--top 15]
+    python bench/profile_kernels.py --what decode,prefill,fuse,ttft,train [--top 15] [--window 40:100]
+
+--window prints the kernels of that index range of the profiled calls in launch order (one layer's
+worth shows what XLA emits per layer).
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+if "--hlo-dump" in sys.argv:  # XLA reads its flags when the backend starts, so set them before importing jax
+    _dump = sys.argv[sys.argv.index("--hlo-dump") + 1]
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_dump} --xla_dump_hlo_as_text"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,7 +36,64 @@ import bench_inference as bi  # noqa: E402
 from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, random_decoder  # noqa: E402
 
 
-def summarise(trace_dir: str, top: int) -> dict:
+def _frames(text: str) -> dict:
+    """stack_frame_id -> "file:line function" (innermost frame) from an HLO dump's frame tables."""
+    tables, current = {}, None
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+        elif current is not None and re.match(r"^\d+ ", line):
+            key, value = line.split(" ", 1)
+            current[key] = value
+        elif current is not None and line.strip() and not re.match(r"^\d+ ", line):
+            current = None
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locations = {}
+    for key, value in tables.get("FileLocations", {}).items():
+        f = dict(re.findall(r"(\w+)=(\d+)", value))
+        path = files.get(f.get("file_name_id"), "?").strip('"')
+        locations[key] = f"{os.path.basename(path)}:{f.get('line')} {functions.get(f.get('function_name_id'), '').strip(chr(34))}"
+    return {key: locations.get(dict(re.findall(r"(\w+)=(\d+)", value)).get("file_location_id"), "?")
+            for key, value in tables.get("StackFrames", {}).items()}
+
+
+def hlo_sources(dump_dir: str) -> tuple[dict, dict]:
+    """From XLA's optimized-HLO text dumps: instruction name -> "file:line function [op_name]", and
+    fusion instruction name -> the text of the computation it calls."""
+    sources, bodies = {}, {}
+    pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}")
+    # Instruction names repeat across modules: skip the weight-initialisation modules (jit__lambda)
+    # and let the largest module (the profiled computation) win the remaining clashes.
+    paths = [p for p in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")) if "jit__lambda" not in p]
+    for path in sorted(paths, key=os.path.getsize):
+        with open(path) as f:
+            text = f.read()
+        frames = _frames(text)
+        computations = dict(re.findall(r"\n(%?[\w.\-]+) (?:\([^\n]*\) -> [^\n]*)\{\n(.*?)\n\}", text, re.S))
+        for line in text.splitlines():
+            m = pattern.match(line)
+            if not m:
+                continue
+            meta = m.group(2)
+            op = (re.search(r'op_name="([^"]*)"', meta) or [None, ""])[1].split("/")[-1]
+            frame = re.search(r"stack_frame_id=(\d+)", meta)
+            where = frames.get(frame.group(1), "?") if frame else "?"
+            sources[m.group(1)] = sources[m.group(1).replace(".", "_")] = f"{where} [{op}]"
+            called = re.search(r"calls=(%?[\w.\-]+)", line)
+            if called and called.group(1) in computations:
+                bodies[m.group(1).replace(".", "_")] = computations[called.group(1)][:1500]
+    return sources, bodies
+
+
+def kernel_op(event) -> str:
+    """The HLO instruction a GPU kernel event belongs to, when the trace records it."""
+    op = str(event.get("args", {}).get("hlo_op", ""))
+    # Kernels replayed from a CUDA graph report the command buffer; their own name is the fusion's.
+    return event["name"] if not op or op.startswith("command_buffer") else op
+
+
+def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), sources: dict | None = None,
+              bodies: dict | None = None) -> dict:
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True) + glob.glob(
         os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(files[0]) as f:
@@ -48,57 +112,73 @@ def summarise(trace_dir: str, top: int) -> dict:
         by_name[e["name"][:90]] += e.get("dur", 0)
         count[e["name"][:90]] += 1
     busy = sum(e.get("dur", 0) for e in kernels)
+    by_source = collections.Counter()
+    if sources:
+        for e in kernels:
+            op = kernel_op(e)
+            by_source[sources.get(op, sources.get(op.replace(".", "_"), "unmapped " + e["name"][:40]))] += e.get("dur", 0)
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    sequence = [(e["name"][:70], round(e.get("dur", 0), 1)) for e in ordered[window[0]:window[1]]]
     return {
         "device_span_ms": round((end - start) / 1e3, 3), "kernel_busy_ms": round(busy / 1e3, 3),
         "kernels": len(kernels),
         "top": [(name, round(us / 1e3, 3), count[name]) for name, us in by_name.most_common(top)],
+        "sequence_us": sequence,
+        "by_source_ms": [(src, round(us / 1e3, 3)) for src, us in by_source.most_common(top)],
+        # The fused computations behind the costliest XLA-generated kernels (library kernels have none).
+        "top_fusions": {name: (bodies or {}).get(name) for name, _ in by_name.most_common(top) if (bodies or {}).get(name)},
     }
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--what", default="decode")
-    parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--unroll", type=int, default=None)
-    args = parser.parse_args()
-    import common
-
-    common.SCAN_UNROLL = args.unroll
-    rcfg, scfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
-    t = 32 if args.smoke else 512
-
-    if args.what in ("decode", "prefill"):
+def make_call(what: str, rcfg, scfg, t: int):
+    """A zero-argument callable running one `what` on device."""
+    if what in ("decode", "prefill"):
         model = random_decoder(rcfg)
         graphdef, state = nnx.split(model)
-        if args.what == "prefill":
+        if what == "prefill":
             fn = bi.prefill_fn(graphdef, "kv")
             tokens = jnp.zeros((1, t), jnp.int32)
-            call = lambda: fn(state, tokens)  # noqa: E731
-        else:
-            steps = 8
-            fn = bi.decode_fn(graphdef, steps)
-            holder = {"cache": bi._fill(model, model.init_cache(1, t + steps + 1), t)}
+            return lambda: fn(state, tokens)
+        steps = 8
+        fn = bi.decode_fn(graphdef, steps)
+        holder = {"cache": bi._fill(model, model.init_cache(1, t + steps + 1), t)}
 
-            def call():
-                holder["cache"], token = fn(state, holder["cache"], jnp.zeros((1, 1), jnp.int32), t)
-                holder["cache"] = bi._rewind(holder["cache"], t)
-                return token
-    elif args.what == "fusion":
+        def call():
+            holder["cache"], token = fn(state, holder["cache"], jnp.zeros((1, 1), jnp.int32), t)
+            holder["cache"] = bi._rewind(holder["cache"], t)
+            return token
+        return call
+    if what in ("fuse", "ttft"):
         c2c = bi.make_c2c(rcfg, scfg)
         graphdef, state = nnx.split(c2c)
         batch = bi.prompt_batch(1, t, rcfg["vocab_size"])
+        if what == "fuse":
+            @jax.jit
+            def caches(state, batch):
+                return nnx.merge(graphdef, state).prefix_caches(batch, t)
+
+            @jax.jit
+            def fuse(state, receiver_cache, sharer_caches, mask):
+                return nnx.merge(graphdef, state).fuse(receiver_cache, sharer_caches, [mask]).k
+
+            receiver_cache, sharer_caches = caches(state, batch)
+            return lambda: fuse(state, receiver_cache, sharer_caches, batch.fuse_mask[0])
 
         @jax.jit
         def ttft(state, batch):
-            m = nnx.merge(graphdef, state)
-            logits, _ = m.prefill(batch, batch.tokens.shape[1])
+            logits, _ = nnx.merge(graphdef, state).prefill(batch, batch.tokens.shape[1])
             return jnp.argmax(logits, -1)
+        return lambda: ttft(state, batch)
+    if what == "train":
+        import bench_train
 
-        call = lambda: ttft(state, batch)  # noqa: E731
-    else:
-        raise SystemExit(f"unknown --what {args.what}")
+        small = rcfg is SMOKE_RECEIVER
+        one_step, _, _, _ = bench_train.build(rcfg, scfg, 32 if small else 1024, *((2, 32, 16) if small else (4, 1024, 1024)))
+        return one_step
+    raise SystemExit(f"unknown --what {what}")
 
+
+def profile(call, top: int, window: tuple[int, int], dump_dir: str | None) -> dict:
     for _ in range(3):
         jax.block_until_ready(call())
     out = tempfile.mkdtemp()
@@ -107,9 +187,33 @@ def main():
         for _ in range(3):
             jax.block_until_ready(call())
     wall = (time.perf_counter() - start) * 1e3 / 3
-    summary = summarise(out, args.top)
-    summary = {"what": args.what, "wall_ms_per_call": round(wall, 3), "calls": 3, **summary}
-    print(json.dumps(summary, indent=1), flush=True)
+    sources, bodies = hlo_sources(dump_dir) if dump_dir else (None, None)
+    return {"wall_ms_per_call": round(wall, 3), "calls": 3, **summarise(out, top, window, sources, bodies)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--what", default="decode", help="comma-separated: decode, prefill, fuse, ttft, train")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--window", default="0:0", help="launch-order index range of kernels to list")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--unroll", type=int, default=None)
+    parser.add_argument("--hlo-dump", default=None,
+                        help="directory for XLA's HLO dumps; kernel time is then also summed per source line")
+    args = parser.parse_args()
+    import common
+
+    common.SCAN_UNROLL = args.unroll
+    rcfg, scfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
+    t = 32 if args.smoke else 512
+    window = tuple(int(x) for x in args.window.split(":"))
+    for what in args.what.split(","):
+        summary = {"what": what, "device": jax.devices()[0].device_kind, **profile(make_call(what, rcfg, scfg, t), args.top, window,
+                                                                                 args.hlo_dump)}
+        print(json.dumps(summary, indent=1), flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], f"profile_{what}.json"), "w") as f:
+                json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
