@@ -131,6 +131,16 @@ def _linear(din, dout, *, bias, dtype, rngs, zero=False):
                       param_dtype=jnp.float32, rngs=rngs)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU in PyTorch's form, 0.5 x (1 + erf(x / sqrt 2)), computed in float32.
+
+    `jax.nn.gelu(approximate=False)` goes through erfc, which XLA evaluates with both of its
+    branches and an exp; this form is the same function at a fraction of the cost.
+    """
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))).astype(x.dtype)
+
+
 class FFNBlock(nnx.Module):
     """y = x + dropout(W2 gelu(W1 rmsnorm(x)))."""
 
@@ -142,7 +152,7 @@ class FFNBlock(nnx.Module):
     def __call__(self, x, dropout_rate: float, key):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6) * self.norm_scale[...]
-        y = self.w2(jax.nn.gelu(self.w1(normed.astype(x.dtype)), approximate=False))
+        y = self.w2(gelu(self.w1(normed.astype(x.dtype))))
         if key is not None and dropout_rate > 0:
             keep = jax.random.bernoulli(key, 1.0 - dropout_rate, y.shape)
             y = jnp.where(keep, y / (1.0 - dropout_rate), 0).astype(y.dtype)
