@@ -84,6 +84,11 @@ def test_left_padded_batch_equals_rows_alone(tiny):
         np.testing.assert_allclose(step[r, 0], alone[0, n], atol=TOL, rtol=0)
         np.testing.assert_allclose(cache.k[:, r, width - n:width], alone_cache.k[:, 0, :n], atol=TOL, rtol=0)
         assert np.isfinite(np.asarray(logits)).all()
+    # Filling the cache exactly takes the fresh-prefill path (attention over the new K/V, causal
+    # from column 0); it must agree with the general path, padding included.
+    fresh_logits, fresh_cache = run(model, tokens, positions, mask)
+    np.testing.assert_allclose(fresh_logits, logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(fresh_cache.k, cache.k[:, :, :width], atol=TOL, rtol=0)
 
 
 def test_kv_only_mode_matches_full_cache(tiny):
@@ -178,3 +183,38 @@ def test_hub_id_without_network_names_the_local_alternative(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match=r"Hugging Face Hub.*local directory"):
         load_model("Qwen/Qwen3-0.6B-not-cached-here")
+
+
+def test_vocab_projection_gradients_match_autodiff():
+    from c2c_jax.models.decoder import vocab_projection
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(k1, (2, 5, 16))
+    weight = jax.random.normal(k2, (16, 40))
+    probe = jax.random.normal(k3, (2, 5, 40))
+
+    def grads(project, h, w):
+        return jax.grad(lambda h, w: jnp.sum(jnp.sin(project(h, w)) * probe), argnums=(0, 1))(h, w)
+
+    plain = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)  # noqa: E731
+    for ours, reference in zip(grads(vocab_projection, hidden, weight), grads(plain, hidden, weight)):
+        np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    # In bfloat16 the backward matmuls run in bfloat16 (the cotangent is rounded once).
+    bf16 = [x.astype(jnp.bfloat16) for x in (hidden, weight)]
+    for ours, reference in zip(grads(vocab_projection, *bf16), grads(plain, hidden, weight)):
+        assert ours.dtype == jnp.bfloat16
+        np.testing.assert_allclose(ours.astype(jnp.float32), reference, atol=0.05 * float(jnp.abs(reference).max()))
+
+
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unrolled_layer_loops_match_transformers(tmp_path, unroll):
+    # unroll 2: a partially unrolled scan; 3 (all layers): the Python loop with static layer indices.
+    torch_model = make_tiny_model("qwen3", tmp_path)
+    model = load_model(tmp_path, dtype=jnp.float32, scan_unroll=unroll)
+    tokens = np.random.default_rng(5).integers(0, 160, (2, 9))
+    ref_logits, ref_k, _ = torch_forward(torch_model, tokens)
+    logits, cache = run(model, tokens, capacity=12)  # not fresh: attention reads the cache
+    np.testing.assert_allclose(logits, ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.k[:, :, :9], ref_k, atol=TOL, rtol=0)
+    _, kv = run(model, tokens, output="kv")
+    np.testing.assert_allclose(kv.k, ref_k, atol=TOL, rtol=0)

@@ -2,7 +2,7 @@
 
 The families differ only in flags of `ModelConfig`: q/k/v bias (Qwen2), per-head q/k RMSNorm and an
 explicit head_dim (Qwen3), llama3 RoPE scaling and tied embeddings (Llama 3.2). Layer parameters are
-stacked on a leading layer axis and run with `jax.lax.scan`.
+stacked on a leading layer axis and run with `jax.lax.scan` (or, fully unrolled, a Python loop).
 
 One forward serves prefill and decode: tokens, positions and a `KVCache` in; logits (or the final
 hidden states, or nothing) and the updated cache out. New keys/values are written at columns
@@ -110,8 +110,15 @@ class Attention(nnx.Module):
         """Keys and values of new tokens exactly as HF caches them: [B, T, kv_heads, head_dim]."""
         return self._keys_values(self._project(x, slice(self.num_heads * self.head_dim, None)), cos, sin)
 
-    def __call__(self, x, cos, sin, mask, cache_k, cache_v, layer, end):
-        """Writes this layer's new K/V into the stacked cache at (layer, :, end) and attends over it."""
+    def __call__(self, x, cos, sin, mask, cached_k, cached_v, end):
+        """Attention of the new tokens over this layer's cache plus themselves.
+
+        cached_k, cached_v: this layer's cache [B, S, kv_heads, head_dim], the new K/V going in at
+        column `end`; None for a fresh prefill (the new tokens fill the whole cache), where attention
+        reads the new K/V directly and is causal from column 0, which lets cuDNN skip the blocks
+        above the diagonal (the mask already implies causality).
+        Returns the attention output and the new tokens' K/V [B, T, kv_heads, head_dim].
+        """
         b, t, _ = x.shape
         q_width = self.num_heads * self.head_dim
         qkv = self.qkv_proj(x)
@@ -120,12 +127,17 @@ class Attention(nnx.Module):
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         k_new, v_new = self._keys_values(qkv[..., q_width:], cos, sin)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k_new[None].astype(cache_k.dtype), (layer, 0, end, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v_new[None].astype(cache_v.dtype), (layer, 0, end, 0, 0))
-        keys, values = cache_k[layer], cache_v[layer]
+        fresh = cached_k is None
+        if fresh:
+            keys, values = k_new, v_new
+        else:
+            k_new, v_new = k_new.astype(cached_k.dtype), v_new.astype(cached_v.dtype)
+            keys = jax.lax.dynamic_update_slice(cached_k, k_new, (0, end, 0, 0))
+            values = jax.lax.dynamic_update_slice(cached_v, v_new, (0, end, 0, 0))
         out = jax.nn.dot_product_attention(
-            q.astype(keys.dtype), keys, values, mask=mask, implementation=self._implementation(q, t))
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
+            q.astype(keys.dtype), keys, values, mask=mask, is_causal=fresh,
+            implementation=self._implementation(q, t))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), k_new, v_new
 
     def _implementation(self, q, num_new):
         if self.attention_impl != "auto":
@@ -160,11 +172,11 @@ class DecoderLayer(nnx.Module):
     def kv(self, x, cos, sin):
         return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
 
-    def __call__(self, x, cos, sin, mask, cache_k, cache_v, layer, end):
-        h, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, layer, end)
+    def __call__(self, x, cos, sin, mask, cached_k, cached_v, end):
+        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, mask, cached_k, cached_v, end)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache_k, cache_v
+        return x, k_new, v_new
 
 
 class Decoder(nnx.Module):
@@ -217,11 +229,15 @@ class Decoder(nnx.Module):
                              f"(the model has {cfg.num_layers})")
         if cache.num_layers > cfg.num_layers:
             raise ValueError(f"cache has {cache.num_layers} layers, the model only {cfg.num_layers}")
+        end = cache.end
+        # New tokens that fill the whole cache can only start at column 0 (prefill into a fresh cache).
+        fresh = t == cache.capacity
+        # ... and if none of them is padding, causality is the whole mask (cuDNN then reads no bias).
+        unpadded_fresh = fresh and token_mask is None
         if token_mask is None:
             token_mask = jnp.ones((b, t), bool)
-        end = cache.end
         valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, end))
-        mask = attention_mask(valid, end, t)
+        mask = None if unpadded_fresh else attention_mask(valid, end, t)
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
         x = self.embed_tokens(tokens)
 
@@ -230,20 +246,42 @@ class Decoder(nnx.Module):
         def layer_at(i):
             return nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
 
-        def body(carry, i):
-            x, k, v = carry
-            return layer_at(i)(x, cos, sin, mask, k, v, i, end), None
+        # Each layer reads its own cache slice and returns its new K/V; all layers' new K/V are
+        # written into the cache once, after the loop. The cache is thus never a loop carry, whose
+        # gradient would be a full-size buffer updated in every layer's backward step.
+        def body(x, per_layer):
+            i, cached_k, cached_v = per_layer
+            x, k_new, v_new = layer_at(i)(x, cos, sin, mask, cached_k, cached_v, end)
+            return x, (k_new, v_new)
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
-        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), jnp.arange(num_full),
-                                    unroll=min(self.scan_unroll, max(num_full, 1)))
+        new_k, new_v = [], []  # blocks of [layers, B, T, kv_heads, head_dim], in layer order
+        if self.scan_unroll >= num_full:
+            # Fully unrolled: a Python loop, so every layer index is static and each layer's weights
+            # are read in place. An unrolled scan keeps the index dynamic, and XLA then copies every
+            # layer's weights out of the stack before each matmul (~15% of a 512-token prefill).
+            for i in range(num_full):
+                x, (k_i, v_i) = body(x, (i, None if fresh else cache.k[i], None if fresh else cache.v[i]))
+                new_k.append(k_i[None])
+                new_v.append(v_i[None])
+        else:
+            cached = (None, None) if fresh else (cache.k[:num_full], cache.v[:num_full])
+            x, (k_stack, v_stack) = jax.lax.scan(body, x, (jnp.arange(num_full), *cached), unroll=self.scan_unroll)
+            new_k.append(k_stack)
+            new_v.append(v_stack)
         if output == "kv":
-            last = cache.num_layers - 1
-            k_new, v_new = layer_at(last).kv(x, cos, sin)
-            k = jax.lax.dynamic_update_slice(k, k_new[None].astype(k.dtype), (last, 0, end, 0, 0))
-            v = jax.lax.dynamic_update_slice(v, v_new[None].astype(v.dtype), (last, 0, end, 0, 0))
+            k_last, v_last = layer_at(cache.num_layers - 1).kv(x, cos, sin)
+            new_k.append(k_last[None])
+            new_v.append(v_last[None])
+        new_k = jnp.concatenate(new_k).astype(cache.k.dtype)
+        new_v = jnp.concatenate(new_v).astype(cache.v.dtype)
+        if fresh:
+            k, v = new_k, new_v
+        else:
+            k = jax.lax.dynamic_update_slice(cache.k, new_k, (0, 0, end, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, new_v, (0, 0, end, 0, 0))
         new_cache = KVCache(k=k, v=v, valid=valid, end=end + t)
         if output == "kv":
             return None, new_cache
@@ -256,4 +294,31 @@ class Decoder(nnx.Module):
             weight = self.embed_tokens.embedding[...].T
         else:
             weight = self.lm_head.kernel[...]
-        return jnp.dot(hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return vocab_projection(hidden, weight.astype(hidden.dtype))
+
+
+@jax.custom_vjp
+def vocab_projection(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+    """hidden [..., D] @ weight [D, V] with float32 output, differentiable in the compute dtype.
+
+    The float32 cotangent of the logits is cast to the weights' dtype before the backward matmuls:
+    left to autodiff, the mixed float32 x bfloat16 product becomes a float32 GEMM over the whole
+    vocabulary plus a float32 copy of the weights, the largest single cost of a training step.
+    """
+    return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
+
+
+def _vocab_projection_fwd(hidden, weight):
+    return vocab_projection(hidden, weight), (hidden, weight)
+
+
+def _vocab_projection_bwd(residuals, cotangent):
+    hidden, weight = residuals
+    cotangent = cotangent.astype(weight.dtype)
+    d_hidden = jnp.dot(cotangent, weight.T, preferred_element_type=jnp.float32).astype(hidden.dtype)
+    # Unused (and removed by XLA) when the weights are frozen, as in C2C training.
+    d_weight = jnp.einsum("...d,...v->dv", hidden, cotangent, preferred_element_type=jnp.float32)
+    return d_hidden, d_weight.astype(weight.dtype)
+
+
+vocab_projection.defvjp(_vocab_projection_fwd, _vocab_projection_bwd)
