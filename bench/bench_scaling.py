@@ -1,0 +1,108 @@
+"""Data-parallel training over the GPUs of one host: numerics against one GPU, and scaling (issue 6).
+
+The same global micro-batch (default 8 x 2048 tokens at the configs/qwen.py shapes, random bf16
+weights) runs a few optimizer steps on a one-device mesh and on a data-parallel mesh over all local
+devices, from the same initial fuser and with the same keys. Reports the largest loss and parameter
+differences between the two (all-reduced gradients only change the order of float sums) and the
+step times; strong-scaling efficiency = t(1 device) / (n x t(n devices)).
+
+    python bench/bench_scaling.py [--smoke] [--steps 3] [--batch 8] [--unroll 1]
+
+On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/bench_scaling.py --smoke`
+checks the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import common  # noqa: E402
+from bench_train import random_batch, step_flops  # noqa: E402
+from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name, random_decoder, \
+    time_ms  # noqa: E402
+
+from c2c_jax import sharding, trainer  # noqa: E402
+from c2c_jax.alignment import terminal_layer_map  # noqa: E402
+from c2c_jax.config import default_config  # noqa: E402
+from c2c_jax.fuser import Fuser, FuserConfig  # noqa: E402
+
+
+def run_on(devices, models, fuser_config, batch_np, steps: int):
+    """(losses, final fuser params as NumPy, ms per step) for `steps` steps on a data mesh over `devices`."""
+    receiver, sharer = models
+    config = default_config()
+    config.mesh.data = len(devices)
+    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    fuser = nnx.jit(lambda: Fuser(fuser_config, rngs=nnx.Rngs(0)))()
+    built = trainer.build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
+    frozen = jax.device_put(built.frozen, sharding.replicated(mesh))
+    batch = sharding.place_batch(batch_np, mesh, batch_axis=1)
+    key = jax.random.key(0)
+    state, losses = built.state, []
+    for _ in range(steps):
+        state, metrics = built.step_fn(state, frozen, batch, key)
+        losses.append(float(jax.device_get(metrics["loss"])))
+    params = jax.tree.map(np.asarray, jax.device_get(state.params))
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = built.step_fn(holder["state"], frozen, batch, key)
+        return metrics["loss"]
+
+    return losses, params, time_ms(one_step, warmup=1, iters=5)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="global micro-batch (sequences)")
+    parser.add_argument("--prefix", type=int, default=1024)
+    parser.add_argument("--suffix", type=int, default=1024)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--unroll", type=int, default=1, help="layers per scan iteration (1 compiles fastest)")
+    args = parser.parse_args()
+    common.SCAN_UNROLL = args.unroll
+    devices = jax.local_devices()
+    if len(devices) < 2:
+        raise SystemExit(f"needs at least 2 local devices, found {len(devices)}: {devices}")
+    receiver_cfg, sharer_cfg = (SMOKE_RECEIVER, SMOKE_SHARER) if args.smoke else (QWEN3_0_6B, QWEN2_5_0_5B)
+    hidden = 32 if args.smoke else 1024
+    b, p, r = (4, 32, 16) if args.smoke else (args.batch, args.prefix, args.suffix)
+    if b % len(devices):
+        raise SystemExit(f"global batch {b} does not split over {len(devices)} devices")
+
+    models = (random_decoder(receiver_cfg), random_decoder(sharer_cfg, seed=1))
+    rc, sc = models[0].config, models[1].config
+    fc = FuserConfig(receiver_layers=rc.num_layers, receiver_kv_heads=rc.num_kv_heads, receiver_head_dim=rc.head_dim,
+                     sharer_kv_heads=sc.num_kv_heads, sharer_head_dim=sc.head_dim,
+                     layer_map=terminal_layer_map(rc.num_layers, sc.num_layers), hidden_dim=hidden,
+                     intermediate_dim=hidden)
+    batch_np = random_batch(b, p, r, rc.vocab_size)
+    one = run_on(devices[:1], models, fc, batch_np, args.steps)
+    many = run_on(devices, models, fc, batch_np, args.steps)
+
+    loss_rel = max(abs(x - y) / abs(x) for x, y in zip(one[0], many[0]))
+    param_abs = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(one[1]), jax.tree.leaves(many[1])))
+    param_scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(one[1]))
+    flops = step_flops(rc, sc, fc, b, p, r)["total"]
+    n = len(devices)
+    report = Report("scaling")
+    report.add(device=device_name(), devices=n, global_batch=b, prefix=p, suffix=r, steps=args.steps,
+               losses_1=one[0], losses_n=many[0], max_loss_rel_diff=loss_rel, max_param_abs_diff=param_abs,
+               max_param_abs=param_scale, step_ms_1=round(one[2], 2), step_ms_n=round(many[2], 2),
+               tokens_per_s_1=round(b * (p + r) / one[2] * 1e3), tokens_per_s_n=round(b * (p + r) / many[2] * 1e3),
+               scaling_efficiency=round(one[2] / (n * many[2]), 3),
+               mfu_n=round(flops / (many[2] / 1e3) / (n * args.peak_tflops * 1e12), 4))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The GPU benchmark scripts run end to end at tiny shapes on the CPU, so the commands that
+docs/performance.md gives keep working, and the scaling script's numerical check holds."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_script(name, *args, out_dir, devices=1):
+    env = dict(os.environ, OUT=str(out_dir), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--smoke", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_data_parallel_training_matches_one_device(tmp_path):
+    run_script("bench_scaling.py", "--steps", "2", out_dir=tmp_path, devices=2)
+    (result,) = [r for r in rows(tmp_path / "scaling.jsonl") if r.get("bench") == "scaling"]
+    assert result["devices"] == 2 and len(result["losses_n"]) == 2
+    assert result["max_loss_rel_diff"] < 1e-3
+    assert result["max_param_abs_diff"] < 1e-4 * max(result["max_param_abs"], 1.0)
+
+
+@pytest.mark.parametrize("script,args,output", [
+    ("bench_train.py", ("--micro-batches", "2"), "train.jsonl"),
+    ("bench_inference.py", ("--skip-torch", "--only", "models,fusion"), "inference.jsonl"),
+])
+def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
+    run_script(script, *args, out_dir=tmp_path)
+    measured = [r for r in rows(tmp_path / output) if "bench" in r and r.get("what") != "settings"]
+    assert measured
+    for row in measured:
+        times = [v for k, v in row.items() if k.endswith("ms")]
+        assert times and all(t > 0 for t in times), row
