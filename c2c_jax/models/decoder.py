@@ -116,7 +116,7 @@ class Attention(nnx.Module):
         cached_k, cached_v: this layer's cache [B, S, kv_heads, head_dim], the new K/V going in at
         column `end`; None for a fresh prefill (the new tokens fill the whole cache), where attention
         reads the new K/V directly and is causal from column 0, which lets cuDNN skip the blocks
-        above the diagonal (the mask already implies causality).
+        above the diagonal (a mask, if given, already implies causality).
         Returns the attention output and the new tokens' K/V [B, T, kv_heads, head_dim].
         """
         b, t, _ = x.shape
@@ -218,6 +218,9 @@ class Decoder(nnx.Module):
         """Runs `tokens` [B, T] at `positions` [B, T] on top of `cache`.
 
         token_mask: bool [B, T], False for padding tokens (default: all real).
+        The new tokens go to columns [cache.end, cache.end + T), which must fit in the cache. New
+        tokens that fill a cache exactly are a fresh prefill (cache.end must then be 0): attention
+        skips the cache and, without a token_mask, needs no mask at all.
         output: "logits" (float32 [B, T, vocab]), "hidden" (final-normed [B, T, hidden]) or "kv".
           "kv" fills only the cache's `num_layers` layers and stops right after the deepest one's
           K/V projection: no attention/MLP in that layer, no final norm, no lm_head.
