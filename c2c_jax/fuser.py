@@ -176,7 +176,9 @@ class BranchProjector(nnx.Module):
         self.config = config
 
     def __call__(self, sharer, receiver, dropout_key, gate_uniform, temperature):
-        """sharer [B, S, Hs*Ds], receiver [B, S, Ht*Dt] -> fused receiver [B, S, Ht*Dt].
+        """sharer [B, S, Hs*Ds], receiver [B, S, Ht*Dt] -> the update [B, S, Ht*Dt] in the compute dtype:
+        gate * alpha * P, which `Fuser` adds to the receiver's K or V (or, for the "project"
+        ablation, P, which replaces it).
 
         At inference `dropout_key` and `gate_uniform` are None (no dropout, hard gate); in training
         `gate_uniform` [B, S, Ht, 1] holds the U[0, 1) draws behind the sampled gate.
@@ -196,10 +198,7 @@ class BranchProjector(nnx.Module):
         if c.uses_weight:
             weight = jax.nn.sigmoid(self.weight_head(self.weight_block(a, c.dropout, keys[1])))[..., None]
         gate = self._gate(gate_uniform, temperature).astype(dtype) if c.uses_gate else jnp.ones((), dtype)
-        delta = (gate * weight * projection).reshape(b, s, -1)
-        if not c.uses_receiver:
-            return delta.astype(receiver.dtype)
-        return (receiver.astype(dtype) + delta).astype(receiver.dtype)
+        return (gate * weight * projection).reshape(b, s, -1)
 
     def _gate(self, uniform, temperature):
         logit = self.gate_logit[...]
@@ -285,14 +284,16 @@ class Fuser(nnx.Module):
         axis = None if noise is None else 0
         for _ in range(2):  # over branches, then over receiver layers
             project = jax.vmap(project, in_axes=(0, 0, 0, axis, axis))
-        fused = project(params, sharer_kv, receiver_kv, dropout_keys, gate_uniform)
-        fused = fused.reshape(receiver_kv.shape[:-1] + (c.receiver_kv_heads, c.receiver_head_dim))
+        updates = project(params, sharer_kv, receiver_kv, dropout_keys, gate_uniform)
+        updates = updates.reshape(receiver_kv.shape[:-1] + (c.receiver_kv_heads, c.receiver_head_dim))
         select = fuse_mask[None, :, :, None, None]
-        return dataclasses.replace(
-            receiver,
-            k=jnp.where(select, fused[:, 0], receiver.k),
-            v=jnp.where(select, fused[:, 1], receiver.v),
-        )
+
+        def apply(cached, update):
+            # The residual add and the column selection in one pass over the cache.
+            fused = cached.astype(update.dtype) + update if c.uses_receiver else update
+            return jnp.where(select, fused.astype(cached.dtype), cached)
+
+        return dataclasses.replace(receiver, k=apply(receiver.k, updates[:, 0]), v=apply(receiver.v, updates[:, 1]))
 
 
 def count_params(fuser: Fuser) -> int:
