@@ -2,7 +2,10 @@
 
 Writes a Perfetto trace with `jax.profiler` and reads it back: wall time of the profiled calls, the
 sum of device kernel time inside it (busy), the number of kernels, and the kernels taking most time.
-Busy << wall means launch/host gaps; busy ~ wall means the kernels themselves are slow.
+Busy << wall means launch/host gaps; busy ~ wall means the kernels themselves are slow. With
+`--hlo-dump DIR`, kernel time is also summed per c2c-jax source line (from the optimized-HLO dumps'
+metadata) and the fused computations behind the costliest kernels are printed. Times in the output
+are totals over the profiled calls (3).
 
     python bench/profile_kernels.py --what decode,prefill,fuse,ttft,train [--top 15] [--window 40:100]
 
@@ -58,14 +61,13 @@ def _frames(text: str) -> dict:
 
 
 def hlo_sources(dump_dir: str) -> tuple[dict, dict]:
-    """From XLA's optimized-HLO text dumps: instruction name -> "file:line function [op_name]", and
-    fusion instruction name -> the text of the computation it calls."""
-    sources, bodies = {}, {}
+    """From XLA's optimized-HLO text dumps, per module: instruction name -> "file:line function [op]",
+    and fusion instruction name -> the text of the computation it calls. Names use "_" for ".", as
+    the kernels of the trace do."""
+    sources, bodies = collections.defaultdict(dict), collections.defaultdict(dict)
     pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}")
-    # Instruction names repeat across modules: skip the weight-initialisation modules (jit__lambda)
-    # and let the largest module (the profiled computation) win the remaining clashes.
-    paths = [p for p in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")) if "jit__lambda" not in p]
-    for path in sorted(paths, key=os.path.getsize):
+    for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
+        module = os.path.basename(path).split(".")[1]  # module_0007.jit_fuse.sm_9.0_gpu_after_optimizations.txt
         with open(path) as f:
             text = f.read()
         frames = _frames(text)
@@ -74,22 +76,23 @@ def hlo_sources(dump_dir: str) -> tuple[dict, dict]:
             m = pattern.match(line)
             if not m:
                 continue
-            meta = m.group(2)
+            name, meta = m.group(1).replace(".", "_"), m.group(2)
             op = (re.search(r'op_name="([^"]*)"', meta) or [None, ""])[1].split("/")[-1]
             frame = re.search(r"stack_frame_id=(\d+)", meta)
-            where = frames.get(frame.group(1), "?") if frame else "?"
-            sources[m.group(1)] = sources[m.group(1).replace(".", "_")] = f"{where} [{op}]"
+            sources[module][name] = f"{frames.get(frame.group(1), '?') if frame else '?'} [{op}]"
             called = re.search(r"calls=(%?[\w.\-]+)", line)
             if called and called.group(1) in computations:
-                bodies[m.group(1).replace(".", "_")] = computations[called.group(1)][:1500]
+                bodies[module][name] = computations[called.group(1)][:1500]
     return sources, bodies
 
 
-def kernel_op(event) -> str:
-    """The HLO instruction a GPU kernel event belongs to, when the trace records it."""
-    op = str(event.get("args", {}).get("hlo_op", ""))
+def kernel_op(event) -> tuple[str, str]:
+    """(HLO module, instruction) a GPU kernel event belongs to, as far as the trace records it."""
+    args = event.get("args", {})
+    op = str(args.get("hlo_op", ""))
     # Kernels replayed from a CUDA graph report the command buffer; their own name is the fusion's.
-    return event["name"] if not op or op.startswith("command_buffer") else op
+    op = event["name"] if not op or op.startswith("command_buffer") else op
+    return str(args.get("hlo_module", "")), op.replace(".", "_")
 
 
 def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), sources: dict | None = None,
@@ -104,29 +107,29 @@ def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), source
     kernels = [e for e in device if "memcpy" not in e.get("name", "").lower()] or device
     if not kernels:
         return {"note": "no device events found", "processes": sorted(set(pids.values()))}
+    sources, bodies = sources or {}, bodies or {}
     start = min(e["ts"] for e in kernels)
     end = max(e["ts"] + e.get("dur", 0) for e in kernels)
-    by_name = collections.Counter()
-    count = collections.Counter()
+    by_name, count, by_source, fusion_text = (collections.Counter(), collections.Counter(), collections.Counter(),
+                                              {})
     for e in kernels:
-        by_name[e["name"][:90]] += e.get("dur", 0)
-        count[e["name"][:90]] += 1
+        name, us = e["name"][:90], e.get("dur", 0)
+        by_name[name] += us
+        count[name] += 1
+        module, op = kernel_op(e)
+        by_source[sources.get(module, {}).get(op, "library kernel " + e["name"][:40])] += us
+        if op in bodies.get(module, {}):
+            fusion_text[name] = bodies[module][op]
     busy = sum(e.get("dur", 0) for e in kernels)
-    by_source = collections.Counter()
-    if sources:
-        for e in kernels:
-            op = kernel_op(e)
-            by_source[sources.get(op, sources.get(op.replace(".", "_"), "unmapped " + e["name"][:40]))] += e.get("dur", 0)
     ordered = sorted(kernels, key=lambda e: e["ts"])
-    sequence = [(e["name"][:70], round(e.get("dur", 0), 1)) for e in ordered[window[0]:window[1]]]
     return {
         "device_span_ms": round((end - start) / 1e3, 3), "kernel_busy_ms": round(busy / 1e3, 3),
         "kernels": len(kernels),
         "top": [(name, round(us / 1e3, 3), count[name]) for name, us in by_name.most_common(top)],
-        "sequence_us": sequence,
-        "by_source_ms": [(src, round(us / 1e3, 3)) for src, us in by_source.most_common(top)],
+        "sequence_us": [(e["name"][:70], round(e.get("dur", 0), 1)) for e in ordered[window[0]:window[1]]],
+        "by_source_ms": [(src, round(us / 1e3, 3)) for src, us in by_source.most_common(top)] if sources else [],
         # The fused computations behind the costliest XLA-generated kernels (library kernels have none).
-        "top_fusions": {name: (bodies or {}).get(name) for name, _ in by_name.most_common(top) if (bodies or {}).get(name)},
+        "top_fusions": {name: fusion_text[name] for name, _ in by_name.most_common(top) if name in fusion_text},
     }
 
 

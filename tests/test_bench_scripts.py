@@ -44,3 +44,17 @@ def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
     for row in measured:
         times = [v for k, v in row.items() if k.endswith("ms")]
         assert times and all(t > 0 for t in times), row
+
+
+def test_profile_attributes_hlo_to_source_lines(tmp_path):
+    dump = tmp_path / "hlo"
+    run_script("profile_kernels.py", "--what", "prefill", "--hlo-dump", str(dump), out_dir=tmp_path)
+    sys.path.insert(0, str(BENCH))
+    try:
+        import profile_kernels
+    finally:
+        sys.path.remove(str(BENCH))
+    sources, _ = profile_kernels.hlo_sources(str(dump))
+    prefill = sources["jit_run"]  # bench_inference.prefill_fn's jitted `run`
+    assert any(src.startswith("decoder.py:") and "RMSNorm.__call__" in src for src in prefill.values())
+    assert any("Attention.__call__" in src for src in prefill.values())
