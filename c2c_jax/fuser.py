@@ -175,21 +175,20 @@ class BranchProjector(nnx.Module):
         self.gate_logit = nnx.Param(jnp.zeros((), jnp.float32)) if c.uses_gate else None
         self.config = config
 
-    def __call__(self, sharer, receiver, dropout_key, gate_uniform, temperature):
-        """sharer [B, S, Hs*Ds], receiver [B, S, Ht*Dt] -> the update [B, S, Ht*Dt] in the compute dtype:
-        gate * alpha * P, which `Fuser` adds to the receiver's K or V (or, for the "project"
-        ablation, P, which replaces it).
+    def __call__(self, x, dropout_key, gate_uniform, temperature):
+        """x [B, S, in_dim] (sharer K or V, then receiver's, flattened over heads; compute dtype)
+        -> the update [B, S, Ht*Dt]: gate * alpha * P, which `Fuser` adds to the receiver's K or V
+        (or, for the "project" ablation, P, which replaces it).
 
         At inference `dropout_key` and `gate_uniform` are None (no dropout, hard gate); in training
         `gate_uniform` [B, S, Ht, 1] holds the U[0, 1) draws behind the sampled gate.
         """
         c = self.config
-        b, s, _ = receiver.shape
+        b, s, _ = x.shape
         dtype = jnp.dtype(c.dtype)
         num_keys = len(self.proj_blocks) + 2
         keys = [None] * num_keys if dropout_key is None else list(jax.random.split(dropout_key, num_keys))
-        x = jnp.concatenate([sharer, receiver.astype(sharer.dtype)], axis=-1) if c.uses_receiver else sharer
-        a = self.trunk(self.in_proj(x.astype(dtype)), c.dropout, keys[0])
+        a = self.trunk(self.in_proj(x), c.dropout, keys[0])
         p = a
         for block, block_key in zip(self.proj_blocks, keys[2:]):
             p = block(p, c.dropout, block_key)
@@ -267,9 +266,15 @@ class Fuser(nnx.Module):
             raise ValueError(f"the fuser reads sharer layer {c.sharer_depth - 1}, the sharer cache has "
                              f"{sharer.num_layers} layers")
         layer_map = jnp.asarray(c.layer_map)
-        flat = lambda x: x.reshape(*x.shape[:3], -1)  # noqa: E731  [L, B, S, H, D] -> [L, B, S, H*D]
-        sharer_kv = jnp.stack([flat(sharer.k[layer_map]), flat(sharer.v[layer_map])], axis=1)
-        receiver_kv = jnp.stack([flat(receiver.k), flat(receiver.v)], axis=1)
+        dtype = jnp.dtype(c.dtype)
+
+        def projector_input(sharer_cache, receiver_cache):
+            """[L, B, S, in_dim]: in_proj's input per receiver layer, the mapped sharer layer first."""
+            parts = [sharer_cache[layer_map]] + ([receiver_cache] if c.uses_receiver else [])
+            return jnp.concatenate([p.reshape(*p.shape[:3], -1).astype(dtype) for p in parts], axis=-1)
+
+        # One array, written once: [L, 2 (K, V), B, S, in_dim].
+        x = jnp.stack([projector_input(sharer.k, receiver.k), projector_input(sharer.v, receiver.v)], axis=1)
 
         graphdef, params = nnx.split(self.projectors)
         if noise is None:
@@ -278,14 +283,14 @@ class Fuser(nnx.Module):
             dropout_keys = jax.random.split(noise.dropout_key, (c.receiver_layers, len(BRANCHES)))
             gate_uniform = noise.gate_uniform
 
-        def project(p, s, r, k, u):
-            return nnx.merge(graphdef, p)(s, r, k, u, temperature)
+        def project(p, x, k, u):
+            return nnx.merge(graphdef, p)(x, k, u, temperature)
 
         axis = None if noise is None else 0
         for _ in range(2):  # over branches, then over receiver layers
-            project = jax.vmap(project, in_axes=(0, 0, 0, axis, axis))
-        updates = project(params, sharer_kv, receiver_kv, dropout_keys, gate_uniform)
-        updates = updates.reshape(receiver_kv.shape[:-1] + (c.receiver_kv_heads, c.receiver_head_dim))
+            project = jax.vmap(project, in_axes=(0, 0, axis, axis))
+        updates = project(params, x, dropout_keys, gate_uniform)
+        updates = updates.reshape(x.shape[:-1] + (c.receiver_kv_heads, c.receiver_head_dim))
         select = fuse_mask[None, :, :, None, None]
 
         def apply(cached, update):
