@@ -30,8 +30,7 @@ import common  # noqa: E402
 from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name,  # noqa: E402
                     random_decoder, time_ms)
 
-from c2c_jax.alignment import terminal_layer_map  # noqa: E402
-from c2c_jax.fuser import Fuser, FuserConfig  # noqa: E402
+from c2c_jax.fuser import Fuser  # noqa: E402
 from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, _generate  # noqa: E402
 
 
@@ -161,13 +160,8 @@ def bench_torch(report, name, cfg, lengths, decode_batches, decode_steps):
 def make_c2c(receiver_cfg, sharer_cfg, gates_open=True):
     receiver = random_decoder(receiver_cfg)
     sharer = random_decoder(sharer_cfg, seed=1)
-    r, s = receiver.config, sharer.config
-    fuser_config = FuserConfig(
-        receiver_layers=r.num_layers, receiver_kv_heads=r.num_kv_heads, receiver_head_dim=r.head_dim,
-        sharer_kv_heads=s.num_kv_heads, sharer_head_dim=s.head_dim,
-        layer_map=terminal_layer_map(r.num_layers, s.num_layers),
-        hidden_dim=1024 if receiver_cfg is QWEN3_0_6B else 32, intermediate_dim=1024 if receiver_cfg is QWEN3_0_6B else 32)
-    fuser = nnx.jit(lambda: Fuser(fuser_config, rngs=nnx.Rngs(2)))()
+    config = common.fuser_config(receiver, sharer, 1024 if receiver_cfg is QWEN3_0_6B else 32)
+    fuser = nnx.jit(lambda: Fuser(config, rngs=nnx.Rngs(2)))()
     if gates_open:
         fuser.projectors.gate_logit[...] = jnp.ones_like(fuser.projectors.gate_logit[...])
     return C2CModel(receiver, [sharer], [fuser])

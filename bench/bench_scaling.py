@@ -22,42 +22,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import common  # noqa: E402
-from bench_train import random_batch, step_flops  # noqa: E402
+from bench_train import TrainRun, random_batch, step_flops  # noqa: E402
 from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name, random_decoder, \
     time_ms  # noqa: E402
 
-from c2c_jax import sharding, trainer  # noqa: E402
-from c2c_jax.alignment import terminal_layer_map  # noqa: E402
-from c2c_jax.config import default_config  # noqa: E402
-from c2c_jax.fuser import Fuser, FuserConfig  # noqa: E402
 
 
-def run_on(devices, models, fuser_config, batch_np, steps: int):
+def run_on(devices, models, fuser_config, batch, steps: int):
     """(losses, final fuser params as NumPy, ms per step) for `steps` steps on a data mesh over `devices`."""
-    receiver, sharer = models
-    config = default_config()
-    config.mesh.data = len(devices)
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    fuser = nnx.jit(lambda: Fuser(fuser_config, rngs=nnx.Rngs(0)))()
-    built = trainer.build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
-    frozen = jax.device_put(built.frozen, sharding.replicated(mesh))
-    batch = sharding.place_batch(batch_np, mesh, batch_axis=1)
-    key = jax.random.key(0)
-    state, losses = built.state, []
-    for _ in range(steps):
-        state, metrics = built.step_fn(state, frozen, batch, key)
-        losses.append(float(jax.device_get(metrics["loss"])))
-    params = jax.tree.map(np.asarray, jax.device_get(state.params))
-    holder = {"state": state}
-
-    def one_step():
-        holder["state"], metrics = built.step_fn(holder["state"], frozen, batch, key)
-        return metrics["loss"]
-
-    return losses, params, time_ms(one_step, warmup=1, iters=5)
+    run = TrainRun(*models, fuser_config, batch, devices=devices)
+    losses = [float(jax.device_get(run.step())) for _ in range(steps)]
+    params = jax.tree.map(np.asarray, jax.device_get(run.state.params))
+    return losses, params, time_ms(run.step, warmup=1, iters=5)
 
 
 def main():
@@ -82,10 +60,7 @@ def main():
 
     models = (random_decoder(receiver_cfg), random_decoder(sharer_cfg, seed=1))
     rc, sc = models[0].config, models[1].config
-    fc = FuserConfig(receiver_layers=rc.num_layers, receiver_kv_heads=rc.num_kv_heads, receiver_head_dim=rc.head_dim,
-                     sharer_kv_heads=sc.num_kv_heads, sharer_head_dim=sc.head_dim,
-                     layer_map=terminal_layer_map(rc.num_layers, sc.num_layers), hidden_dim=hidden,
-                     intermediate_dim=hidden)
+    fc = common.fuser_config(*models, hidden)
     batch_np = random_batch(b, p, r, rc.vocab_size)
     one = run_on(devices[:1], models, fc, batch_np, args.steps)
     many = run_on(devices, models, fc, batch_np, args.steps)

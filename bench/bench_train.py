@@ -19,7 +19,6 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -28,7 +27,6 @@ from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repor
     time_ms  # noqa: E402
 
 from c2c_jax import sharding, trainer  # noqa: E402
-from c2c_jax.alignment import terminal_layer_map  # noqa: E402
 from c2c_jax.config import default_config  # noqa: E402
 from c2c_jax.data import TrainBatch  # noqa: E402
 from c2c_jax.fuser import Fuser, FuserConfig  # noqa: E402
@@ -82,30 +80,38 @@ def random_batch(b, p, r, vocab, seed=0, micro_batches=1) -> TrainBatch:
     return TrainBatch(prefix, ones_p, pos_p, prefix, ones_p, pos_p, ones_p, suffix, ones_r, pos_r, targets, ones_r)
 
 
+class TrainRun:
+    """The sharded train step over `devices` (default: all) with a fixed batch and key, stepping its state."""
+
+    def __init__(self, receiver, sharer, fuser_config, batch: TrainBatch, devices=None):
+        config = default_config()
+        if devices is not None:
+            config.mesh.data = len(devices)
+        mesh = sharding.make_mesh(config.mesh, devices=devices)
+        fuser = nnx.jit(lambda: Fuser(fuser_config, rngs=nnx.Rngs(0)))()
+        steps = trainer.build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
+        self.step_fn, self.state = steps.step_fn, steps.state
+        self.frozen = jax.device_put(steps.frozen, sharding.replicated(mesh))
+        self.batch = sharding.place_batch(batch, mesh, batch_axis=1)
+        self.key = jax.random.key(0)
+
+    def step(self) -> jax.Array:
+        """One optimizer step; returns its loss (not synchronised)."""
+        self.state, metrics = self.step_fn(self.state, self.frozen, self.batch, self.key)
+        return metrics["loss"]
+
+    def compile(self):
+        return self.step_fn.lower(self.state, self.frozen, self.batch, self.key).compile()
+
+
 def build(receiver_cfg, sharer_cfg, hidden, b, p, r, remat=False, micro_batches=1):
     """(one_step callable returning the loss, compiled step, flops split, shapes) at these shapes."""
     receiver = random_decoder(receiver_cfg, remat=remat)
     sharer = random_decoder(sharer_cfg, seed=1)
-    rc, sc = receiver.config, sharer.config
-    fc = FuserConfig(receiver_layers=rc.num_layers, receiver_kv_heads=rc.num_kv_heads, receiver_head_dim=rc.head_dim,
-                     sharer_kv_heads=sc.num_kv_heads, sharer_head_dim=sc.head_dim,
-                     layer_map=terminal_layer_map(rc.num_layers, sc.num_layers), hidden_dim=hidden,
-                     intermediate_dim=hidden)
-    fuser = nnx.jit(lambda: Fuser(fc, rngs=nnx.Rngs(0)))()
-    config = default_config()
-    mesh = sharding.make_mesh(config.mesh)
-    steps = trainer.build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
-    batch = sharding.place_batch(random_batch(b, p, r, rc.vocab_size, micro_batches=micro_batches), mesh, batch_axis=1)
-    key = jax.random.key(0)
-    holder = {"state": steps.state}
-
-    def one_step():
-        holder["state"], metrics = steps.step_fn(holder["state"], steps.frozen, batch, key)
-        return metrics["loss"]
-
-    compiled = steps.step_fn.lower(holder["state"], steps.frozen, batch, key).compile()
-    flops = {k: v * micro_batches for k, v in step_flops(rc, sc, fc, b, p, r).items()}
-    return one_step, compiled, flops, (receiver, fc)
+    fc = common.fuser_config(receiver, sharer, hidden)
+    run = TrainRun(receiver, sharer, fc, random_batch(b, p, r, receiver.config.vocab_size, micro_batches=micro_batches))
+    flops = {k: v * micro_batches for k, v in step_flops(receiver.config, sharer.config, fc, b, p, r).items()}
+    return run.step, run.compile(), flops, (receiver, fc)
 
 
 def main():

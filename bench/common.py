@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from c2c_jax import build
+from c2c_jax.config import default_config
+from c2c_jax.fuser import FuserConfig
 from c2c_jax.models import Decoder, ModelConfig
 
 # Architectures of the paper's main pair (their HF config.json files), so no weights are needed.
@@ -37,6 +40,13 @@ def random_decoder(hf_config: dict, *, dtype=jnp.bfloat16, seed: int = 0, **kwar
     config = ModelConfig.from_hf_dict(hf_config)
     kwargs.setdefault("scan_unroll", SCAN_UNROLL)
     return nnx.jit(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed), **kwargs))()
+
+
+def fuser_config(receiver: Decoder, sharer: Decoder, hidden: int = 1024) -> FuserConfig:
+    """The configs/qwen.py fuser for this pair (terminal layer map, 3 layers), with h = m = hidden."""
+    config = default_config()
+    config.fuser.hidden_dim = config.fuser.intermediate_dim = hidden
+    return build.fuser_config(config, receiver, sharer)
 
 
 def time_ms(fn, *args, warmup: int = 2, iters: int = 10) -> float:
