@@ -264,7 +264,8 @@ class Decoder(nnx.Module):
         if self.scan_unroll >= num_full:
             # Fully unrolled: a Python loop, so every layer index is static and each layer's weights
             # are read in place. An unrolled scan keeps the index dynamic, and XLA then copies every
-            # layer's weights out of the stack before each matmul (~15% of a 512-token prefill).
+            # layer's weights out of the stack before each matmul (0.42 ms of a 3.5 ms 512-token
+            # Qwen3-0.6B prefill on an H200).
             for i in range(num_full):
                 x, (k_i, v_i) = body(x, (i, None if fresh else cache.k[i], None if fresh else cache.v[i]))
                 new_k.append(k_i[None])
@@ -306,7 +307,7 @@ def vocab_projection(hidden: jax.Array, weight: jax.Array) -> jax.Array:
 
     The float32 cotangent of the logits is cast to the weights' dtype before the backward matmuls:
     left to autodiff, the mixed float32 x bfloat16 product becomes a float32 GEMM over the whole
-    vocabulary plus a float32 copy of the weights, the largest single cost of a training step.
+    vocabulary plus a float32 copy of the weights (3.4 ms of a 120 ms C2C train step on an H200).
     """
     return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)
 
