@@ -4,10 +4,11 @@ Models (issue 2): prefill of 512 and 2048 tokens (full logits and KV-only), deco
 batch 1 and 64, for both models, next to transformers' PyTorch models on the same card.
 Fusion (issue 3): fusing all 28 layers, C2C time-to-first-token and receiver-only TTFT at 512 and
 2048 prompt tokens, batch 1 and 16.
+TTFT parts (issue 3, `--only ttft_parts`): the four steps of the C2C TTFT route timed one by one.
 Methods (issue 5): first-token latency of receiver, sharer, text-to-text (sharer writes an
 80-token message first) and C2C at a 512-token prompt.
 
-    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,methods]
+    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,methods,ttft_parts]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
                     random_decoder, time_ms)
 
 from c2c_jax.fuser import Fuser  # noqa: E402
-from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, _generate  # noqa: E402
+from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, _generate, kv_pass  # noqa: E402
 
 
 def prefill_fn(graphdef, output):
@@ -174,7 +175,7 @@ def prompt_batch(b, t, vocab):
     return PromptBatch(tokens, ones, positions, (tokens,), (ones,), (positions,), (ones,))
 
 
-def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches):
+def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches):
     model = make_c2c(receiver_cfg, sharer_cfg)
     graphdef, state = nnx.split(model)
     fuser = model.fusers[0]
@@ -205,11 +206,52 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches):
             flops = 2 * n_params * b * t
             report.add(what="fusion_all_layers", tokens=t, batch=b, ms=round(ms_fuse, 3),
                        tflops=round(flops / ms_fuse / 1e9, 1))
-            if t > min(lengths) and b > min(batches):
-                continue  # each TTFT shape compiles both full pipelines; skip the largest combination
+            if b not in ttft_batches:
+                continue  # each TTFT shape compiles the full pipelines (minutes, fully unrolled)
             ms_c2c = time_ms(ttft, state, batch, True)
             ms_recv = time_ms(ttft, state, batch, False)
             report.add(what="ttft", tokens=t, batch=b, c2c_ms=round(ms_c2c, 3), receiver_only_ms=round(ms_recv, 3))
+
+
+def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
+    """The C2C TTFT route at batch 1 cut into its four steps, each its own jitted call (so each also
+    pays one dispatch and one synchronisation): receiver and sharer KV passes over the first t - 1
+    tokens, fusion, and the last prompt token on the fused cache (with logits and argmax)."""
+    model = make_c2c(receiver_cfg, sharer_cfg)
+    graphdef, state = nnx.split(model)
+    batch = prompt_batch(1, t, receiver_cfg["vocab_size"])
+    split = t - 1
+    prefix = (batch.tokens[:, :split], batch.positions[:, :split], batch.valid[:, :split])
+    mask = batch.fuse_mask[0][:, :split]
+
+    @jax.jit
+    def receiver_prefix(state, tokens, positions, valid):
+        m = nnx.merge(graphdef, state)
+        return kv_pass(m.receiver, tokens, positions, valid, m.receiver.config.num_layers)
+
+    @jax.jit
+    def sharer_prefix(state, tokens, positions, valid):
+        m = nnx.merge(graphdef, state)
+        return kv_pass(m.sharers[0], tokens, positions, valid, m.fusers[0].config.sharer_depth)
+
+    @jax.jit
+    def fuse(state, receiver_cache, sharer_cache, mask):
+        return nnx.merge(graphdef, state).fuse(receiver_cache, [sharer_cache], [mask])
+
+    @jax.jit
+    def last_token(state, cache, batch):
+        m = nnx.merge(graphdef, state)
+        hidden, _ = m.receiver(batch.tokens[:, split:], batch.positions[:, split:], cache.with_capacity(t),
+                               batch.valid[:, split:], output="hidden")
+        return jnp.argmax(m.receiver.logits(hidden[:, -1]), -1)
+
+    receiver_cache, sharer_cache = receiver_prefix(state, *prefix), sharer_prefix(state, *prefix)
+    fused = fuse(state, receiver_cache, sharer_cache, mask)
+    parts = dict(receiver_prefix_ms=time_ms(receiver_prefix, state, *prefix),
+                 sharer_prefix_ms=time_ms(sharer_prefix, state, *prefix),
+                 fusion_ms=time_ms(fuse, state, receiver_cache, sharer_cache, mask),
+                 last_token_ms=time_ms(last_token, state, fused, batch))
+    report.add(what="ttft_parts", tokens=t, batch=1, **{k: round(v, 3) for k, v in parts.items()})
 
 
 def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
@@ -251,6 +293,7 @@ def main():
     parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
     parser.add_argument("--lengths", default="512,2048", help="prompt lengths (models and fusion)")
     parser.add_argument("--batches", default="1,16", help="batch sizes (fusion and TTFT)")
+    parser.add_argument("--ttft-batches", default=None, help="batch sizes with TTFT rows (default: --batches)")
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-0.5b", help="which models --only models runs")
     args = parser.parse_args()
@@ -269,7 +312,11 @@ def main():
         bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, steps, 512 if not args.smoke else 16,
                      not args.skip_torch, args.models.split(","))
     if "fusion" in parts:
-        bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches)
+        ttft_batches = batches if args.smoke or args.ttft_batches is None else \
+            tuple(int(x) for x in args.ttft_batches.split(","))
+        bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches)
+    if "ttft_parts" in parts:
+        bench_ttft_parts(report, receiver_cfg, sharer_cfg, lengths[0])
     if "methods" in parts:
         bench_methods(report, receiver_cfg, sharer_cfg, 512 if not args.smoke else 32, 80 if not args.smoke else 8)
     report.save()
