@@ -96,3 +96,49 @@ def default_config() -> ml_collections.ConfigDict:
     c.generate = ml_collections.ConfigDict(dict(
         fuser="", max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0))
     return c
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for the CLIs (`app.run(main, flags_parser=parse_flags)`).
+
+    ml_collections reports a `--config.*` override of a field the config does not have as a bare
+    KeyError/AttributeError traceback; this names the override and the fields that do exist.
+    """
+    import re
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        # The message is the missing name, quoted (and re-quoted when wrapped), maybe with a suggestion.
+        missing = re.search(r"[A-Za-z_]\w*", str(error))
+        missing = missing.group(0) if missing else ""
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        culprit = next((o for o in overrides if missing in o.split(".")[1:]), None)
+        if culprit is None:
+            raise
+        parent = culprit.split(".")[1:culprit.split(".").index(missing, 1)]
+        known = _fields(argv, parent)
+        suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+        sys.exit(f"error: --{culprit}: the config has no field {'.'.join(parent + [missing])!r}"
+                 + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else "")
+                 + (f"; {'.'.join(['config'] + parent)} has: {', '.join(known)}" if known else ""))
+
+
+def _fields(argv: list[str], path: list[str]) -> list[str]:
+    """Field names at `path` of the config file given as --config=FILE (empty if it cannot be read)."""
+    import importlib.util
+
+    files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    try:
+        spec = importlib.util.spec_from_file_location("_c2c_cli_config", files[-1].split(":", 1)[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        node = module.get_config()
+        for name in path:
+            node = node[name]
+        return sorted(node.keys())
+    except Exception:  # noqa: BLE001 - only for a better message; the error itself is already known
+        return []

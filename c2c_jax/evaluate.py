@@ -765,6 +765,8 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from c2c_jax.config import parse_flags
+
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", "", "Run directory; outputs go to <workdir>/eval unless "
                                        "eval.output_dir is set.")
@@ -778,7 +780,7 @@ def main() -> None:
         summary = evaluate(config_flag.value, workdir_flag.value)
         print(results_markdown(summary))
 
-    app.run(run)
+    app.run(run, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from c2c_jax.config import parse_flags
+
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     prompt_flag = flags.DEFINE_multi_string("prompt", [], "A user message; repeat the flag for a batch.")
     chat_flag = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat, both answers at every turn.")
@@ -78,7 +80,7 @@ def main() -> None:
         if chat_flag.value:
             chat_loop(generator, sampling)
 
-    app.run(run)
+    app.run(run, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

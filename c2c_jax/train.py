@@ -11,6 +11,8 @@ def main() -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
+    from c2c_jax.config import parse_flags
+
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", "runs/c2c", "Checkpoints, logs and the final fuser go here.")
     flags.mark_flags_as_required(["config"])
@@ -29,7 +31,7 @@ def main() -> None:
             last = summary["history"][-1]
             print(f"done: step {last['step']}, loss {last['loss']:.4f}; fuser in {workdir_flag.value}/final")
 
-    app.run(run)
+    app.run(run, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,15 @@ def test_bad_batch_configuration_is_a_clear_error():
         trainer.setup(tiny_config(**{"train.batch_size": 10, "train.micro_batch_size": 4}))
     with pytest.raises(ValueError, match="does not fit the 8 available devices"):
         trainer.setup(tiny_config(**{"mesh.data": 16}))
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "generate"])
+def test_unknown_config_override_is_a_clear_error(tmp_path, module):
+    result = subprocess.run(
+        [sys.executable, "-m", f"c2c_jax.{module}", "--config=configs/tiny.py", "--config.fuser.hiden_dim=8",
+         f"--workdir={tmp_path}" if module == "train" else "--config.eval.limit=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: --config.fuser.hiden_dim: the config has no field 'fuser.hiden_dim'"), message
+    assert "did you mean 'hidden_dim'?" in message and "config.fuser has: " in message and "intermediate_dim" in message
