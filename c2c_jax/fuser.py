@@ -149,12 +149,13 @@ class FFNBlock(nnx.Module):
         self.w1 = _linear(dim, inner, bias=False, dtype=dtype, rngs=rngs)
         self.w2 = _linear(inner, dim, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, dropout_rate: float, key):
+    def __call__(self, x, dropout_rate: float, row_keys):
+        """x [B, S, dim]; row_keys: one PRNG key per row [B] (None: no dropout)."""
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6) * self.norm_scale[...]
         y = self.w2(gelu(self.w1(normed.astype(x.dtype))))
-        if key is not None and dropout_rate > 0:
-            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, y.shape)
+        if row_keys is not None and dropout_rate > 0:
+            keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - dropout_rate, y.shape[1:]))(row_keys)
             y = jnp.where(keep, y / (1.0 - dropout_rate), 0).astype(y.dtype)
         return x + y
 
@@ -175,19 +176,23 @@ class BranchProjector(nnx.Module):
         self.gate_logit = nnx.Param(jnp.zeros((), jnp.float32)) if c.uses_gate else None
         self.config = config
 
-    def __call__(self, x, dropout_key, gate_uniform, temperature):
+    def __call__(self, x, row_keys, gate_uniform, temperature):
         """x [B, S, in_dim] (sharer K or V, then receiver's, flattened over heads; compute dtype)
         -> the update [B, S, Ht*Dt]: gate * alpha * P, which `Fuser` adds to the receiver's K or V
         (or, for the "project" ablation, P, which replaces it).
 
-        At inference `dropout_key` and `gate_uniform` are None (no dropout, hard gate); in training
-        `gate_uniform` [B, S, Ht, 1] holds the U[0, 1) draws behind the sampled gate.
+        At inference `row_keys` and `gate_uniform` are None (no dropout, hard gate); in training
+        `row_keys` [B] are the rows' dropout keys and `gate_uniform` [B, S, Ht, 1] holds the U[0, 1)
+        draws behind the sampled gate.
         """
         c = self.config
         b, s, _ = x.shape
         dtype = jnp.dtype(c.dtype)
         num_keys = len(self.proj_blocks) + 2
-        keys = [None] * num_keys if dropout_key is None else list(jax.random.split(dropout_key, num_keys))
+        if row_keys is None:
+            keys = [None] * num_keys
+        else:  # [B, num_keys] -> one [B] array of row keys per FFN block
+            keys = list(jnp.moveaxis(jax.vmap(lambda key: jax.random.split(key, num_keys))(row_keys), 1, 0))
         a = self.trunk(self.in_proj(x), c.dropout, keys[0])
         p = a
         for block, block_key in zip(self.proj_blocks, keys[2:]):
@@ -213,10 +218,14 @@ class BranchProjector(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FuserNoise:
-    """The randomness of one training-mode fusion: gate draws and dropout."""
+    """The randomness of one training-mode fusion: gate draws and dropout.
+
+    Dropout masks come from one key per row, so slicing both fields along the batch axis (as the
+    trainer does to give each device its replica of a micro-batch) leaves every row's noise as it was.
+    """
 
     gate_uniform: jax.Array  # float32 [receiver layers, 2, B, S, receiver kv_heads, 1], U[0, 1)
-    dropout_key: jax.Array  # PRNG key
+    dropout_keys: jax.Array  # PRNG keys [B], one per row
 
 
 class Fuser(nnx.Module):
@@ -247,7 +256,7 @@ class Fuser(nnx.Module):
         c = self.config
         gate_key, dropout_key = jax.random.split(key)
         shape = (c.receiver_layers, len(BRANCHES), batch, capacity, c.receiver_kv_heads, 1)
-        return FuserNoise(jax.random.uniform(gate_key, shape, jnp.float32), dropout_key)
+        return FuserNoise(jax.random.uniform(gate_key, shape, jnp.float32), jax.random.split(dropout_key, batch))
 
     def __call__(self, sharer: KVCache, receiver: KVCache, fuse_mask: jax.Array, *,
                  noise: FuserNoise | None = None, temperature=None) -> KVCache:
@@ -280,7 +289,13 @@ class Fuser(nnx.Module):
         if noise is None:
             dropout_keys = gate_uniform = None
         else:
-            dropout_keys = jax.random.split(noise.dropout_key, (c.receiver_layers, len(BRANCHES)))
+            batch = receiver.k.shape[1]
+            if noise.dropout_keys.shape != (batch,) or noise.gate_uniform.shape[2] != batch:
+                raise ValueError(f"fuser noise for batch {noise.dropout_keys.shape}/{noise.gate_uniform.shape} does "
+                                 f"not match a batch of {batch} rows (sample it with `sample_noise`)")
+            # Row keys -> [layers, 2, B]: every projector draws its own dropout masks for every row.
+            per_row = jax.vmap(lambda key: jax.random.split(key, (c.receiver_layers, len(BRANCHES))))
+            dropout_keys = jnp.moveaxis(per_row(noise.dropout_keys), 0, 2)
             gate_uniform = noise.gate_uniform
 
         def project(p, x, k, u):

@@ -5,8 +5,9 @@ Only the fuser is trained. Per micro-batch:
     2. inside `value_and_grad` w.r.t. the fuser parameters: fuse (sampled gates, dropout), then the
        receiver runs the suffix (last instruction token + answer) on the fused cache, and the loss
        is the summed next-token cross-entropy of the answer tokens.
-Micro-batches are scanned inside one jitted step; gradients are normalised by the global count of
-answer tokens (or, optionally, upstream's mean of micro-batch means), clipped, and applied by AdamW.
+Micro-batches are scanned inside one jitted step; each device accumulates the gradients of its rows
+and the devices reduce them once per step. Gradients are normalised by the global count of answer
+tokens (or, optionally, upstream's mean of micro-batch means), clipped, and applied by AdamW.
 The frozen weights are closed over, never differentiated, never in the optimizer, never saved.
 """
 
@@ -26,11 +27,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from c2c_jax import build, sharding
 from c2c_jax.alignment import pad_id_of
 from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
-from c2c_jax.fuser import Fuser, gate_temperature
+from c2c_jax.fuser import Fuser, FuserNoise, gate_temperature
 from c2c_jax.models import Decoder, KVCache
 from c2c_jax.pipeline import kv_pass
 
@@ -83,15 +86,18 @@ def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> 
     return jax.lax.stop_gradient((receiver_cache, sharer_cache))
 
 
-def micro_batch_loss(params, frozen, mb, key, temperature, *, graphdefs, train: bool):
-    """(summed answer loss, answer-token count) of one micro-batch; differentiable in `params`."""
+def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs):
+    """(summed answer loss, answer-token count) of one micro-batch; differentiable in `params`.
+
+    noise: the fuser's training noise for these rows (`Fuser.sample_noise`), or None for
+    inference-mode fusion (hard gates, no dropout).
+    """
     receiver_def, sharer_def, fuser_def = graphdefs
     receiver = nnx.merge(receiver_def, frozen[0])
     sharer = nnx.merge(sharer_def, frozen[1])
     fuser: Fuser = nnx.merge(fuser_def, params)
     receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, fuser.config.sharer_depth, mb)
-    b, p = mb.prefix_tokens.shape
-    noise = fuser.sample_noise(key, b, p) if train else None
+    p = mb.prefix_tokens.shape[1]
     fused = fuser(sharer_cache, receiver_cache, mb.fuse_mask, noise=noise, temperature=temperature)
     cache = fused.with_capacity(p + mb.suffix_tokens.shape[1])
     hidden, _ = receiver(mb.suffix_tokens, mb.suffix_positions, cache, mb.suffix_valid, output="hidden")
@@ -132,9 +138,22 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fuser_config, normalization,
-               schedule):
-    """One optimizer step over `batch` ([micro_batches, B, ...]); returns the new state and metrics."""
+               schedule, mesh):
+    """One optimizer step over `batch` ([micro_batches, B, ...]); returns the new state and metrics.
+
+    Gradients are accumulated per replica (the rows of one device along the mesh's batch axes) and
+    summed over replicas once, after the last micro-batch: a data-parallel step all-reduces the
+    fuser's gradients once per optimizer step, not once per micro-batch.
+    """
     temperature = gate_temperature(state.step, fuser_config)
+    replicas = int(np.prod([mesh.shape[axis] for axis in sharding.BATCH_AXES]))
+    by_replica = NamedSharding(mesh, P(sharding.BATCH_AXES))
+
+    def split_rows(x, axis=0):
+        """[..., B, ...] -> [replicas, ..., B / replicas, ...], the replica axis over the batch axes."""
+        x = x.reshape(x.shape[:axis] + (replicas, x.shape[axis] // replicas) + x.shape[axis + 1:])
+        return jax.lax.with_sharding_constraint(jnp.moveaxis(x, axis, 0), by_replica)
+
     key = jax.random.fold_in(base_key, state.step)
     counts = batch.loss_mask.sum(axis=(1, 2)).astype(jnp.float32)
     total = jnp.maximum(counts.sum(), 1.0)
@@ -142,24 +161,33 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
         scales = jnp.full(counts.shape, 1.0) / total
     else:  # upstream: token mean per micro-batch, then averaged over micro-batches
         scales = 1.0 / (jnp.maximum(counts, 1.0) * counts.shape[0])
-    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs, train=True)
+    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs)
+    fuser: Fuser = nnx.merge(graphdefs[2], state.params)
+
+    def scaled(params, mb, noise, scale):
+        loss, _ = loss_fn(params, frozen, mb, noise, temperature)
+        return loss * scale, loss
+
+    replica_grads = jax.vmap(jax.value_and_grad(scaled, has_aux=True), in_axes=(None, 0, 0, None),
+                             spmd_axis_name=sharding.BATCH_AXES)
 
     def accumulate(grads_sum, xs):
         mb, mb_key, scale = xs
-
-        def scaled(params):
-            loss, count = loss_fn(params, frozen, mb, mb_key, temperature)
-            return loss * scale, (loss, count)
-
-        (_, (loss, _)), grads = jax.value_and_grad(scaled, has_aux=True)(state.params)
-        return jax.tree.map(jnp.add, grads_sum, grads), loss
+        # The noise of the whole micro-batch, then each replica's rows of it: the same numbers on
+        # any number of devices.
+        noise = fuser.sample_noise(mb_key, *mb.prefix_tokens.shape)
+        noise = FuserNoise(split_rows(noise.gate_uniform, axis=2), split_rows(noise.dropout_keys))
+        (_, losses), grads = replica_grads(state.params, jax.tree.map(split_rows, mb), noise, scale)
+        return jax.tree.map(jnp.add, grads_sum, grads), losses
 
     keys = jax.random.split(key, counts.shape[0])
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
+    zeros = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(
+        jnp.zeros((replicas,) + p.shape, p.dtype), by_replica), state.params)
+    grads_by_replica, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
+    grads = jax.tree.map(lambda g: g.sum(axis=0), grads_by_replica)  # the one cross-replica reduction
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loss = jnp.sum(losses * scales)
+    loss = jnp.sum(losses.sum(axis=1) * scales)  # losses: [micro-batches, replicas]
     metrics = {
         "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
         "temperature": temperature, "answer_tokens": counts.sum(),
@@ -171,7 +199,7 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
 
 def eval_step(params, frozen, batch, *, graphdefs):
     """(summed loss, token count) over `batch` with inference-mode fusion (hard gates, no dropout)."""
-    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs, train=False)
+    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs)
 
     def one(carry, mb):
         loss, count = loss_fn(params, frozen, mb, None, None)
@@ -264,7 +292,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     step_fn = jax.jit(
         functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser.config,
                           normalization=config.train.loss_normalization,
-                          schedule=make_schedule(config.optim, total_steps)),
+                          schedule=make_schedule(config.optim, total_steps), mesh=mesh),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
     return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)

@@ -122,7 +122,7 @@ def test_train_mode_with_fixed_noise_matches_numpy_reference(tmp_path):
                             {k: np.asarray(v) for k, v in flat_params(fuser).items()}, "test")
     sharer, receiver, fuse_mask = random_caches(rng)
     uniform = rng.uniform(size=(RECEIVER_LAYERS, 2, 2, 5, HT, 1)).astype(np.float32)
-    noise = FuserNoise(jnp.asarray(uniform), jax.random.key(0))
+    noise = FuserNoise(jnp.asarray(uniform), jax.random.split(jax.random.key(0), 2))
     temperature = 0.7
     fused = jax.jit(lambda f, s, r, m, n: f(s, r, m, noise=n, temperature=temperature))(
         fuser, sharer, receiver, jnp.asarray(fuse_mask), noise)
@@ -139,9 +139,32 @@ def test_dropout_is_active_only_in_training(tmp_path):
     mask = jnp.asarray(fuse_mask)
     noise = fuser.sample_noise(jax.random.key(1), 2, 5)
     a = fuser(sharer, receiver, mask, noise=noise, temperature=1.0)
-    b = fuser(sharer, receiver, mask, noise=dataclasses.replace(noise, dropout_key=jax.random.key(2)), temperature=1.0)
-    assert not np.allclose(a.k, b.k)  # only the dropout key differs
+    other_keys = jax.random.split(jax.random.key(2), 2)
+    b = fuser(sharer, receiver, mask, noise=dataclasses.replace(noise, dropout_keys=other_keys), temperature=1.0)
+    assert not np.allclose(a.k, b.k)  # only the dropout keys differ
     np.testing.assert_array_equal(fuser(sharer, receiver, mask).k, fuser(sharer, receiver, mask).k)
+
+
+def test_training_noise_of_a_row_does_not_depend_on_the_batch_split(tmp_path):
+    """The trainer gives each device a slice of a micro-batch and the matching slice of its noise;
+    every row must then be fused exactly as in the whole batch (dropout included)."""
+    rng = np.random.default_rng(12)
+    fuser = fp32(import_upstream_fuser(write_upstream(tmp_path / "up", random_state_dicts(rng))))
+    sharer, receiver, mask = random_caches(rng, batch=4)
+    mask = jnp.asarray(mask)
+    noise = fuser.sample_noise(jax.random.key(3), 4, 5)
+    whole = fuser(sharer, receiver, mask, noise=noise, temperature=0.5)
+
+    def rows_of(cache, rows):
+        return dataclasses.replace(cache, k=cache.k[:, rows], v=cache.v[:, rows], valid=cache.valid[rows])
+
+    for rows in (slice(0, 2), slice(2, 4)):
+        part = fuser(rows_of(sharer, rows), rows_of(receiver, rows), mask[rows],
+                     noise=FuserNoise(noise.gate_uniform[:, :, rows], noise.dropout_keys[rows]), temperature=0.5)
+        np.testing.assert_allclose(part.k, whole.k[:, rows], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(part.v, whole.v[:, rows], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="does not match a batch of 4 rows"):
+        fuser(sharer, receiver, mask, noise=FuserNoise(noise.gate_uniform, noise.dropout_keys[:2]), temperature=0.5)
 
 
 def test_logistic_gate_noise_opens_with_probability_sigmoid_logit():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,23 @@ def _train_args(workdir, steps):
     return [sys.executable, "-m", "c2c_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
             "--config.mesh.data=1", f"--config.train.max_steps={steps}", "--config.train.log_every=1",
             "--config.train.eval_every=100000", "--config.ckpt.every=3"]
+
+
+def test_data_parallel_step_all_reduces_gradients_once_per_update():
+    """With 4 micro-batches per update on a 2-device data mesh, the compiled step's only cross-device
+    reductions are outside the accumulation loop: gradients are summed over replicas once."""
+    run = trainer.setup(tiny_config(**{"mesh.data": 2, "train.micro_batch_size": 2, "train.batch_size": 8}))
+    batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
+    assert batch.prefix_tokens.shape[0] == 4
+    hlo = run.step_fn.lower(run.state, run.frozen, batch, jax.random.key(0)).compile().as_text()
+    computations = re.split(r"\n(?=\S[^\n]*\{\n)", hlo)
+    reducing = [c.split("\n", 1)[0] for c in computations if re.search(r" (all-reduce|all-reduce-start|reduce-scatter)\(", c)]
+    assert reducing and all(name.startswith("ENTRY") for name in reducing), reducing
+    (entry,) = [c for c in computations if c.startswith("ENTRY")]
+    assert " while(" in entry  # the accumulation loop is still a loop (not unrolled around the reductions)
+    # The gradients' all-reduce: one tuple holding every fuser parameter's gradient.
+    num_params = len(jax.tree.leaves(run.state.params))
+    assert any(line.count("f32[") >= num_params for line in entry.splitlines() if "all-reduce(" in line)
 
 
 def test_killed_run_resumes_exactly(tmp_path):
