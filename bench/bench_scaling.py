@@ -6,7 +6,10 @@ devices, from the same initial fuser and with the same keys. Reports the largest
 differences between the two (all-reduced gradients only change the order of float sums) and the
 step times; strong-scaling efficiency = t(1 device) / (n x t(n devices)).
 
-    python bench/bench_scaling.py [--smoke] [--steps 3] [--batch 8] [--unroll 1]
+    python bench/bench_scaling.py [--smoke] [--steps 3] [--batch 8] [--micro-batches 1] [--unroll 1]
+
+With --micro-batches M every optimizer step accumulates M micro-batches (as configs/qwen.py does with
+16); the gradients cross devices once per step either way.
 
 On a CPU, `XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench/bench_scaling.py --smoke`
 checks the script itself.
@@ -43,6 +46,7 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="global micro-batch (sequences)")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--prefix", type=int, default=1024)
     parser.add_argument("--suffix", type=int, default=1024)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -61,20 +65,21 @@ def main():
     models = (random_decoder(receiver_cfg), random_decoder(sharer_cfg, seed=1))
     rc, sc = models[0].config, models[1].config
     fc = common.fuser_config(*models, hidden)
-    batch_np = random_batch(b, p, r, rc.vocab_size)
+    m = args.micro_batches
+    batch_np = random_batch(b, p, r, rc.vocab_size, micro_batches=m)
     one = run_on(devices[:1], models, fc, batch_np, args.steps)
     many = run_on(devices, models, fc, batch_np, args.steps)
 
     loss_rel = max(abs(x - y) / abs(x) for x, y in zip(one[0], many[0]))
     param_abs = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(one[1]), jax.tree.leaves(many[1])))
     param_scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(one[1]))
-    flops = step_flops(rc, sc, fc, b, p, r)["total"]
+    flops = step_flops(rc, sc, fc, b, p, r)["total"] * m
     n = len(devices)
     report = Report("scaling")
-    report.add(device=device_name(), devices=n, global_batch=b, prefix=p, suffix=r, steps=args.steps,
+    report.add(device=device_name(), devices=n, global_batch=b, micro_batches=m, prefix=p, suffix=r, steps=args.steps,
                losses_1=one[0], losses_n=many[0], max_loss_rel_diff=loss_rel, max_param_abs_diff=param_abs,
                max_param_abs=param_scale, step_ms_1=round(one[2], 2), step_ms_n=round(many[2], 2),
-               tokens_per_s_1=round(b * (p + r) / one[2] * 1e3), tokens_per_s_n=round(b * (p + r) / many[2] * 1e3),
+               tokens_per_s_1=round(m * b * (p + r) / one[2] * 1e3), tokens_per_s_n=round(m * b * (p + r) / many[2] * 1e3),
                scaling_efficiency=round(one[2] / (n * many[2]), 3),
                mfu_n=round(flops / (many[2] / 1e3) / (n * args.peak_tflops * 1e12), 4))
 

@@ -26,9 +26,9 @@ def rows(path):
 
 
 def test_data_parallel_training_matches_one_device(tmp_path):
-    run_script("bench_scaling.py", "--steps", "2", out_dir=tmp_path, devices=2)
+    run_script("bench_scaling.py", "--steps", "2", "--micro-batches", "2", out_dir=tmp_path, devices=2)
     (result,) = [r for r in rows(tmp_path / "scaling.jsonl") if r.get("bench") == "scaling"]
-    assert result["devices"] == 2 and len(result["losses_n"]) == 2
+    assert result["devices"] == 2 and result["micro_batches"] == 2 and len(result["losses_n"]) == 2
     assert result["max_loss_rel_diff"] < 1e-3
     assert result["max_param_abs_diff"] < 1e-4 * max(result["max_param_abs"], 1.0)
 
