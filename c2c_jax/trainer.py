@@ -138,21 +138,24 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fuser_config, normalization,
-               schedule, mesh):
+               schedule, param_shardings):
     """One optimizer step over `batch` ([micro_batches, B, ...]); returns the new state and metrics.
 
-    Gradients are accumulated per replica (the rows of one device along the mesh's batch axes) and
-    summed over replicas once, after the last micro-batch: a data-parallel step all-reduces the
-    fuser's gradients once per optimizer step, not once per micro-batch.
+    Each data-parallel replica (the devices of one index along the mesh's "data" axis) accumulates
+    the gradients of its rows, sharded like the parameters; the replicas are summed once, after
+    the last micro-batch. So data parallelism all-reduces the fuser's gradients once per optimizer
+    step, not once per micro-batch (FSDP's reduce-scatter within a replica stays per micro-batch).
     """
     temperature = gate_temperature(state.step, fuser_config)
-    replicas = int(np.prod([mesh.shape[axis] for axis in sharding.BATCH_AXES]))
-    by_replica = NamedSharding(mesh, P(sharding.BATCH_AXES))
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    replicas = mesh.shape["data"]
 
     def split_rows(x, axis=0):
-        """[..., B, ...] -> [replicas, ..., B / replicas, ...], the replica axis over the batch axes."""
-        x = x.reshape(x.shape[:axis] + (replicas, x.shape[axis] // replicas) + x.shape[axis + 1:])
-        return jax.lax.with_sharding_constraint(jnp.moveaxis(x, axis, 0), by_replica)
+        """[..., B, ...] -> [replicas, ..., B / replicas, ...]: replicas over "data", rows over "fsdp"."""
+        x = jnp.moveaxis(x.reshape(x.shape[:axis] + (replicas, -1) + x.shape[axis + 1:]), axis, 0)
+        spec = ["data"] + [None] * (x.ndim - 1)
+        spec[axis + 1] = "fsdp"
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
     key = jax.random.fold_in(base_key, state.step)
     counts = batch.loss_mask.sum(axis=(1, 2)).astype(jnp.float32)
@@ -169,7 +172,7 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
         return loss * scale, loss
 
     replica_grads = jax.vmap(jax.value_and_grad(scaled, has_aux=True), in_axes=(None, 0, 0, None),
-                             spmd_axis_name=sharding.BATCH_AXES)
+                             spmd_axis_name="data")
 
     def accumulate(grads_sum, xs):
         mb, mb_key, scale = xs
@@ -181,8 +184,9 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
         return jax.tree.map(jnp.add, grads_sum, grads), losses
 
     keys = jax.random.split(key, counts.shape[0])
-    zeros = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(
-        jnp.zeros((replicas,) + p.shape, p.dtype), by_replica), state.params)
+    zeros = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(
+        jnp.zeros((replicas,) + p.shape, p.dtype), NamedSharding(mesh, P("data", *s.spec))),
+        state.params, param_shardings)
     grads_by_replica, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
     grads = jax.tree.map(lambda g: g.sum(axis=0), grads_by_replica)  # the one cross-replica reduction
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -292,7 +296,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     step_fn = jax.jit(
         functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser.config,
                           normalization=config.train.loss_normalization,
-                          schedule=make_schedule(config.optim, total_steps), mesh=mesh),
+                          schedule=make_schedule(config.optim, total_steps), param_shardings=state_sharding.params),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
     return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)
