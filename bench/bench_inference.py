@@ -214,15 +214,16 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
 
 
 def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
-    """The C2C TTFT route at batch 1 cut into its four steps, each its own jitted call (so each also
-    pays one dispatch and one synchronisation): receiver and sharer KV passes over the first t - 1
-    tokens, fusion, and the last prompt token on the fused cache (with logits and argmax)."""
+    """The C2C TTFT route at batch 1 cut into its four steps as `C2CModel.prefill` runs them, each its
+    own jitted call (so each also pays one dispatch and one synchronisation): receiver and sharer KV
+    passes over the t prompt tokens, fusion of the first t - 1 columns, and the last prompt token
+    again on the fused cache (with logits and argmax)."""
     model = make_c2c(receiver_cfg, sharer_cfg)
     graphdef, state = nnx.split(model)
     batch = prompt_batch(1, t, receiver_cfg["vocab_size"])
     split = t - 1
-    prefix = (batch.tokens[:, :split], batch.positions[:, :split], batch.valid[:, :split])
-    mask = batch.fuse_mask[0][:, :split]
+    prefix = (batch.tokens, batch.positions, batch.valid)
+    mask = batch.fuse_mask[0].at[:, split:].set(False)
 
     @jax.jit
     def receiver_prefix(state, tokens, positions, valid):
@@ -241,12 +242,13 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
     @jax.jit
     def last_token(state, cache, batch):
         m = nnx.merge(graphdef, state)
-        hidden, _ = m.receiver(batch.tokens[:, split:], batch.positions[:, split:], cache.with_capacity(t),
-                               batch.valid[:, split:], output="hidden")
+        cache = dataclasses.replace(cache, end=cache.end - 1)
+        hidden, _ = m.receiver(batch.tokens[:, split:], batch.positions[:, split:], cache, batch.valid[:, split:],
+                               output="hidden")
         return jnp.argmax(m.receiver.logits(hidden[:, -1]), -1)
 
-    # Where the receiver's prefix pass loses time against the model benchmark's fresh prefill of t
-    # columns without a mask: the padding mask (the pipeline always passes one), or the width t - 1.
+    # What the width (t - 1 before session 3's last change, t now) and the padding mask (the pipeline
+    # always passes one) cost the receiver's prefix pass.
     @functools.partial(jax.jit, static_argnames=("width", "masked"))
     def receiver_pass(state, tokens, width, masked):
         m = nnx.merge(graphdef, state)

@@ -2,9 +2,11 @@
 
 For a batch of prompts, left-padded to a common width W (so every prompt ends at column W - 1):
 
-    1. receiver and every sharer run the first W - 1 columns, KV only (no logits);
-    2. each fuser writes its sharer's K/V into the receiver cache where `fuse_mask` is set;
-    3. the receiver runs the last prompt column on the fused cache -> logits of the first new token;
+    1. receiver and every sharer run the prompt, KV only (no logits);
+    2. each fuser writes its sharer's K/V into the receiver cache where `fuse_mask` is set, except in
+       the last column;
+    3. the receiver runs the last prompt column again, on the fused cache (overwriting that column's
+       K/V) -> logits of the first new token;
     4. decode on the fused cache (generated tokens are never fused).
 
 The last prompt token is excluded from fusion so that the first new token is predicted by a query
@@ -96,11 +98,15 @@ class C2CModel(nnx.Module):
         if split < 1 or suffix_length < 1:
             raise ValueError(f"cannot split a {width}-column prompt into a fused prefix and a suffix of "
                              f"{suffix_length}: the prefix needs at least one column")
-        receiver_cache, sharer_caches = self.prefix_caches(batch, split, with_sharers=fuse)
+        # The prefix passes run over all `width` columns, a bucketed width that suits the GPU's tiles
+        # better than `split`: by causality the first `split` columns get the same K/V as from a pass
+        # over them alone, and the suffix columns' K/V are never fused and are recomputed below, on
+        # the fused cache, once the cache is rewound to `split`.
+        receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
         if fuse and self.fusers:
-            fuse_masks = [m[:, :split] for m in batch.fuse_mask]
+            fuse_masks = [m.at[:, split:].set(False) for m in batch.fuse_mask]
             receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
-        cache = receiver_cache.with_capacity(capacity)
+        cache = dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length).with_capacity(capacity)
         suffix = slice(split, width)
         hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix], cache,
                                       batch.valid[:, suffix], output="hidden")
