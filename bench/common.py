@@ -66,6 +66,21 @@ def device_name() -> str:
     return f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), jax {jax.__version__})"
 
 
+def library_digest() -> str:
+    """12 hex digits of a SHA-256 over c2c_jax's source files: which library code a result measured
+    (the GPU machine runs a copy of the tree without its git history)."""
+    import hashlib
+    import pathlib
+
+    import c2c_jax
+
+    root = pathlib.Path(c2c_jax.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 class Report:
     """Collects result rows and prints/saves them as JSON lines (one file per benchmark)."""
 
@@ -83,6 +98,6 @@ class Report:
     def save(self) -> None:
         path = os.path.join(self.out_dir, f"{self.name}.jsonl")
         with open(path, "w") as f:
-            f.write(json.dumps({"device": device_name()}) + "\n")
+            f.write(json.dumps({"device": device_name(), "library": library_digest()}) + "\n")
             for row in self.rows:
                 f.write(json.dumps(row) + "\n")

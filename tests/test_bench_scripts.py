@@ -3,6 +3,7 @@ docs/performance.md gives keep working, and the scaling script's numerical check
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def test_data_parallel_training_matches_one_device(tmp_path):
 ])
 def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
     run_script(script, *args, out_dir=tmp_path)
+    header = rows(tmp_path / output)[0]
+    assert "device" in header and re.fullmatch(r"[0-9a-f]{12}", header["library"]), header
     measured = [r for r in rows(tmp_path / output) if "bench" in r and r.get("what") != "settings"]
     assert measured
     for row in measured:
