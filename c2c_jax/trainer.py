@@ -148,13 +148,14 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
     """
     temperature = gate_temperature(state.step, fuser_config)
     mesh = jax.tree.leaves(param_shardings)[0].mesh
-    replicas = mesh.shape["data"]
+    replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
+    replicas = mesh.shape[replica_axis]
 
     def split_rows(x, axis=0):
         """[..., B, ...] -> [replicas, ..., B / replicas, ...]: replicas over "data", rows over "fsdp"."""
         x = jnp.moveaxis(x.reshape(x.shape[:axis] + (replicas, -1) + x.shape[axis + 1:]), axis, 0)
-        spec = ["data"] + [None] * (x.ndim - 1)
-        spec[axis + 1] = "fsdp"
+        spec = [replica_axis] + [None] * (x.ndim - 1)
+        spec[axis + 1] = row_axis
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
     key = jax.random.fold_in(base_key, state.step)
@@ -172,7 +173,7 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
         return loss * scale, loss
 
     replica_grads = jax.vmap(jax.value_and_grad(scaled, has_aux=True), in_axes=(None, 0, 0, None),
-                             spmd_axis_name="data")
+                             spmd_axis_name=replica_axis)
 
     def accumulate(grads_sum, xs):
         mb, mb_key, scale = xs
@@ -185,7 +186,7 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
 
     keys = jax.random.split(key, counts.shape[0])
     zeros = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(
-        jnp.zeros((replicas,) + p.shape, p.dtype), NamedSharding(mesh, P("data", *s.spec))),
+        jnp.zeros((replicas,) + p.shape, p.dtype), NamedSharding(mesh, P(replica_axis, *s.spec))),
         state.params, param_shardings)
     grads_by_replica, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
     grads = jax.tree.map(lambda g: g.sum(axis=0), grads_by_replica)  # the one cross-replica reduction
