@@ -226,11 +226,6 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
     mask = batch.fuse_mask[0].at[:, split:].set(False)
 
     @jax.jit
-    def receiver_prefix(state, tokens, positions, valid):
-        m = nnx.merge(graphdef, state)
-        return kv_pass(m.receiver, tokens, positions, valid, m.receiver.config.num_layers)
-
-    @jax.jit
     def sharer_prefix(state, tokens, positions, valid):
         m = nnx.merge(graphdef, state)
         return kv_pass(m.sharers[0], tokens, positions, valid, m.fusers[0].config.sharer_depth)
@@ -247,20 +242,20 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
                                output="hidden")
         return jnp.argmax(m.receiver.logits(hidden[:, -1]), -1)
 
-    # What the width (t - 1 before session 3's last change, t now) and the padding mask (the pipeline
-    # always passes one) cost the receiver's prefix pass.
+    # The receiver's prefix pass over `width` columns, with the pipeline's all-valid padding mask or
+    # none: what the width (t - 1 before session 3's last change, t now) and the mask cost it.
     @functools.partial(jax.jit, static_argnames=("width", "masked"))
-    def receiver_pass(state, tokens, width, masked):
+    def receiver_prefix(state, tokens, positions, valid, width=t, masked=True):
         m = nnx.merge(graphdef, state)
-        valid = jnp.ones((1, width), bool) if masked else None
-        cache = m.receiver.init_cache(1, width)
-        return m.receiver(tokens[:, :width], jnp.arange(width)[None], cache, valid, output="kv")[1]
+        return kv_pass(m.receiver, tokens[:, :width], positions[:, :width], valid[:, :width] if masked else None,
+                       m.receiver.config.num_layers)
 
-    variants = {f"receiver_{w}_{'masked' if masked else 'unmasked'}_ms": time_ms(receiver_pass, state, batch.tokens, w, masked)
+    variants = {f"receiver_{w}_{'masked' if masked else 'unmasked'}_ms":
+                time_ms(functools.partial(receiver_prefix, width=w, masked=masked), state, *prefix)
                 for w in (split, t) for masked in (False, True)}
     receiver_cache, sharer_cache = receiver_prefix(state, *prefix), sharer_prefix(state, *prefix)
     fused = fuse(state, receiver_cache, sharer_cache, mask)
-    parts = dict(receiver_prefix_ms=time_ms(receiver_prefix, state, *prefix),
+    parts = dict(receiver_prefix_ms=variants[f"receiver_{t}_masked_ms"],  # the route's own pass
                  sharer_prefix_ms=time_ms(sharer_prefix, state, *prefix),
                  fusion_ms=time_ms(fuse, state, receiver_cache, sharer_cache, mask),
                  last_token_ms=time_ms(last_token, state, fused, batch), **variants)

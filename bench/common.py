@@ -88,6 +88,7 @@ class Report:
         self.name = name
         self.rows = []
         self.out_dir = os.environ.get("OUT", ".")
+        self.header = {"device": device_name(), "library": library_digest()}
 
     def add(self, **row) -> None:
         row = {"bench": self.name, **row}
@@ -98,6 +99,6 @@ class Report:
     def save(self) -> None:
         path = os.path.join(self.out_dir, f"{self.name}.jsonl")
         with open(path, "w") as f:
-            f.write(json.dumps({"device": device_name(), "library": library_digest()}) + "\n")
+            f.write(json.dumps(self.header) + "\n")
             for row in self.rows:
                 f.write(json.dumps(row) + "\n")
