@@ -52,9 +52,9 @@ class TrainState:
 # Loss.
 
 
-def answer_loss_sum(receiver: Decoder, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
-                    chunk: int = 256) -> jax.Array:
-    """Summed cross-entropy over masked positions, computed in sequence chunks.
+def answer_row_losses(receiver: Decoder, hidden: jax.Array, targets: jax.Array, mask: jax.Array,
+                      chunk: int = 256) -> jax.Array:
+    """float32 [B]: each row's summed cross-entropy over its masked positions, in sequence chunks.
 
     Full-vocabulary logits for a long answer are large ([B, R, 151936] float32); each chunk's logits
     are recomputed in the backward pass instead of being kept.
@@ -71,11 +71,11 @@ def answer_loss_sum(receiver: Decoder, hidden: jax.Array, targets: jax.Array, ma
     def chunk_loss(h, t, m):
         logits = receiver.logits(h)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * m)
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * m, axis=-1)
 
     split = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
     losses = jax.lax.map(lambda xs: chunk_loss(*xs), (split(hidden), split(targets), split(mask)))
-    return losses.sum()
+    return losses.sum(axis=0)
 
 
 def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache]:
@@ -86,23 +86,56 @@ def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> 
     return jax.lax.stop_gradient((receiver_cache, sharer_cache))
 
 
-def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs):
-    """(summed answer loss, answer-token count) of one micro-batch; differentiable in `params`.
+def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=None):
+    """(answer loss of every row [B], answer-token count) of one micro-batch; differentiable in `params`.
 
     noise: the fuser's training noise for these rows (`Fuser.sample_noise`), or None for
-    inference-mode fusion (hard gates, no dropout).
+      inference-mode fusion (hard gates, no dropout).
+    mesh: None, or the training mesh: `params` then carries a leading axis of one copy per
+      data-parallel replica (`mesh.shape["data"]`), and replica r's copy fuses the r-th contiguous
+      block of rows, so the gradient w.r.t. `params` is each replica's own. Only the fuser is mapped
+      over replicas; the frozen models run on the whole batch (also because jax's cuDNN attention
+      cannot be vmapped over a mask that broadcasts over heads).
     """
     receiver_def, sharer_def, fuser_def = graphdefs
     receiver = nnx.merge(receiver_def, frozen[0])
     sharer = nnx.merge(sharer_def, frozen[1])
-    fuser: Fuser = nnx.merge(fuser_def, params)
-    receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, fuser.config.sharer_depth, mb)
-    p = mb.prefix_tokens.shape[1]
-    fused = fuser(sharer_cache, receiver_cache, mb.fuse_mask, noise=noise, temperature=temperature)
-    cache = fused.with_capacity(p + mb.suffix_tokens.shape[1])
+    config = nnx.merge(fuser_def, params).config  # static; merging does not look at the arrays' shapes
+    receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
+
+    def fuse(p, sharer_cache, receiver_cache, fuse_mask, noise):
+        return nnx.merge(fuser_def, p)(sharer_cache, receiver_cache, fuse_mask, noise=noise, temperature=temperature)
+
+    if mesh is None:
+        fused = fuse(params, sharer_cache, receiver_cache, mb.fuse_mask, noise)
+    else:
+        replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
+        replicas = mesh.shape[replica_axis]
+
+        def split(x, axis):
+            """[..., B, ...] -> [replicas, ..., B / replicas, ...]: replicas over "data", rows over "fsdp"."""
+            x = jnp.moveaxis(x.reshape(x.shape[:axis] + (replicas, -1) + x.shape[axis + 1:]), axis, 0)
+            spec = [replica_axis] + [None] * (x.ndim - 1)
+            spec[axis + 1] = row_axis
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+        def merge(x, axis):
+            x = jnp.moveaxis(x, 0, axis)
+            return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+        def split_cache(cache):
+            return dataclasses.replace(cache, k=split(cache.k, 1), v=split(cache.v, 1), valid=split(cache.valid, 0))
+
+        cache_axes = KVCache(k=0, v=0, valid=0, end=None)
+        noise_rows = None if noise is None else FuserNoise(split(noise.gate_uniform, 2), split(noise.dropout_keys, 0))
+        fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
+                         spmd_axis_name=replica_axis)(
+            params, split_cache(sharer_cache), split_cache(receiver_cache), split(mb.fuse_mask, 0), noise_rows)
+        fused = dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+    cache = fused.with_capacity(mb.prefix_tokens.shape[1] + mb.suffix_tokens.shape[1])
     hidden, _ = receiver(mb.suffix_tokens, mb.suffix_positions, cache, mb.suffix_valid, output="hidden")
-    loss = answer_loss_sum(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
-    return loss, mb.loss_mask.sum()
+    row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
+    return row_losses, mb.loss_mask.sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,16 +181,8 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
     """
     temperature = gate_temperature(state.step, fuser_config)
     mesh = jax.tree.leaves(param_shardings)[0].mesh
-    replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
+    replica_axis = sharding.BATCH_AXES[0]
     replicas = mesh.shape[replica_axis]
-
-    def split_rows(x, axis=0):
-        """[..., B, ...] -> [replicas, ..., B / replicas, ...]: replicas over "data", rows over "fsdp"."""
-        x = jnp.moveaxis(x.reshape(x.shape[:axis] + (replicas, -1) + x.shape[axis + 1:]), axis, 0)
-        spec = [replica_axis] + [None] * (x.ndim - 1)
-        spec[axis + 1] = row_axis
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
-
     key = jax.random.fold_in(base_key, state.step)
     counts = batch.loss_mask.sum(axis=(1, 2)).astype(jnp.float32)
     total = jnp.maximum(counts.sum(), 1.0)
@@ -165,29 +190,29 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
         scales = jnp.full(counts.shape, 1.0) / total
     else:  # upstream: token mean per micro-batch, then averaged over micro-batches
         scales = 1.0 / (jnp.maximum(counts, 1.0) * counts.shape[0])
-    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs)
     fuser: Fuser = nnx.merge(graphdefs[2], state.params)
 
-    def scaled(params, mb, noise, scale):
-        loss, _ = loss_fn(params, frozen, mb, noise, temperature)
-        return loss * scale, loss
+    def by_replica(x, spec):  # [replicas, ...]: one copy (or one gradient) per replica, sharded like the parameters
+        return jax.lax.with_sharding_constraint(
+            jnp.broadcast_to(x, (replicas,) + x.shape), NamedSharding(mesh, P(replica_axis, *spec.spec)))
 
-    replica_grads = jax.vmap(jax.value_and_grad(scaled, has_aux=True), in_axes=(None, 0, 0, None),
-                             spmd_axis_name=replica_axis)
+    replica_params = jax.tree.map(by_replica, state.params, param_shardings)
+
+    def scaled(replica_params, mb, noise, scale):
+        row_losses, _ = micro_batch_loss(replica_params, frozen, mb, noise, temperature, graphdefs=graphdefs,
+                                         mesh=mesh)
+        losses = row_losses.reshape(replicas, -1).sum(axis=1)
+        return losses.sum() * scale, losses
 
     def accumulate(grads_sum, xs):
         mb, mb_key, scale = xs
-        # The noise of the whole micro-batch, then each replica's rows of it: the same numbers on
-        # any number of devices.
+        # The noise of the whole micro-batch: the same numbers on any number of devices.
         noise = fuser.sample_noise(mb_key, *mb.prefix_tokens.shape)
-        noise = FuserNoise(split_rows(noise.gate_uniform, axis=2), split_rows(noise.dropout_keys))
-        (_, losses), grads = replica_grads(state.params, jax.tree.map(split_rows, mb), noise, scale)
+        (_, losses), grads = jax.value_and_grad(scaled, has_aux=True)(replica_params, mb, noise, scale)
         return jax.tree.map(jnp.add, grads_sum, grads), losses
 
     keys = jax.random.split(key, counts.shape[0])
-    zeros = jax.tree.map(lambda p, s: jax.lax.with_sharding_constraint(
-        jnp.zeros((replicas,) + p.shape, p.dtype), NamedSharding(mesh, P(replica_axis, *s.spec))),
-        state.params, param_shardings)
+    zeros = jax.tree.map(lambda p, s: by_replica(jnp.zeros_like(p), s), state.params, param_shardings)
     grads_by_replica, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
     grads = jax.tree.map(lambda g: g.sum(axis=0), grads_by_replica)  # the one cross-replica reduction
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -204,11 +229,10 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
 
 def eval_step(params, frozen, batch, *, graphdefs):
     """(summed loss, token count) over `batch` with inference-mode fusion (hard gates, no dropout)."""
-    loss_fn = functools.partial(micro_batch_loss, graphdefs=graphdefs)
 
     def one(carry, mb):
-        loss, count = loss_fn(params, frozen, mb, None, None)
-        return (carry[0] + loss, carry[1] + count), None
+        row_losses, count = micro_batch_loss(params, frozen, mb, None, None, graphdefs=graphdefs)
+        return (carry[0] + row_losses.sum(), carry[1] + count), None
 
     (loss, count), _ = jax.lax.scan(one, (jnp.zeros(()), jnp.zeros((), jnp.int32)), batch)
     return loss, count
