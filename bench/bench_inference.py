@@ -22,6 +22,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from c2c_jax.config import use_inference_xla_flags  # noqa: E402
+
+use_inference_xla_flags()  # as the generate/evaluate CLIs do, before JAX starts its backend
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -88,7 +88,8 @@ class Report:
         self.name = name
         self.rows = []
         self.out_dir = os.environ.get("OUT", ".")
-        self.header = {"device": device_name(), "library": library_digest()}
+        self.header = {"device": device_name(), "library": library_digest(),
+                       "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     def add(self, **row) -> None:
         row = {"bench": self.name, **row}

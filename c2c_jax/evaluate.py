@@ -765,7 +765,9 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from c2c_jax.config import parse_flags
+    from c2c_jax.config import parse_flags, use_inference_xla_flags
+
+    use_inference_xla_flags()
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", "", "Run directory; outputs go to <workdir>/eval unless "

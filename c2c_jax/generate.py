@@ -54,7 +54,9 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from c2c_jax.config import parse_flags
+    from c2c_jax.config import parse_flags, use_inference_xla_flags
+
+    use_inference_xla_flags()
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     prompt_flag = flags.DEFINE_multi_string("prompt", [], "A user message; repeat the flag for a batch.")

@@ -47,3 +47,32 @@ def test_cli_requires_a_fuser():
     result = subprocess.run([sys.executable, "-m", "c2c_jax.generate", "--config=configs/tiny.py", "--prompt=hi"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "config.generate.fuser" in result.stderr
+
+
+def test_inference_xla_flags_go_first_on_a_gpu_and_a_users_own_setting_wins():
+    from c2c_jax.config import GPU_INFERENCE_XLA_FLAGS, use_inference_xla_flags
+
+    env = {}
+    assert use_inference_xla_flags(env, gpu=True) == " ".join(GPU_INFERENCE_XLA_FLAGS)
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/hlo"}
+    assert use_inference_xla_flags(env, gpu=True) == " ".join(GPU_INFERENCE_XLA_FLAGS) + " --xla_dump_to=/tmp/hlo"
+    # A user who sets the scheduling mode keeps theirs, alone.
+    env = {"XLA_FLAGS": "--xla_gpu_command_buffer_scheduling_mode=SERIALIZE"}
+    assert use_inference_xla_flags(env, gpu=True) == "--xla_gpu_command_buffer_scheduling_mode=SERIALIZE"
+    # Without a CUDA build of jax nothing changes (a TPU's XLA need not know GPU flags).
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/hlo"}
+    assert use_inference_xla_flags(env, gpu=False) == "--xla_dump_to=/tmp/hlo"
+    assert use_inference_xla_flags({}, gpu=False) == ""
+
+
+def test_inference_xla_flags_are_known_to_the_installed_jaxlib():
+    import os
+    import subprocess
+    import sys
+
+    from c2c_jax.config import GPU_INFERENCE_XLA_FLAGS
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(GPU_INFERENCE_XLA_FLAGS))
+    result = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]
