@@ -81,8 +81,9 @@ fi
 run cd "$REPO_ROOT"
 run "${ENV[@]}" "$PYTHON" -m c2c_jax.train "--config=${CONFIG}" "--workdir=${WORKDIR}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 if ((EVAL)) && [[ $PROCESS_ID == 0 ]]; then
-  # A single process: nothing in its environment may make it wait for peers that have exited.
+  # A single process: nothing in its environment may make it wait for peers that have exited. It keeps your
+  # own XLA_FLAGS, not the training flags; the evaluate CLI adds its inference flags.
   run env -u JAX_COORDINATOR_ADDRESS -u JAX_NUM_PROCESSES -u JAX_PROCESS_ID -u SLURM_NTASKS -u C2C_DISTRIBUTED \
-    "XLA_FLAGS=$(gpu_xla_flags)" "$PYTHON" -m c2c_jax.evaluate "--config=${CONFIG}" "--workdir=${WORKDIR}" \
+    "$PYTHON" -m c2c_jax.evaluate "--config=${CONFIG}" "--workdir=${WORKDIR}" \
     "--config.eval.fuser=${WORKDIR}/final" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 fi

@@ -56,8 +56,11 @@ check_config "$CONFIG"
 [[ -n $WORKDIR ]] || WORKDIR="runs/$(basename "$CONFIG" .py)"
 [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus must be a comma-separated list of GPU indices, got '${GPUS}'"
 
-ENV=(env "XLA_FLAGS=$(gpu_xla_flags)")
-[[ -z $GPUS ]] || ENV+=("CUDA_VISIBLE_DEVICES=${GPUS}")
+# Training gets the GPU training flags; evaluation keeps your own XLA_FLAGS and the evaluate CLI adds its
+# inference flags (Triton GEMMs off costs a 512-token first token ~2.5 ms on an H200, docs/performance.md).
+EVAL_ENV=(env)
+[[ -z $GPUS ]] || EVAL_ENV+=("CUDA_VISIBLE_DEVICES=${GPUS}")
+ENV=("${EVAL_ENV[@]}" "XLA_FLAGS=$(gpu_xla_flags)")
 
 run cd "$REPO_ROOT"
 if ((INSTALL)); then
@@ -65,6 +68,6 @@ if ((INSTALL)); then
 fi
 run "${ENV[@]}" "$PYTHON" -m c2c_jax.train "--config=${CONFIG}" "--workdir=${WORKDIR}" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 if ((EVAL)); then
-  run "${ENV[@]}" "$PYTHON" -m c2c_jax.evaluate "--config=${CONFIG}" "--workdir=${WORKDIR}" \
+  run "${EVAL_ENV[@]}" "$PYTHON" -m c2c_jax.evaluate "--config=${CONFIG}" "--workdir=${WORKDIR}" \
     "--config.eval.fuser=${WORKDIR}/final" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 fi
