@@ -67,7 +67,7 @@ check_config() {  # the config file must exist (relative paths are relative to t
   [[ -f $config || -f $REPO_ROOT/$config ]] || die "config file not found: ${config}"
 }
 
-# XLA flags for GPUs, from MaxText's single-host GPU guide and its A3 configs
+# XLA flags for GPU training (evaluation runs without them), from MaxText's single-host GPU guide and its A3 configs
 # (docs/run_maxtext/run_maxtext_single_host_gpu.md, src/maxtext/configs/gpu/a3/llama_2_7b/1vm.sh): the
 # latency-hiding scheduler overlaps the gradient all-reduce (and FSDP all-gathers) with compute; the
 # combine thresholds batch small collectives. Only flags known to the jaxlib pinned in setup.py (an unknown
