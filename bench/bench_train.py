@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -132,8 +133,10 @@ def main():
     hidden = 32 if args.smoke else 1024
     b, p, r = (2, 32, 16) if args.smoke else (args.batch, args.prefix, args.suffix)
 
+    start = time.perf_counter()
     one_step, compiled, flops, (receiver, fc) = build(receiver_cfg, sharer_cfg, hidden, b, p, r, args.remat,
                                                       args.micro_batches)
+    build_s = time.perf_counter() - start  # model creation + the train step's compilation
     xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan")) if hasattr(compiled, "cost_analysis") else float("nan")
     if isinstance(xla_flops, (list, tuple)):
         xla_flops = xla_flops[0].get("flops", float("nan")) if xla_flops else float("nan")
@@ -148,6 +151,7 @@ def main():
                achieved_tflops=round(flops["total"] / ms / 1e9, 1),
                mfu=round(flops["total"] / (ms / 1e3) / (args.peak_tflops * 1e12), 4),
                peak_tflops=args.peak_tflops, remat=args.remat, scan_unroll=receiver.scan_unroll,
+               build_and_compile_s=round(build_s, 1),
                temp_gib=round(getattr(memory, "temp_size_in_bytes", 0) / 2**30, 2) if memory else None,
                loss=float(jax.device_get(one_step())))
     report.save()
