@@ -2,7 +2,7 @@
 
 Qwen3-0.6B receiver <- Qwen2.5-0.5B sharer, fuser h = m = 1024, L = 3 (477,848,056 parameters),
 micro-batch 4 x 2048 tokens (prefix P + suffix R = 2048, default 1024 + 1024), one optimizer
-update per `--micro-batches` micro-batches (default 1). Reports step time,
+update per `--micro-batches` micro-batches (default 16, as `configs/qwen.py`). Reports step time,
 tokens/s and MFU: the model FLOPs the step executes (forward of the frozen prefix passes, forward +
 backward of the fuser, forward + activation-backward of the receiver's suffix pass and its LM head,
 causal attention counted as half a square), over the card's dense bf16 peak.
@@ -122,7 +122,7 @@ def main():
     parser.add_argument("--prefix", type=int, default=1024)
     parser.add_argument("--suffix", type=int, default=1024)
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--micro-batches", type=int, default=1,
+    parser.add_argument("--micro-batches", type=int, default=16,
                         help="micro-batches per optimizer step (configs/qwen.py: 16 of 16 sequences)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM)")
     parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
