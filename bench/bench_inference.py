@@ -191,11 +191,6 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
         receiver_cache, sharer_caches = m.prefix_caches(batch, batch.tokens.shape[1])
         return receiver_cache, sharer_caches
 
-    @jax.jit
-    def fuse(state, receiver_cache, sharer_caches, mask):
-        m = nnx.merge(graphdef, state)
-        return m.fuse(receiver_cache, sharer_caches, [mask]).k
-
     @functools.partial(jax.jit, static_argnames=("fuse_flag",))
     def ttft(state, batch, fuse_flag):
         m = nnx.merge(graphdef, state)
@@ -203,7 +198,7 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
         return jnp.argmax(logits, -1)
 
     @functools.partial(jax.jit, static_argnames=("repeats",))
-    def fuse_repeatedly(state, receiver_cache, sharer_caches, mask, repeats):
+    def fuse(state, receiver_cache, sharer_caches, mask, repeats=1):
         """`repeats` fusions in one program, each into the cache the one before it fused."""
         m = nnx.merge(graphdef, state)
         for _ in range(repeats):
@@ -214,12 +209,11 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
         for b in batches:
             batch = prompt_batch(b, t, receiver_cfg["vocab_size"])
             receiver_cache, sharer_caches = fuse_only(state, batch)
-            ms_fuse = time_ms(fuse, state, receiver_cache, sharer_caches, batch.fuse_mask[0])
-            # What fusion adds inside a program such as the TTFT route, without the standalone call's
-            # dispatch and synchronisation: the difference of 10 chained fusions and 1, per fusion.
-            ms_chain = [time_ms(functools.partial(fuse_repeatedly, repeats=n), state, receiver_cache, sharer_caches,
-                                batch.fuse_mask[0]) for n in (1, 10)]
-            ms_in_program = (ms_chain[1] - ms_chain[0]) / 9
+            # A standalone fusion call (dispatch and synchronisation included), and what fusion adds
+            # inside a program such as the TTFT route: the difference of 10 chained fusions and 1, per fusion.
+            ms_fuse, ms_fuse_10 = (time_ms(functools.partial(fuse, repeats=n), state, receiver_cache, sharer_caches,
+                                           batch.fuse_mask[0]) for n in (1, 10))
+            ms_in_program = (ms_fuse_10 - ms_fuse) / 9
             flops = 2 * n_params * b * t
             report.add(what="fusion_all_layers", tokens=t, batch=b, ms=round(ms_fuse, 3),
                        tflops=round(flops / ms_fuse / 1e9, 1), in_program_ms=round(ms_in_program, 3),
