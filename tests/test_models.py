@@ -1,5 +1,6 @@
 """Our decoder against transformers' PyTorch models: logits and every layer's cached K and V."""
 
+import dataclasses
 import json
 
 import jax
@@ -89,6 +90,49 @@ def test_left_padded_batch_equals_rows_alone(tiny):
     fresh_logits, fresh_cache = run(model, tokens, positions, mask)
     np.testing.assert_allclose(fresh_logits, logits, atol=TOL, rtol=0)
     np.testing.assert_allclose(fresh_cache.k, cache.k[:, :, :width], atol=TOL, rtol=0)
+
+
+def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(tiny):
+    """`extend` (the training suffix pass, mask-free attention) on a prefix cache with left padding
+    and a hole, and answers padded at the end: logits equal transformers' on each row's real tokens
+    alone, and gradients w.r.t. the prefix cache (through `permute_columns`' own VJP) equal those
+    through `__call__`'s masked attention."""
+    _, torch_model, model, _ = tiny
+    rng = np.random.default_rng(5)
+    p, t = 9, 5
+    prefix_mask = np.ones((3, p), bool)
+    prefix_mask[1, :4] = False  # left padding
+    prefix_mask[2, :2] = prefix_mask[2, 5] = False  # left padding and an alignment hole
+    answer_lengths = [5, 3, 4]
+    prefix = rng.integers(0, 160, (3, p))
+    answer = rng.integers(0, 160, (3, t))
+    prefix_positions = np.maximum(np.cumsum(prefix_mask, axis=1) - 1, 0)
+    answer_positions = prefix_mask.sum(1, keepdims=True) + np.arange(t)
+    _, cache = run(model, prefix, prefix_positions, prefix_mask)
+    extend = jax.jit(lambda c: model.extend(jnp.asarray(answer), jnp.asarray(answer_positions), c, output="logits"))
+    logits = extend(cache)
+    for r, m in enumerate(answer_lengths):
+        tokens = np.concatenate([prefix[r][prefix_mask[r]], answer[r, :m]])[None]
+        ref_logits, _, _ = torch_forward(torch_model, tokens)
+        np.testing.assert_allclose(logits[r, :m], ref_logits[0, -m:], atol=TOL, rtol=0)
+
+    answer_mask = np.arange(t)[None, :] < np.array(answer_lengths)[:, None]
+    weights = jnp.asarray(rng.normal(size=(3, t, 160)) * answer_mask[..., None], jnp.float32)
+
+    def through_extend(k, v):
+        return jnp.sum(weights * extend(dataclasses.replace(cache, k=k, v=v)))
+
+    def through_call(k, v):
+        out, _ = model(jnp.asarray(answer), jnp.asarray(answer_positions),
+                       dataclasses.replace(cache, k=k, v=v).with_capacity(p + t), jnp.asarray(answer_mask))
+        return jnp.sum(weights * out)
+
+    grads = jax.grad(through_extend, argnums=(0, 1))(cache.k, cache.v)
+    ref_grads = jax.grad(through_call, argnums=(0, 1))(cache.k, cache.v)
+    for grad, ref_grad in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref_grad, atol=TOL, rtol=0)
+    assert np.asarray(grads[0]).any()
+    assert not np.asarray(grads[0][:, 1, :4]).any() and not np.asarray(grads[1][:, 2, 5]).any()  # pads get none
 
 
 def test_kv_only_mode_matches_full_cache(tiny):

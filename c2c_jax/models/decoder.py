@@ -7,23 +7,29 @@ stacked on a leading layer axis and run with `jax.lax.scan` (or, fully unrolled,
 One forward serves prefill and decode: tokens, positions and a `KVCache` in; logits (or the final
 hidden states, or nothing) and the updated cache out. New keys/values are written at columns
 `[cache.end, cache.end + T)` of every row, so a batch of prompts is left-padded to a common end.
+`Decoder.extend` runs new tokens after a whole prefix cache without writing to it: the training
+suffix pass, whose attention needs no mask (`attention.prefix_attention`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from c2c_jax.models.attention import AttentionImpl, cache_attention, prefix_attention
 from c2c_jax.models.config import ModelConfig, RopeConfig
 from c2c_jax.models.kv_cache import KVCache
 
 Output = Literal["logits", "hidden", "kv"]
-AttentionImpl = Literal["auto", "xla", "cudnn"]
+# attend(q, k_new, v_new) -> attention output [B, T, heads, head_dim]: the new tokens' queries [B, T,
+# heads, head_dim] over whatever keys the caller's route gives them, their own K/V
+# [B, T, kv_heads, head_dim] among them.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class RMSNorm(nnx.Module):
@@ -75,8 +81,7 @@ def attention_mask(valid: jax.Array, end: jax.Array, num_new: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, attention_impl: AttentionImpl,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
         linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # q, k and v projections as one matmul (HF's q_proj, k_proj, v_proj concatenated): fewer,
@@ -89,7 +94,6 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.attention_impl = attention_impl
 
     def _project(self, x, kernel_slice: slice):
         """x @ qkv_proj restricted to some of its output columns (q, k, v are contiguous blocks)."""
@@ -110,13 +114,9 @@ class Attention(nnx.Module):
         """Keys and values of new tokens exactly as HF caches them: [B, T, kv_heads, head_dim]."""
         return self._keys_values(self._project(x, slice(self.num_heads * self.head_dim, None)), cos, sin)
 
-    def __call__(self, x, cos, sin, mask, cached_k, cached_v, end):
-        """Attention of the new tokens over this layer's cache plus themselves.
+    def __call__(self, x, cos, sin, attend: Attend):
+        """Attention of the new tokens x [B, T, hidden], through `attend` (see `Attend`).
 
-        cached_k, cached_v: this layer's cache [B, S, kv_heads, head_dim], the new K/V going in at
-        column `end`; None for a fresh prefill (the new tokens fill the whole cache), where attention
-        reads the new K/V directly and is causal from column 0, which lets cuDNN skip the blocks
-        above the diagonal (a mask, if given, already implies causality).
         Returns the attention output and the new tokens' K/V [B, T, kv_heads, head_dim].
         """
         b, t, _ = x.shape
@@ -127,24 +127,8 @@ class Attention(nnx.Module):
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         k_new, v_new = self._keys_values(qkv[..., q_width:], cos, sin)
-        fresh = cached_k is None
-        if fresh:
-            keys, values = k_new, v_new
-        else:
-            k_new, v_new = k_new.astype(cached_k.dtype), v_new.astype(cached_v.dtype)
-            keys = jax.lax.dynamic_update_slice(cached_k, k_new, (0, end, 0, 0))
-            values = jax.lax.dynamic_update_slice(cached_v, v_new, (0, end, 0, 0))
-        out = jax.nn.dot_product_attention(
-            q.astype(keys.dtype), keys, values, mask=mask, is_causal=fresh,
-            implementation=self._implementation(q, t))
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), k_new, v_new
-
-    def _implementation(self, q, num_new):
-        if self.attention_impl != "auto":
-            return self.attention_impl
-        # cuDNN flash attention pays off for prefill on GPU; single-token decode stays on XLA.
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and num_new > 1 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        out = attend(q, k_new, v_new)
+        return self.o_proj(out.reshape(b, t, q_width)), k_new, v_new
 
 
 class MLP(nnx.Module):
@@ -160,20 +144,18 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, attention_impl: AttentionImpl,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = functools.partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
         self.input_layernorm = norm()
-        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype,
-                                   attention_impl=attention_impl, rngs=rngs)
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = norm()
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def kv(self, x, cos, sin):
         return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
 
-    def __call__(self, x, cos, sin, mask, cached_k, cached_v, end):
-        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, mask, cached_k, cached_v, end)
+    def __call__(self, x, cos, sin, attend: Attend):
+        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, attend)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_new, v_new
@@ -185,8 +167,9 @@ class Decoder(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None, scan_unroll: int | None = None,
                  remat: bool = False, attention_impl: AttentionImpl = "auto", rngs: nnx.Rngs):
         """scan_unroll: layers per scan iteration. Default: all of them on GPU, where a rolled loop's
-        per-layer kernel launches dominate at small batch; 1 elsewhere (TPUs compile a rolled scan faster
-        and lose little by it)."""
+        per-layer kernel launches dominate at small batch and its stacked residuals and per-layer
+        weight slices cost a training step ~9 % (docs/performance.md); 1 elsewhere (TPUs compile a
+        rolled scan faster and lose little by it)."""
         param_dtype = dtype if param_dtype is None else param_dtype
         self.config = config
         self.dtype = dtype
@@ -194,14 +177,14 @@ class Decoder(nnx.Module):
             scan_unroll = config.num_layers if jax.default_backend() == "gpu" else 1
         self.scan_unroll = scan_unroll
         self.remat = remat
+        self.attention_impl = attention_impl
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def stacked_layers(rngs):
-            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                                rngs=rngs)
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.layers = stacked_layers(rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
@@ -241,42 +224,13 @@ class Decoder(nnx.Module):
             token_mask = jnp.ones((b, t), bool)
         valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, end))
         mask = None if unpadded_fresh else attention_mask(valid, end, t)
+        attend = functools.partial(cache_attention, mask=mask, end=end, implementation=self.attention_impl)
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
-        x = self.embed_tokens(tokens)
-
-        graphdef, layer_params = nnx.split(self.layers)
-
-        def layer_at(i):
-            return nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
-
-        # Each layer reads its own cache slice and returns its new K/V; all layers' new K/V are
-        # written into the cache once, after the loop. The cache is thus never a loop carry, whose
-        # gradient would be a full-size buffer updated in every layer's backward step.
-        def body(x, per_layer):
-            i, cached_k, cached_v = per_layer
-            x, k_new, v_new = layer_at(i)(x, cos, sin, mask, cached_k, cached_v, end)
-            return x, (k_new, v_new)
-
-        if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
-        new_k, new_v = [], []  # blocks of [layers, B, T, kv_heads, head_dim], in layer order
-        if self.scan_unroll >= num_full:
-            # Fully unrolled: a Python loop, so every layer index is static and each layer's weights
-            # are read in place. An unrolled scan keeps the index dynamic, and XLA then copies every
-            # layer's weights out of the stack before each matmul (0.42 ms of a 3.5 ms 512-token
-            # Qwen3-0.6B prefill on an H200).
-            for i in range(num_full):
-                x, (k_i, v_i) = body(x, (i, None if fresh else cache.k[i], None if fresh else cache.v[i]))
-                new_k.append(k_i[None])
-                new_v.append(v_i[None])
-        else:
-            cached = (None, None) if fresh else (cache.k[:num_full], cache.v[:num_full])
-            x, (k_stack, v_stack) = jax.lax.scan(body, x, (jnp.arange(num_full), *cached), unroll=self.scan_unroll)
-            new_k.append(k_stack)
-            new_v.append(v_stack)
+        per_layer = None if fresh else (cache.k, cache.v)
+        x, new_k, new_v = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, num_full)
         if output == "kv":
-            k_last, v_last = layer_at(cache.num_layers - 1).kv(x, cos, sin)
+            k_last, v_last = self._layer_getter()(cache.num_layers - 1).kv(x, cos, sin)
             new_k.append(k_last[None])
             new_v.append(v_last[None])
         new_k = jnp.concatenate(new_k).astype(cache.k.dtype)
@@ -292,6 +246,71 @@ class Decoder(nnx.Module):
         hidden = self.norm(x)
         return (hidden if output == "hidden" else self.logits(hidden)), new_cache
 
+    def extend(self, tokens: jax.Array, positions: jax.Array, prefix: KVCache, *,
+               output: Literal["logits", "hidden"] = "hidden") -> jax.Array:
+        """Runs `tokens` [B, T] at `positions` [B, T] after all of `prefix`'s columns, writing nothing.
+
+        The training route: a receiver's answer on its fused prompt cache. Every column of `prefix`
+        comes before the new tokens (`prefix.end` is not read); `prefix.valid` marks the real ones,
+        which may be left-padded or have holes. Padding among the new tokens must come after each
+        row's real tokens (each real token sees the real prefix and the new tokens up to itself;
+        what a padding token computes is unspecified). With those layouts the attention needs no
+        mask (`attention.prefix_attention`), unlike `__call__`'s over a cache it writes into.
+        Returns final-normed hidden states [B, T, hidden] or float32 logits [B, T, vocab].
+        """
+        if prefix.num_layers != self.config.num_layers:
+            raise ValueError(f"a prefix cache of {prefix.num_layers} layers for a model of {self.config.num_layers}")
+        # Real prefix columns first, in order: attention over them does not depend on their order.
+        order = jnp.argsort(~prefix.valid, axis=1, stable=True)
+        per_layer = (permute_columns(prefix.k, order), permute_columns(prefix.v, order))
+
+        def attend(q, k_new, v_new, prefix_k, prefix_v):
+            return prefix_attention(q, prefix_k, prefix_v, prefix.lengths, k_new, v_new,
+                                    implementation=self.attention_impl)
+
+        cos, sin = rope_tables(positions, self.config.rope, self.config.head_dim)
+        x, _, _ = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, self.config.num_layers)
+        hidden = self.norm(x)
+        return hidden if output == "hidden" else self.logits(hidden)
+
+    def _layer_getter(self):
+        """i -> layer i, its weights sliced out of the stack (in place when i is static)."""
+        graphdef, layer_params = nnx.split(self.layers)
+        return lambda i: nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
+
+    def _layers(self, x, cos, sin, attend, per_layer, num_layers):
+        """x through layers [0, num_layers), each attending with `attend(q, k_new, v_new, *layer_inputs)`.
+
+        per_layer: None, or arrays [layers, ...] whose slice i is layer i's `layer_inputs` (its cache).
+        Returns x and the layers' new K/V as lists of [layers, B, T, kv_heads, head_dim] blocks.
+        """
+        # Each layer reads its own cache slice and returns its new K/V; the caller writes them once,
+        # after the loop. The cache is thus never a loop carry, whose gradient would be a full-size
+        # buffer updated in every layer's backward step.
+        layer_at = self._layer_getter()
+
+        def body(x, inputs):
+            i, layer_inputs = inputs
+            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, *layer_inputs))
+            return x, (k_new, v_new)
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        if self.scan_unroll >= num_layers:
+            # Fully unrolled: a Python loop, so every layer index is static and each layer's weights
+            # are read in place. An unrolled scan keeps the index dynamic, and XLA then copies every
+            # layer's weights out of the stack before each matmul (0.42 ms of a 3.5 ms 512-token
+            # Qwen3-0.6B prefill on an H200).
+            new_k, new_v = [], []
+            for i in range(num_layers):
+                x, (k_i, v_i) = body(x, (i, () if per_layer is None else tuple(a[i] for a in per_layer)))
+                new_k.append(k_i[None])
+                new_v.append(v_i[None])
+            return x, new_k, new_v
+        layer_inputs = () if per_layer is None else tuple(a[:num_layers] for a in per_layer)
+        x, (k_stack, v_stack) = jax.lax.scan(body, x, (jnp.arange(num_layers), layer_inputs), unroll=self.scan_unroll)
+        return x, [k_stack], [v_stack]
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits from final-normed hidden states."""
         if self.lm_head is None:
@@ -299,6 +318,29 @@ class Decoder(nnx.Module):
         else:
             weight = self.lm_head.kernel[...]
         return vocab_projection(hidden, weight.astype(hidden.dtype))
+
+
+@jax.custom_vjp
+def permute_columns(cache: jax.Array, order: jax.Array) -> jax.Array:
+    """cache [layers, B, S, ...] with row b's columns taken in the order `order[b]`, a permutation.
+
+    Its transpose is the inverse permutation: a gather, where autodiff of `take_along_axis`
+    scatter-adds (4.2 ms per C2C train micro-batch in an H200 profile). The barrier materialises
+    the gathered gradient once: without it XLA fused the gather into each of the gradient's
+    consumers, which got 5.7 ms slower (docs/performance.md).
+    """
+    return jnp.take_along_axis(cache, order.reshape((1,) + order.shape + (1,) * (cache.ndim - 3)), axis=2)
+
+
+def _permute_columns_fwd(cache, order):
+    return permute_columns(cache, order), order
+
+
+def _permute_columns_bwd(order, cotangent):
+    return jax.lax.optimization_barrier(permute_columns(cotangent, jnp.argsort(order, axis=1))), None
+
+
+permute_columns.defvjp(_permute_columns_fwd, _permute_columns_bwd)
 
 
 @jax.custom_vjp

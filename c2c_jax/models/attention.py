@@ -1,0 +1,205 @@
+"""The decoder's attention: over a KV cache, and over a prefix cache followed by new tokens.
+
+`cache_attention` serves prefill and decode: the new tokens' queries over a cache with a per-column
+validity mask, through `jax.nn.dot_product_attention`.
+
+`prefix_attention` serves the training suffix pass (`Decoder.extend`): new tokens (a receiver's
+answer) over a whole prefix cache (the fused prompt) and causally over themselves. In one
+softmax that needs a mask, which cuDNN reads as a bias over the full T x (P + T) rectangle (25 % of
+the attention's time on an H200, docs/performance.md). Here it is two mask-free parts, merged
+through their softmax statistics:
+
+    prefix part:  queries over the prefix keys, the first `prefix_lengths[b]` of row b real
+                  (cuDNN's native key-length mask);
+    causal part:  queries over the new keys, top-left causal (cuDNN's native causal mask);
+    out = (exp(lse_p) o_p + exp(lse_c) o_c) / (exp(lse_p) + exp(lse_c)).
+
+jax's cuDNN VJP ignores the cotangent of the statistics it returns, so the merge has its own VJP:
+each part's backward runs with the merged output and statistics, which gives exactly the gradient
+of the one softmax (as in ring attention). Both parts have an XLA and a cuDNN implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+_MASKED = -1e30  # score of a hidden key: exp(_MASKED - lse) == 0 in float32, and never NaN
+
+
+def resolve_implementation(setting: AttentionImpl, q: jax.Array, num_new: int) -> Literal["xla", "cudnn"]:
+    """cuDNN flash attention pays off for prefill on GPU; single-token decode stays on XLA."""
+    if setting != "auto":
+        return setting
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and num_new > 1 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def cache_attention(q, k_new, v_new, cached_k=None, cached_v=None, *, mask, end, implementation: AttentionImpl):
+    """Queries q [B, T, heads, head_dim] over a layer's cache with the new K/V written at column `end`.
+
+    cached_k, cached_v: [B, S, kv_heads, head_dim], or None for a fresh prefill (the new tokens fill
+    the whole cache): attention then reads the new K/V directly and is causal from column 0, which
+    lets cuDNN skip the blocks above the diagonal (a mask, if given, already implies causality).
+    """
+    fresh = cached_k is None
+    if fresh:
+        keys, values = k_new, v_new
+    else:
+        keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
+        values = jax.lax.dynamic_update_slice(cached_v, v_new.astype(cached_v.dtype), (0, end, 0, 0))
+    return jax.nn.dot_product_attention(
+        q.astype(keys.dtype), keys, values, mask=mask, is_causal=fresh,
+        implementation=resolve_implementation(implementation, q, q.shape[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefix + causal attention, two mask-free parts merged by their logsumexp.
+
+
+class _Part(NamedTuple):
+    """One attention part: forward -> (out [B, T, N, D], lse float32 [B, N, T]), and its backward
+    given the merged output and statistics -> (dq, dk, dv)."""
+
+    forward: Callable
+    backward: Callable
+
+
+def _grouped(q, num_kv_heads):
+    b, t, n, d = q.shape
+    return q.reshape(b, t, num_kv_heads, n // num_kv_heads, d)
+
+
+def _xla_scores(q, k, kv_lengths, causal):
+    """float32 scaled scores [B, kv_heads, group, T, S], hidden keys at _MASKED."""
+    t, s, d = q.shape[1], k.shape[1], q.shape[-1]
+    scores = jnp.einsum("btkgd,bskd->bkgts", _grouped(q, k.shape[2]), k,
+                        preferred_element_type=jnp.float32) * np.float32(1 / np.sqrt(d))
+    visible = jnp.ones((1, 1, 1, t, s), bool)
+    if causal:
+        visible = visible & jnp.tril(jnp.ones((t, s), bool))
+    if kv_lengths is not None:
+        visible = visible & (jnp.arange(s) < kv_lengths[:, None, None, None, None])
+    return jnp.where(visible, scores, _MASKED)
+
+
+def _xla_forward(q, k, v, kv_lengths, causal):
+    b, t, n, d = q.shape
+    scores = _xla_scores(q, k, kv_lengths, causal)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, n, d).astype(q.dtype), lse.reshape(b, n, t)
+
+
+def _xla_backward(q, k, v, kv_lengths, causal, out, lse, d_out):
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    scores = _xla_scores(q, k, kv_lengths, causal)
+    probs = jnp.exp(scores - lse.reshape(b, kv_heads, n // kv_heads, t)[..., None])
+    d_out = _grouped(d_out, kv_heads).astype(jnp.float32)
+    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out, _grouped(out, kv_heads).astype(jnp.float32))
+    dv = jnp.einsum("bkgts,btkgd->bskd", probs, d_out)
+    d_scores = probs * (jnp.einsum("btkgd,bskd->bkgts", d_out, v.astype(jnp.float32)) - delta[..., None])
+    d_scores = d_scores * np.float32(1 / np.sqrt(d))
+    dq = jnp.einsum("bkgts,bskd->btkgd", d_scores, k.astype(jnp.float32)).reshape(b, t, n, d)
+    dk = jnp.einsum("bkgts,btkgd->bskd", d_scores, _grouped(q, kv_heads).astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _cudnn_mask(q, kv_lengths, causal):
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    if kv_lengths is None:
+        return dict(mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK)
+    b, t = q.shape[:2]
+    return dict(mask_type=fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING,
+                q_seqlen=jnp.full((b,), t, jnp.int32), kv_seqlen=kv_lengths.astype(jnp.int32))
+
+
+def _cudnn_forward(q, k, v, kv_lengths, causal):
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    return fa.dot_product_attention(q, k, v, scale=1 / np.sqrt(q.shape[-1]), qkv_layout="BTNH",
+                                    return_residual=True, **_cudnn_mask(q, kv_lengths, causal))
+
+
+def _cudnn_backward(q, k, v, kv_lengths, causal, out, lse, d_out):
+    # jax's own cuDNN VJP binds this primitive with the forward's output and statistics; here they
+    # are the merged ones. Private jax API (jax/_src/cudnn), the same in jax 0.10 and 0.11.
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    mask = _cudnn_mask(q, kv_lengths, causal)
+    unused = jnp.zeros(0, q.dtype)
+    grads = fa._dot_product_attention_bwd_p_wrapper.bind(
+        q, k, v, unused, mask.get("q_seqlen", unused), mask.get("kv_seqlen", unused), unused, unused, unused,
+        unused, lse, out, d_out, scale=1 / np.sqrt(q.shape[-1]), seed=42, dropout_rate=0.0,
+        variadic_args=(False, False), mask_type=mask["mask_type"], layout=fa.AttentionLayout.BTNH.value,
+        sliding_window_length=None)
+    return tuple(grads[:3])
+
+
+_PARTS = {"xla": _Part(_xla_forward, _xla_backward), "cudnn": _Part(_cudnn_forward, _cudnn_backward)}
+
+
+def _merge(o_prefix, lse_prefix, o_causal, lse_causal, has_prefix):
+    """The one softmax's output and statistics from its two parts'."""
+    lse_prefix = jnp.where(has_prefix[:, None, None], lse_prefix, -jnp.inf)
+    lse = jnp.logaddexp(lse_prefix, lse_causal)  # finite: every query sees itself in the causal part
+
+    def weighted(o, part_lse):
+        return jnp.swapaxes(jnp.exp(part_lse - lse), 1, 2)[..., None] * o.astype(jnp.float32)
+
+    # `where`, not a zero weight: a part over no keys may hold NaN.
+    out = jnp.where(has_prefix[:, None, None, None], weighted(o_prefix, lse_prefix), 0) + weighted(o_causal, lse_causal)
+    return out.astype(o_causal.dtype), lse
+
+
+def _prefix_attention_fwd(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, implementation):
+    part = _PARTS[implementation]
+    has_prefix = prefix_lengths > 0
+    lengths = jnp.maximum(prefix_lengths, 1)  # a row with no prefix computes over one key; _merge drops it
+    o_prefix, lse_prefix = part.forward(q, prefix_k, prefix_v, lengths, False)
+    o_causal, lse_causal = part.forward(q, new_k, new_v, None, True)
+    out, lse = _merge(o_prefix, lse_prefix, o_causal, lse_causal, has_prefix)
+    return out, (q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, out, lse)
+
+
+def _prefix_attention_bwd(implementation, residuals, d_out):
+    q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, out, lse = residuals
+    part = _PARTS[implementation]
+    has_prefix = prefix_lengths > 0
+    dq_p, dk_p, dv_p = part.backward(q, prefix_k, prefix_v, jnp.maximum(prefix_lengths, 1), False, out, lse, d_out)
+    dq_c, dk_c, dv_c = part.backward(q, new_k, new_v, None, True, out, lse, d_out)
+    keep = has_prefix[:, None, None, None]
+    dq = jnp.where(keep, dq_p.astype(jnp.float32), 0) + dq_c.astype(jnp.float32)
+    return (dq.astype(q.dtype), jnp.where(keep, dk_p, 0).astype(prefix_k.dtype),
+            jnp.where(keep, dv_p, 0).astype(prefix_v.dtype), None, dk_c, dv_c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _prefix_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, implementation):
+    return _prefix_attention_fwd(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, implementation)[0]
+
+
+_prefix_attention.defvjp(_prefix_attention_fwd, _prefix_attention_bwd)
+
+
+def prefix_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, *, implementation: AttentionImpl):
+    """Attention of new tokens over a prefix and, causally, over themselves, with no mask.
+
+    q [B, T, heads, head_dim]; new_k, new_v [B, T, kv_heads, head_dim], the new tokens' own K/V;
+    prefix_k, prefix_v [B, P, kv_heads, head_dim] with the real keys of row b in its first
+    `prefix_lengths[b]` columns (order among them does not matter: every new token sees all of them).
+    New token t sees the real prefix keys and new tokens 0..t, so padding among the new tokens must
+    come after each row's real ones. Returns [B, T, heads, head_dim] in q's dtype.
+    """
+    impl = resolve_implementation(implementation, q, q.shape[1])
+    dtype = prefix_k.dtype
+    return _prefix_attention(q.astype(dtype), prefix_k, prefix_v, prefix_lengths.astype(jnp.int32),
+                             new_k.astype(dtype), new_v.astype(dtype), impl).astype(q.dtype)
