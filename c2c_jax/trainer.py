@@ -132,8 +132,8 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
                          spmd_axis_name=replica_axis)(
             params, split_cache(sharer_cache), split_cache(receiver_cache), split(mb.fuse_mask, 0), noise_rows)
         fused = dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
-    cache = fused.with_capacity(mb.prefix_tokens.shape[1] + mb.suffix_tokens.shape[1])
-    hidden, _ = receiver(mb.suffix_tokens, mb.suffix_positions, cache, mb.suffix_valid, output="hidden")
+    # The answer's padding follows its real tokens (`data.collate`), as `extend` requires.
+    hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, fused)
     row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
     return row_losses, mb.loss_mask.sum()
 
