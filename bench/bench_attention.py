@@ -2,9 +2,12 @@
 
 The receiver's pass over the answer (R queries) attends to the fused prefix cache (P keys, left-padded)
 and causally to the answer itself. `jax.nn.dot_product_attention` only offers top-left causal
-masking, so the pass gives cuDNN a mask, which becomes a bias over the whole R x (P + R) rectangle.
-This times that against what a split would cost: the answer's queries over the prefix keys (no
-causality; unmasked here, as in an unpadded batch) plus the answer's causal self-attention.
+masking, so one call needs a mask, which cuDNN reads as a bias over the whole R x (P + R) rectangle.
+This times that against `c2c_jax.models.attention.prefix_attention`, which `Decoder.extend` (the
+train step) uses: the answer's queries over the prefix keys with a key-length mask plus the answer's
+causal self-attention, merged by their logsumexp with a custom VJP; and against the cheap bounds
+(the rectangle unmasked, the two parts unmerged). It also checks `prefix_attention` against a
+float32 masked softmax, at a prefix padded to random lengths, next to the masked rectangle's error.
 
     python bench/bench_attention.py [--smoke] [--batch 4 --prefix 1024 --suffix 1024]
 """
@@ -21,6 +24,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from common import Report, time_ms  # noqa: E402
+
+from c2c_jax.models.attention import prefix_attention  # noqa: E402
+
+
+def reference(q, k, v, mask):
+    """float32 softmax attention with an explicit mask [B, 1, T, S]."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x.astype(jnp.float32), group, axis=2) for x in (k, v))
+    scores = jnp.einsum("btnd,bsnd->bnts", q.astype(jnp.float32), k) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    return jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1), v)
 
 
 def main():
@@ -43,7 +56,7 @@ def main():
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     mask = (jnp.arange(p + r)[None, :] <= p + jnp.arange(r)[:, None])[None, None]  # bottom-right causal
 
-    def rectangle(q, k, v):  # what the suffix pass does now
+    def rectangle(q, k, v):  # one call with a mask: what the suffix pass did before prefix_attention
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
     def unmasked(q, k, v):  # the rectangle without its bias (wrong numbers; what the bias costs)
@@ -61,9 +74,15 @@ def main():
         second = jax.nn.dot_product_attention(q[:, m:], k, v, mask=mask[..., m:, :], implementation=impl)
         return jnp.concatenate([first, second], axis=1)
 
+    full = jnp.full((b,), p, jnp.int32)
+
+    def merged(q, k, v, lengths=full):  # what Decoder.extend does (prefix keys real-first, lengths per row)
+        return prefix_attention(q, k[:, :p], v[:, :p], lengths, k[:, p:], v[:, p:], implementation="auto")
+
     report = Report("attention")
     flops_fwd = 4 * b * h * d * r * (p + r / 2)  # the useful work: QK^T and PV over the unmasked part
-    for name, fn in (("rectangle_masked", rectangle), ("rectangle_unmasked", unmasked), ("split", split),
+    for name, fn in (("rectangle_masked", rectangle), ("prefix_attention_merged", merged),
+                     ("rectangle_unmasked", unmasked), ("split_unmerged", split),
                      ("query_halves_masked", halves)):
         fwd = jax.jit(fn)
         fwd_bwd = jax.jit(lambda q, k, v, fn=fn: jax.vjp(fn, q, k, v)[1](g))
@@ -71,6 +90,28 @@ def main():
         report.add(what=name, batch=b, prefix=p, suffix=r, heads=h, kv_heads=kv, head_dim=d,
                    forward_ms=round(fwd_ms, 3), forward_backward_ms=round(fwd_bwd_ms, 3),
                    useful_tflops_fwd_bwd=round(3.5 * flops_fwd / fwd_bwd_ms / 1e9, 1))
+
+    # Accuracy at a padded prefix: row i keeps its last lengths[i] prefix keys (left padding, as the
+    # fused cache has it), which Decoder.extend moves to the front before prefix_attention.
+    lengths = jnp.asarray(jax.random.randint(keys[3], (b,), 1, p + 1), jnp.int32)
+    real = jnp.arange(p)[None, :] >= p - lengths[:, None]
+    padded_mask = mask & jnp.concatenate([real, jnp.ones((b, r), bool)], axis=1)[:, None, None, :]
+    order = jnp.argsort(~real, axis=1, stable=True)[:, :, None, None]
+    front = lambda x: jnp.concatenate([jnp.take_along_axis(x[:, :p], order, axis=1), x[:, p:]], axis=1)  # noqa: E731
+
+    def out_and_grads(fn):
+        out, vjp = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v))(q, k, v)
+        return (out, *vjp(g.astype(out.dtype)))
+
+    truth = out_and_grads(lambda q, k, v: reference(q, k, v, padded_mask))
+    for name, fn in (
+            ("rectangle_masked", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=padded_mask,
+                                                                              implementation=impl)),
+            ("prefix_attention_merged", lambda q, k, v: merged(q, front(k), front(v), lengths))):
+        errors = {what: round(float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))), 5)
+                  for what, got, want in zip(("out", "dq", "dk", "dv"), out_and_grads(fn), truth)}
+        report.add(what=f"max_abs_error_vs_float32/{name}", batch=b, prefix=p, suffix=r,
+                   prefix_lengths=[int(x) for x in lengths], **errors)
 
 
 if __name__ == "__main__":
