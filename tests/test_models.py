@@ -133,6 +133,9 @@ def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(ti
         np.testing.assert_allclose(grad, ref_grad, atol=TOL, rtol=0)
     assert np.asarray(grads[0]).any()
     assert not np.asarray(grads[0][:, 1, :4]).any() and not np.asarray(grads[1][:, 2, 5]).any()  # pads get none
+    shallow = model.init_cache(3, p, num_layers=1)
+    with pytest.raises(ValueError, match="prefix cache of 1 layers"):
+        model.extend(jnp.asarray(answer), jnp.asarray(answer_positions), shallow)
 
 
 def test_kv_only_mode_matches_full_cache(tiny):
