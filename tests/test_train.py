@@ -121,21 +121,27 @@ def test_frozen_models_run_on_the_whole_micro_batch_not_per_replica(monkeypatch)
     """Only the fuser is mapped over data-parallel replicas. Under `vmap`, jax's cuDNN attention
     fails to batch a mask that broadcasts over heads (seen on an H200, invisible on a CPU, whose
     attention is XLA's), so every attention call of the train step must see all rows of the
-    micro-batch, unmapped."""
+    micro-batch, unmapped: the prefix passes' (`jax.nn.dot_product_attention`) and the answer
+    pass's (`prefix_attention`, which binds cuDNN's primitives itself)."""
+    from c2c_jax.models import decoder
+
     run = trainer.setup(tiny_config(**{"mesh.data": 2, "train.micro_batch_size": 4, "train.batch_size": 8}))
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     rows = batch.prefix_tokens.shape[1]
-    seen = []
-    attention = jax.nn.dot_product_attention
+    seen = {"dot_product_attention": [], "prefix_attention": []}
 
-    def recording(query, key, value, *args, **kwargs):
-        seen.append(query.shape[0])  # inside a vmap over replicas this would be rows / replicas
-        return attention(query, key, value, *args, **kwargs)
+    def recording(name, attention):
+        def record(query, *args, **kwargs):
+            seen[name].append(query.shape[0])  # inside a vmap over replicas this would be rows / replicas
+            return attention(query, *args, **kwargs)
+        return record
 
-    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        recording("dot_product_attention", jax.nn.dot_product_attention))
+    monkeypatch.setattr(decoder, "prefix_attention", recording("prefix_attention", decoder.prefix_attention))
     jax.eval_shape(run.step_fn, run.state, run.frozen, batch, jax.random.key(0))
-    assert seen and rows == 4
-    assert all(b == rows for b in seen), seen
+    assert rows == 4 and all(seen.values()), seen
+    assert all(b == rows for calls in seen.values() for b in calls), seen
 
 
 def test_killed_run_resumes_exactly(tmp_path):
