@@ -117,9 +117,10 @@ def _cudnn_mask(q, kv_lengths, causal):
 
     if kv_lengths is None:
         return dict(mask_type=fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK)
+    assert not causal, "prefix_attention never combines key lengths with causality"
     b, t = q.shape[:2]
-    return dict(mask_type=fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING,
-                q_seqlen=jnp.full((b,), t, jnp.int32), kv_seqlen=kv_lengths.astype(jnp.int32))
+    return dict(mask_type=fa.MaskType.PADDING, q_seqlen=jnp.full((b,), t, jnp.int32),
+                kv_seqlen=kv_lengths.astype(jnp.int32))
 
 
 def _cudnn_forward(q, k, v, kv_lengths, causal):
