@@ -78,7 +78,10 @@ def random_batch(b, p, r, vocab, seed=0, micro_batches=1) -> TrainBatch:
     pos_p = np.broadcast_to(np.arange(p, dtype=np.int32), (m, b, p))
     pos_r = np.broadcast_to(np.arange(p, p + r, dtype=np.int32), (m, b, r))
     targets = np.roll(suffix, -1, axis=-1)
-    return TrainBatch(prefix, ones_p, pos_p, prefix, ones_p, pos_p, ones_p, suffix, ones_r, pos_r, targets, ones_r)
+    return TrainBatch(prefix_tokens=prefix, prefix_valid=ones_p, prefix_positions=pos_p, sharer_prefix_tokens=prefix,
+                      sharer_prefix_valid=ones_p, sharer_prefix_positions=pos_p, sharer_columns=pos_p, fuse_mask=ones_p,
+                      suffix_tokens=suffix, suffix_valid=ones_r, suffix_positions=pos_r, targets=targets,
+                      loss_mask=ones_r)
 
 
 class TrainRun:

@@ -11,15 +11,15 @@ Pipeline (c2c_reference.md §4.1-4.3, §8.19):
    suffix (§2.4), every column before it is the fused prefix. Sharers with the receiver's tokenizer read the
    receiver ids; others go through `TokenAligner.align_chat` (only message tokens are fused).
 3. `BatchIterator`: deterministic per-epoch shuffles, per-(P, R)-bucket queues, batches of shape
-   [micro_batches, micro_batch_size, P] (prefix, LEFT-padded so every row's prefix ends at column P - 1)
-   and [.., R] (suffix, RIGHT-padded). `state()` / `restore()` resume exactly; multi-host processes all
-   compute the same global sequence and each materialises only its own rows.
+   [micro_batches, micro_batch_size, P] (prefix: each model's real tokens first, then padding; see
+   `TrainBatch`) and [.., R] (suffix, RIGHT-padded). `state()` / `restore()` resume exactly;
+   multi-host processes all compute the same global sequence and each materialises only its own rows.
 4. `load_train_data`: all of the above from a config, with a seeded train/eval split.
 
-Positions follow `c2c_jax.pipeline.PromptEncoder.batch`, so a training prefix looks exactly like an
-inference prompt: "shared" = column index from the row's first column for both models (counting alignment
-pads, as upstream); "own" = per model, the number of its own real tokens so far minus one. The suffix
-continues the prefix's receiver positions.
+Positions follow `c2c_jax.pipeline.PromptEncoder.batch`, so a training prefix holds exactly the tokens and
+positions of an inference prompt, packed to the left: "shared" = column index from the row's first
+column for both models (counting alignment pads, as upstream); "own" = per model, the number of its
+own real tokens so far minus one. The suffix continues the prefix's receiver positions.
 
 In aligned examples, receiver pad columns that alignment placed after `split` (template padding before the
 answer, or after it) are dropped: the suffix is receiver-only, and inference drops those trailing pads too.
@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Literal, Mapping, Sequence
 import jax
 import numpy as np
 
-from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
+from c2c_jax.alignment import TokenAligner, pad_id_of, tokenizers_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -528,8 +528,13 @@ def encode_chat(messages: list[dict], receiver_tokenizer, sharer_tokenizer=None,
 class TrainBatch:
     """One optimizer step: NumPy arrays with leading dims [micro_batches, micro_batch_size (this process)].
 
-    Prefix [A, B, P], left-padded (every row's prefix ends at column P - 1); suffix [A, B, R], right-padded.
-    targets[a, b, j] is the receiver token following suffix column j; loss_mask marks the answer targets.
+    Prefix [A, B, P]: each model's real prefix tokens first, in order, then padding; alignment pads
+    (a column one model has and the other lacks) are dropped from each model's row. So causality
+    alone keeps real tokens from padding, and the prefix passes and the answer's attention need no
+    mask. The fuser works on the receiver's columns: sharer_columns[a, b, j] is the column of the
+    sharer's row aligned with the receiver's column j, where fuse_mask is set. Suffix [A, B, R],
+    right-padded. targets[a, b, j] is the receiver token following suffix column j; loss_mask marks
+    the answer targets. Positions are those of the inference prompt (`pipeline.PromptEncoder`).
     """
 
     prefix_tokens: np.ndarray  # int32
@@ -538,6 +543,7 @@ class TrainBatch:
     sharer_prefix_tokens: np.ndarray  # int32
     sharer_prefix_valid: np.ndarray  # bool
     sharer_prefix_positions: np.ndarray  # int32
+    sharer_columns: np.ndarray  # int32
     fuse_mask: np.ndarray  # bool
     suffix_tokens: np.ndarray  # int32
     suffix_valid: np.ndarray  # bool
@@ -579,31 +585,35 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         prefix_tokens=np.full((n, p), pad_id, np.int32), prefix_valid=np.zeros((n, p), bool),
         prefix_positions=np.zeros((n, p), np.int32),
         sharer_prefix_tokens=np.full((n, p), sharer_pad_id, np.int32), sharer_prefix_valid=np.zeros((n, p), bool),
-        sharer_prefix_positions=np.zeros((n, p), np.int32), fuse_mask=np.zeros((n, p), bool),
+        sharer_prefix_positions=np.zeros((n, p), np.int32), sharer_columns=np.zeros((n, p), np.int32),
+        fuse_mask=np.zeros((n, p), bool),
         suffix_tokens=np.full((n, r), pad_id, np.int32), suffix_valid=np.zeros((n, r), bool),
         suffix_positions=np.zeros((n, r), np.int32), targets=np.zeros((n, r), np.int32),
         loss_mask=np.zeros((n, r), bool))
-    columns = np.arange(p)
     for row, ex in enumerate(examples):
         s, length = ex.split, ex.length
         if s > p or length - s > r:
             raise ValueError(f"an example with prefix {s} and suffix {length - s} does not fit ({p}, {r})")
-        start = p - s  # left padding
-        f["prefix_tokens"][row, start:] = ex.tokens[:s]
-        f["prefix_valid"][row, start:] = ex.valid[:s]
-        f["sharer_prefix_tokens"][row, start:] = ex.sharer_tokens[:s]
-        f["sharer_prefix_valid"][row, start:] = ex.sharer_valid[:s]
-        f["fuse_mask"][row, start:] = ex.fusable[:s]
-        # Positions exactly as `PromptEncoder.batch` computes them for a left-padded prompt.
-        shared = np.maximum(columns - start, 0)
+        receiver_real = np.flatnonzero(ex.valid[:s])  # the example's columns of real receiver tokens
+        sharer_real = np.flatnonzero(ex.sharer_valid[:s])
+        nr, ns = receiver_real.size, sharer_real.size
+        f["prefix_tokens"][row, :nr] = ex.tokens[receiver_real]
+        f["prefix_valid"][row, :nr] = True
+        f["sharer_prefix_tokens"][row, :ns] = ex.sharer_tokens[sharer_real]
+        f["sharer_prefix_valid"][row, :ns] = True
+        # The sharer's row index of each example column it has a token in.
+        f["sharer_columns"][row, :nr] = np.maximum(np.cumsum(ex.sharer_valid[:s]) - 1, 0)[receiver_real]
+        f["fuse_mask"][row, :nr] = (ex.fusable[:s] & ex.sharer_valid[:s])[receiver_real]
+        # Positions exactly as `PromptEncoder.batch` computes them: the example's column ("shared",
+        # alignment pads counted), or each model's own count of real tokens so far ("own").
         if sharer_positions == "shared":
-            f["prefix_positions"][row] = shared
-            f["sharer_prefix_positions"][row] = shared
+            f["prefix_positions"][row, :nr] = receiver_real
+            f["sharer_prefix_positions"][row, :ns] = sharer_real
             first_suffix = s
         else:
-            f["prefix_positions"][row] = own_positions(f["prefix_valid"][row])
-            f["sharer_prefix_positions"][row] = own_positions(f["sharer_prefix_valid"][row])
-            first_suffix = int(ex.valid[:s].sum())
+            f["prefix_positions"][row, :nr] = np.arange(nr)
+            f["sharer_prefix_positions"][row, :ns] = np.arange(ns)
+            first_suffix = nr
         m = length - s
         f["suffix_tokens"][row, :m] = ex.tokens[s:]
         f["suffix_valid"][row, :m] = ex.valid[s:]

@@ -114,7 +114,11 @@ class C2CModel(nnx.Module):
 
 
 def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
-    """A fresh cache of `depth` layers filled from `tokens` (KV-only: no logits, no final norm)."""
+    """A fresh cache of `depth` layers filled from `tokens` (KV-only: no logits, no final norm).
+
+    valid: bool [B, T] real tokens, or None when every row's real tokens come first (padding only
+    after them: causality alone then hides it, and the cache marks every column valid).
+    """
     cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
     _, cache = model(tokens, positions, cache, valid, output="kv")
     return cache

@@ -79,10 +79,17 @@ def answer_row_losses(receiver: Decoder, hidden: jax.Array, targets: jax.Array, 
 
 
 def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache]:
-    receiver_cache = kv_pass(receiver, mb.prefix_tokens, mb.prefix_positions, mb.prefix_valid,
-                             receiver.config.num_layers)
-    sharer_cache = kv_pass(sharer, mb.sharer_prefix_tokens, mb.sharer_prefix_positions, mb.sharer_prefix_valid,
-                           fuser_depth)
+    """The receiver's prefix cache and the sharer's, the latter moved onto the receiver's columns."""
+    # Each model's real tokens come first in its row (`data.TrainBatch`): causality alone keeps them
+    # from the padding after them, so both passes run without a mask.
+    receiver_cache = kv_pass(receiver, mb.prefix_tokens, mb.prefix_positions, None, receiver.config.num_layers)
+    receiver_cache = dataclasses.replace(receiver_cache, valid=mb.prefix_valid)
+    sharer_cache = kv_pass(sharer, mb.sharer_prefix_tokens, mb.sharer_prefix_positions, None, fuser_depth)
+    columns = mb.sharer_columns
+    on_receiver_columns = columns[None, :, :, None, None]  # [layers, B, S, kv_heads, head_dim]
+    sharer_cache = KVCache(k=jnp.take_along_axis(sharer_cache.k, on_receiver_columns, axis=2),
+                           v=jnp.take_along_axis(sharer_cache.v, on_receiver_columns, axis=2),
+                           valid=jnp.take_along_axis(mb.sharer_prefix_valid, columns, axis=1), end=sharer_cache.end)
     return jax.lax.stop_gradient((receiver_cache, sharer_cache))
 
 
@@ -132,7 +139,8 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
                          spmd_axis_name=replica_axis)(
             params, split_cache(sharer_cache), split_cache(receiver_cache), split(mb.fuse_mask, 0), noise_rows)
         fused = dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
-    # The answer's padding follows its real tokens (`data.collate`), as `extend` requires.
+    # The prefix's real columns come first and the answer's padding follows its real tokens
+    # (`data.collate`), as `extend` requires.
     hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, fused)
     row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
     return row_losses, mb.loss_mask.sum()

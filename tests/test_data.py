@@ -332,9 +332,10 @@ def test_aligned_labels_fused_columns_and_pads(pair, messages):
     fused = row["prefix_tokens"][row["fuse_mask"]]
     expected = [t for m in messages[:-1] for t in rtok(m["content"].strip(), add_special_tokens=False)["input_ids"]]
     assert fused.tolist() == expected
-    assert (row["sharer_prefix_tokens"][row["fuse_mask"]] == TokenAligner(rtok, stok).map_ids(fused)).all()
-    assert (row["prefix_valid"] | row["sharer_prefix_valid"]).all()  # never both padded
-    assert not row["fuse_mask"][~row["prefix_valid"] | ~row["sharer_prefix_valid"]].any()
+    sharer_fused = row["sharer_prefix_tokens"][row["sharer_columns"][row["fuse_mask"]]]
+    assert (sharer_fused == TokenAligner(rtok, stok).map_ids(fused)).all()
+    assert not row["fuse_mask"][~row["prefix_valid"]].any()
+    assert row["sharer_prefix_valid"][row["sharer_columns"][row["fuse_mask"]]].all()
     # template tokens are not fused but present: template columns exist before the split
     assert (~row["fuse_mask"]).sum() > 0
 
@@ -362,7 +363,8 @@ def test_aligned_pads_land_on_the_expected_side(btok, wtok):
 @pytest.mark.parametrize("positions", ["shared", "own"])
 @pytest.mark.parametrize("aligned", [False, True])
 def test_training_prefix_matches_inference_prompt(btok, wtok, aligned, positions):
-    """The prefix + first suffix column equal what `PromptEncoder` builds for the same instruction."""
+    """The prefix + first suffix column hold what `PromptEncoder` builds for the same instruction:
+    each model's real tokens with their positions, packed to the left, and the same fused pairs."""
     rtok, stok = (wtok, btok) if aligned else (btok, btok)
     ex = ChatEncoder(rtok, stok).encode_chat(MULTI)
     p = ex.split + 5
@@ -370,16 +372,25 @@ def test_training_prefix_matches_inference_prompt(btok, wtok, aligned, positions
     row = _row(_batch1(ex, p=p, r=ex.length - ex.split + 3, positions=positions, pad=pad, spad=spad))
     penc = PromptEncoder(rtok, [stok], sharer_positions=positions)
     prompt = penc.batch([penc.encode_chat(MULTI[:-1])], width=p + 1)
-    inf = {k: np.asarray(v[0] if isinstance(v, tuple) else v)[0] for k, v in vars(prompt).items()}
+    inf = {k: np.asarray(v[0] if isinstance(v, tuple) else v)[0, :p] for k, v in vars(prompt).items()}
     assert (penc.aligners[0] is not None) == aligned
-    for ours, theirs in [("prefix_valid", "valid"), ("prefix_positions", "positions"),
-                         ("sharer_prefix_valid", "sharer_valid"), ("sharer_prefix_positions", "sharer_positions"),
-                         ("fuse_mask", "fuse_mask")]:
-        assert row[ours].tolist() == inf[theirs][:p].tolist(), ours
-    start = p - ex.split
-    assert row["prefix_tokens"][start:].tolist() == inf["tokens"][start:p].tolist()
-    assert row["sharer_prefix_tokens"][start:].tolist() == inf["sharer_tokens"][start:p].tolist()
-    assert row["suffix_tokens"][0] == inf["tokens"][p] and row["suffix_positions"][0] == inf["positions"][p]
+    first = int(np.argmax(inf["valid"]))  # the prompt is left-padded to the width
+    assert (~inf["valid"][first:]).any() == aligned  # alignment pads among the receiver's columns
+    for model, (valid, tokens, positions_) in {
+            "receiver": ("valid", "tokens", "positions"),
+            "sharer": ("sharer_valid", "sharer_tokens", "sharer_positions")}.items():
+        ours = "prefix_" if model == "receiver" else "sharer_prefix_"
+        n = int(inf[valid].sum())
+        assert row[ours + "valid"].tolist() == [True] * n + [False] * (p - n), model
+        assert row[ours + "tokens"][:n].tolist() == inf[tokens][inf[valid]].tolist(), model
+        assert row[ours + "positions"][:n].tolist() == inf[positions_][inf[valid]].tolist(), model
+    # the same columns are fused, each with the same sharer token as at inference
+    n = int(inf["valid"].sum())
+    assert row["fuse_mask"][:n].tolist() == inf["fuse_mask"][inf["valid"]].tolist()
+    fused = row["fuse_mask"]
+    assert row["sharer_prefix_tokens"][row["sharer_columns"][fused]].tolist() == \
+        inf["sharer_tokens"][inf["fuse_mask"]].tolist()
+    assert row["suffix_tokens"][0] == prompt.tokens[0, p] and row["suffix_positions"][0] == prompt.positions[0, p]
 
 
 # =========================================================================================== batches
@@ -397,32 +408,36 @@ def test_collate_padding_and_positions():
     b = _fake(1, split=8, length=10)
     shared = collate([a, b], prefix_length=8, suffix_length=6, pad_id=-1, sharer_pad_id=-2)
     assert shared.shape == (1, 2, 8, 6)
-    leaves = jax.tree_util.tree_leaves(shared)  # a pytree of 12 NumPy arrays, ready for device_put
-    assert len(leaves) == 12 and all(isinstance(x, np.ndarray) for x in leaves)
+    leaves = jax.tree_util.tree_leaves(shared)  # a pytree of 13 NumPy arrays, ready for device_put
+    assert len(leaves) == 13 and all(isinstance(x, np.ndarray) for x in leaves)
     assert {x.dtype for x in leaves} == {np.dtype(np.int32), np.dtype(bool)}
     r = {k: v[0] for k, v in vars(shared).items()}
-    # prefix: left padded, ends at the last column
-    assert r["prefix_tokens"][0].tolist() == [-1, -1, -1] + a.tokens[:5].tolist()
-    assert r["sharer_prefix_tokens"][0].tolist() == [-2, -2, -2] + (a.tokens[:5] + 7).tolist()
-    assert r["prefix_valid"][0].tolist() == [False] * 3 + [True, True, False, True, True]
-    assert r["fuse_mask"][0].tolist() == [False] * 3 + [True] * 5
+    # prefix: each model's real tokens first, then padding; the receiver's alignment pad is dropped
+    assert r["prefix_tokens"][0].tolist() == a.tokens[[0, 1, 3, 4]].tolist() + [-1] * 4
+    assert r["prefix_valid"][0].tolist() == [True] * 4 + [False] * 4
+    assert r["sharer_prefix_tokens"][0].tolist() == (a.tokens[:5] + 7).tolist() + [-2] * 3
+    assert r["sharer_prefix_valid"][0].tolist() == [True] * 5 + [False] * 3
+    # receiver column j pairs with the sharer token of the same example column
+    assert r["sharer_columns"][0][:4].tolist() == [0, 1, 3, 4]
+    assert r["fuse_mask"][0].tolist() == [True] * 4 + [False] * 4
     assert r["prefix_tokens"][1].tolist() == b.tokens[:8].tolist()
+    assert r["sharer_columns"][1].tolist() == list(range(8)) and r["fuse_mask"][1].all()
     # suffix: right padded, targets = next token, loss on the answer tokens only
     assert r["suffix_tokens"][0].tolist() == a.tokens[5:].tolist() + [-1, -1]
     assert r["suffix_valid"][0].tolist() == [True] * 4 + [False] * 2
     assert r["targets"][0][:3].tolist() == a.tokens[6:].tolist() and (r["targets"][0][3:] == 0).all()
     assert r["loss_mask"][0].tolist() == [True] * 3 + [False] * 3
     assert r["loss_mask"][1].tolist() == [True] + [False] * 5
-    # shared positions: column index from the row's first column (pads counted), suffix continues
-    assert r["prefix_positions"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
-    assert r["sharer_prefix_positions"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    # shared positions: the example's column (pads counted), the suffix continues
+    assert r["prefix_positions"][0].tolist() == [0, 1, 3, 4, 0, 0, 0, 0]
+    assert r["sharer_prefix_positions"][0].tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
     assert r["suffix_positions"][0].tolist() == [5, 6, 7, 8, 0, 0]
     assert r["suffix_positions"][1].tolist() == [8, 9, 0, 0, 0, 0]
     # own positions: per model, real tokens so far - 1; the receiver skips its pad, the sharer has none
     own = {k: v[0] for k, v in vars(collate([a, b], prefix_length=8, suffix_length=6, pad_id=-1, sharer_pad_id=-2,
                                                 sharer_positions="own")).items()}
-    assert own["prefix_positions"][0].tolist() == [0, 0, 0, 0, 1, 1, 2, 3]
-    assert own["sharer_prefix_positions"][0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
+    assert own["prefix_positions"][0].tolist() == [0, 1, 2, 3, 0, 0, 0, 0]
+    assert own["sharer_prefix_positions"][0].tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
     assert own["suffix_positions"][0].tolist() == [4, 5, 6, 7, 0, 0]
     assert own["suffix_positions"][1].tolist() == r["suffix_positions"][1].tolist()
     with pytest.raises(ValueError, match="does not fit"):
@@ -457,8 +472,8 @@ def test_iterator_buckets_shapes_and_determinism():
         for i in _ids(b):  # the step's bucket is each row's own smallest fitting bucket
             assert data.bucket_of(ex[i], ITER["prefix_buckets"], ITER["suffix_buckets"]) == (p, r)
             assert i != len(ex) - 1
-        # left-padded prefix ends at the last column, right-padded suffix starts at column 0
-        assert b.prefix_valid[..., -1].all() and b.suffix_valid[..., 0].all()
+        # prefix and suffix both start with a real token at column 0
+        assert b.prefix_valid[..., 0].all() and b.suffix_valid[..., 0].all()
     assert len(it.shapes_used) == len({b.shape for b in batches}) > 1
     again = BatchIterator(ex, micro_batch_size=2, micro_batches=3, **ITER)
     assert [_ids(b) for b in batches] == [_ids(next(again)) for _ in range(30)]

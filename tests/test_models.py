@@ -93,22 +93,22 @@ def test_left_padded_batch_equals_rows_alone(tiny):
 
 
 def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(tiny):
-    """`extend` (the training suffix pass, mask-free attention) on a prefix cache with left padding
-    and a hole, and answers padded at the end: logits equal transformers' on each row's real tokens
-    alone, and gradients w.r.t. the prefix cache (through `permute_columns`' own VJP) equal those
-    through `__call__`'s masked attention."""
+    """`extend` (the training suffix pass, mask-free attention) on prefix caches whose real columns
+    come first and answers padded at the end: logits equal transformers' on each row's real tokens
+    alone, and gradients w.r.t. the prefix cache equal those through `__call__`'s masked attention.
+    The prefix cache comes from a pass with no mask at all, as in training."""
     _, torch_model, model, _ = tiny
     rng = np.random.default_rng(5)
     p, t = 9, 5
-    prefix_mask = np.ones((3, p), bool)
-    prefix_mask[1, :4] = False  # left padding
-    prefix_mask[2, :2] = prefix_mask[2, 5] = False  # left padding and an alignment hole
+    prefix_lengths = np.array([9, 5, 7])
+    prefix_mask = np.arange(p)[None, :] < prefix_lengths[:, None]  # real columns first, then padding
     answer_lengths = [5, 3, 4]
     prefix = rng.integers(0, 160, (3, p))
     answer = rng.integers(0, 160, (3, t))
-    prefix_positions = np.maximum(np.cumsum(prefix_mask, axis=1) - 1, 0)
-    answer_positions = prefix_mask.sum(1, keepdims=True) + np.arange(t)
-    _, cache = run(model, prefix, prefix_positions, prefix_mask)
+    prefix_positions = np.arange(p)[None, :].repeat(3, 0)
+    answer_positions = prefix_lengths[:, None] + np.arange(t)
+    _, cache = run(model, prefix, prefix_positions)
+    cache = dataclasses.replace(cache, valid=jnp.asarray(prefix_mask))
     extend = jax.jit(lambda c: model.extend(jnp.asarray(answer), jnp.asarray(answer_positions), c, output="logits"))
     logits = extend(cache)
     for r, m in enumerate(answer_lengths):
@@ -132,10 +132,13 @@ def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(ti
     for grad, ref_grad in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref_grad, atol=TOL, rtol=0)
     assert np.asarray(grads[0]).any()
-    assert not np.asarray(grads[0][:, 1, :4]).any() and not np.asarray(grads[1][:, 2, 5]).any()  # pads get none
+    assert not np.asarray(grads[0][:, 1, 5:]).any() and not np.asarray(grads[1][:, 2, 7:]).any()  # pads get none
     shallow = model.init_cache(3, p, num_layers=1)
     with pytest.raises(ValueError, match="prefix cache of 1 layers"):
         model.extend(jnp.asarray(answer), jnp.asarray(answer_positions), shallow)
+    left_padded = dataclasses.replace(cache, valid=jnp.asarray(prefix_mask[:, ::-1]))
+    with pytest.raises(ValueError, match="real prefix columns first"):
+        model.extend(jnp.asarray(answer), jnp.asarray(answer_positions), left_padded)
 
 
 def test_kv_only_mode_matches_full_cache(tiny):

@@ -1,5 +1,6 @@
 """Training: only the fuser moves, resume is exact, sharding does not change the math, it learns."""
 
+import functools
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -142,6 +144,59 @@ def test_frozen_models_run_on_the_whole_micro_batch_not_per_replica(monkeypatch)
     jax.eval_shape(run.step_fn, run.state, run.frozen, batch, jax.random.key(0))
     assert rows == 4 and all(seen.values()), seen
     assert all(b == rows for calls in seen.values() for b in calls), seen
+
+
+def test_training_loss_equals_the_masked_route_on_each_example_alone():
+    """The train step's layout (each model's real prefix tokens packed to the left, alignment pads
+    dropped, the sharer's cache moved onto the receiver's columns, no attention mask anywhere) gives
+    every row the answer loss of the inference route: each example alone in its own columns, with
+    alignment pads, masked prefix passes, fusion, and the answer on the written cache."""
+    from flax import nnx
+
+    from c2c_jax.data import TrainExample, collate
+    from c2c_jax.pipeline import kv_pass
+
+    run = trainer.setup(tiny_config())
+    receiver_def, sharer_def, fuser_def = run.graphdefs
+    receiver, sharer = nnx.merge(receiver_def, run.frozen[0]), nnx.merge(sharer_def, run.frozen[1])
+    rng = np.random.default_rng(0)
+    # A fuser far from its initialisation (the final projection starts at zero), all gates open.
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(p.dtype), host(run.state.params))
+    params["projectors"]["gate_logit"] = np.abs(params["projectors"]["gate_logit"]) + 1.0
+    fuser = nnx.merge(fuser_def, params)
+    vocab = min(receiver.config.vocab_size, sharer.config.vocab_size)
+
+    def example(split, length, receiver_pads=(), sharer_pads=()):
+        valid, sharer_valid = np.ones(length, bool), np.ones(length, bool)
+        valid[list(receiver_pads)] = sharer_valid[list(sharer_pads)] = False
+        tokens, sharer_tokens = rng.integers(0, vocab, (2, length)).astype(np.int32)
+        return TrainExample(tokens, valid, sharer_tokens, sharer_valid, np.arange(length) % 4 != 1, split)
+
+    examples = [example(9, 14, receiver_pads=(2, 3), sharer_pads=(6,)), example(12, 15),
+                example(5, 12, receiver_pads=(0,), sharer_pads=(1, 4))]
+    batch = collate(examples, prefix_length=16, suffix_length=8, pad_id=0, sharer_pad_id=0)
+    mb = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
+    row_losses, _ = jax.jit(functools.partial(trainer.micro_batch_loss, graphdefs=run.graphdefs))(
+        params, run.frozen, mb, None, None)
+
+    for ex, row_loss in zip(examples, np.asarray(row_losses)):
+        s, n = ex.split, ex.length
+        columns = jnp.arange(s)[None]
+        receiver_cache = kv_pass(receiver, jnp.asarray(ex.tokens[None, :s]), columns, jnp.asarray(ex.valid[None, :s]),
+                                 receiver.config.num_layers)
+        sharer_cache = kv_pass(sharer, jnp.asarray(ex.sharer_tokens[None, :s]), columns,
+                               jnp.asarray(ex.sharer_valid[None, :s]), fuser.config.sharer_depth)
+        fuse_mask = jnp.asarray((ex.fusable & ex.sharer_valid)[None, :s])
+        fused = fuser(sharer_cache, receiver_cache, fuse_mask, noise=None)
+        logits, _ = receiver(jnp.asarray(ex.tokens[None, s:]), jnp.arange(s, n)[None], fused.with_capacity(n))
+        logits = np.asarray(logits[0, :-1], np.float64)
+        targets = ex.tokens[s + 1:]
+        expected = np.sum(np.log(np.exp(logits).sum(-1)) - logits[np.arange(n - s - 1), targets])
+        assert float(row_loss) == pytest.approx(expected, rel=2e-5)
+    # ... and the fuser does matter to these losses.
+    closed = dict(params, projectors=dict(params["projectors"], gate_logit=-params["projectors"]["gate_logit"]))
+    row_losses_closed, _ = trainer.micro_batch_loss(closed, run.frozen, mb, None, None, graphdefs=run.graphdefs)
+    assert np.abs(np.asarray(row_losses_closed) - np.asarray(row_losses)).min() > 1e-3
 
 
 def test_killed_run_resumes_exactly(tmp_path):

@@ -248,27 +248,29 @@ class Decoder(nnx.Module):
 
     def extend(self, tokens: jax.Array, positions: jax.Array, prefix: KVCache, *,
                output: Literal["logits", "hidden"] = "hidden") -> jax.Array:
-        """Runs `tokens` [B, T] at `positions` [B, T] after all of `prefix`'s columns, writing nothing.
+        """Runs `tokens` [B, T] at `positions` [B, T] after `prefix`'s real columns, writing nothing.
 
-        The training route: a receiver's answer on its fused prompt cache. Every column of `prefix`
-        comes before the new tokens (`prefix.end` is not read); `prefix.valid` marks the real ones,
-        which may be left-padded or have holes. Padding among the new tokens must come after each
-        row's real tokens (each real token sees the real prefix and the new tokens up to itself;
-        what a padding token computes is unspecified). With those layouts the attention needs no
-        mask (`attention.prefix_attention`), unlike `__call__`'s over a cache it writes into.
+        The training route: a receiver's answer on its fused prompt cache. Row b's real prefix
+        columns must be its first `prefix.lengths[b]` (`prefix.valid` a leading block; `prefix.end`
+        is not read), and padding among the new tokens must follow each row's real ones: each real
+        token then sees the real prefix and the new tokens up to itself (what a padding token
+        computes is unspecified). With that layout (`data.TrainBatch`) the attention needs no mask
+        (`attention.prefix_attention`), unlike `__call__`'s over a cache it writes into.
         Returns final-normed hidden states [B, T, hidden] or float32 logits [B, T, vocab].
         """
         if prefix.num_layers != self.config.num_layers:
             raise ValueError(f"a prefix cache of {prefix.num_layers} layers for a model of {self.config.num_layers}")
-        # Real prefix columns first, in order: attention over them does not depend on their order.
-        order = jnp.argsort(~prefix.valid, axis=1, stable=True)
-        per_layer = (permute_columns(prefix.k, order), permute_columns(prefix.v, order))
+        if not isinstance(prefix.valid, jax.core.Tracer):  # checkable outside jit
+            valid = np.asarray(prefix.valid)
+            if (valid != (np.arange(valid.shape[1]) < valid.sum(axis=1, keepdims=True))).any():
+                raise ValueError("extend needs each row's real prefix columns first (prefix.valid a leading block)")
+        lengths = prefix.lengths
 
         def attend(q, k_new, v_new, prefix_k, prefix_v):
-            return prefix_attention(q, prefix_k, prefix_v, prefix.lengths, k_new, v_new,
-                                    implementation=self.attention_impl)
+            return prefix_attention(q, prefix_k, prefix_v, lengths, k_new, v_new, implementation=self.attention_impl)
 
         cos, sin = rope_tables(positions, self.config.rope, self.config.head_dim)
+        per_layer = materialized_cotangent((prefix.k, prefix.v))
         x, _, _ = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, self.config.num_layers)
         hidden = self.norm(x)
         return hidden if output == "hidden" else self.logits(hidden)
@@ -302,8 +304,9 @@ class Decoder(nnx.Module):
             # layer's weights out of the stack before each matmul (0.42 ms of a 3.5 ms 512-token
             # Qwen3-0.6B prefill on an H200).
             new_k, new_v = [], []
+            unstacked = () if per_layer is None else tuple(unstack_layers(a) for a in per_layer)
             for i in range(num_layers):
-                x, (k_i, v_i) = body(x, (i, () if per_layer is None else tuple(a[i] for a in per_layer)))
+                x, (k_i, v_i) = body(x, (i, tuple(layers[i] for layers in unstacked)))
                 new_k.append(k_i[None])
                 new_v.append(v_i[None])
             return x, new_k, new_v
@@ -321,26 +324,47 @@ class Decoder(nnx.Module):
 
 
 @jax.custom_vjp
-def permute_columns(cache: jax.Array, order: jax.Array) -> jax.Array:
-    """cache [layers, B, S, ...] with row b's columns taken in the order `order[b]`, a permutation.
+def unstack_layers(stacked: jax.Array) -> tuple[jax.Array, ...]:
+    """[layers, ...] -> one array per layer.
 
-    Its transpose is the inverse permutation: a gather, where autodiff of `take_along_axis`
-    scatter-adds (4.2 ms per C2C train micro-batch in an H200 profile). The barrier materialises
-    the gathered gradient once: without it XLA fused the gather into each of the gradient's
-    consumers, which got 5.7 ms slower (docs/performance.md).
+    Its transpose stacks the layers' cotangents, one concatenation. Autodiff of indexing pads each
+    layer's cotangent to the whole stack and adds the 28 up: 3.9 ms for the prefix cache's gradient
+    in a C2C train micro-batch on an H200 (docs/performance.md).
     """
-    return jnp.take_along_axis(cache, order.reshape((1,) + order.shape + (1,) * (cache.ndim - 3)), axis=2)
+    return tuple(stacked[i] for i in range(stacked.shape[0]))
 
 
-def _permute_columns_fwd(cache, order):
-    return permute_columns(cache, order), order
+def _unstack_layers_fwd(stacked):
+    return unstack_layers(stacked), None
 
 
-def _permute_columns_bwd(order, cotangent):
-    return jax.lax.optimization_barrier(permute_columns(cotangent, jnp.argsort(order, axis=1))), None
+def _unstack_layers_bwd(_, cotangents):
+    return (jnp.stack(cotangents),)
 
 
-permute_columns.defvjp(_permute_columns_fwd, _permute_columns_bwd)
+unstack_layers.defvjp(_unstack_layers_fwd, _unstack_layers_bwd)
+
+
+@jax.custom_vjp
+def materialized_cotangent(x):
+    """The identity, whose cotangent is written to memory whole before anything reads it.
+
+    `extend`'s gradient w.r.t. its prefix cache is 28 layers' attention gradients stacked. Left to
+    itself, XLA fused that stacking into the fuser's backward reductions, which became one 17.8 ms
+    kernel per C2C train micro-batch on an H200 (docs/performance.md); the barrier keeps them apart.
+    """
+    return x
+
+
+def _materialized_cotangent_fwd(x):
+    return x, None
+
+
+def _materialized_cotangent_bwd(_, cotangent):
+    return (jax.lax.optimization_barrier(cotangent),)
+
+
+materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotangent_bwd)
 
 
 @jax.custom_vjp
