@@ -1,7 +1,7 @@
 """The training suffix pass's attention in isolation, forward + backward (issue 4).
 
-The receiver's pass over the answer (R queries) attends to the fused prefix cache (P keys, left-padded)
-and causally to the answer itself. `jax.nn.dot_product_attention` only offers top-left causal
+The receiver's pass over the answer (R queries) attends to the fused prefix cache (P keys, each row's
+real ones first, as `data.TrainBatch` lays them out) and causally to the answer itself. `jax.nn.dot_product_attention` only offers top-left causal
 masking, so one call needs a mask, which cuDNN reads as a bias over the whole R x (P + R) rectangle.
 This times that against `c2c_jax.models.attention.prefix_attention`, which `Decoder.extend` (the
 train step) uses: the answer's queries over the prefix keys with a key-length mask plus the answer's
@@ -91,13 +91,10 @@ def main():
                    forward_ms=round(fwd_ms, 3), forward_backward_ms=round(fwd_bwd_ms, 3),
                    useful_tflops_fwd_bwd=round(3.5 * flops_fwd / fwd_bwd_ms / 1e9, 1))
 
-    # Accuracy at a padded prefix: row i keeps its last lengths[i] prefix keys (left padding, as the
-    # fused cache has it), which Decoder.extend moves to the front before prefix_attention.
+    # Accuracy at a padded prefix: row i's first lengths[i] prefix keys are real, as in a training batch.
     lengths = jnp.asarray(jax.random.randint(keys[3], (b,), 1, p + 1), jnp.int32)
-    real = jnp.arange(p)[None, :] >= p - lengths[:, None]
+    real = jnp.arange(p)[None, :] < lengths[:, None]
     padded_mask = mask & jnp.concatenate([real, jnp.ones((b, r), bool)], axis=1)[:, None, None, :]
-    order = jnp.argsort(~real, axis=1, stable=True)[:, :, None, None]
-    front = lambda x: jnp.concatenate([jnp.take_along_axis(x[:, :p], order, axis=1), x[:, p:]], axis=1)  # noqa: E731
 
     def out_and_grads(fn):
         out, vjp = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v))(q, k, v)
@@ -107,7 +104,7 @@ def main():
     for name, fn in (
             ("rectangle_masked", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=padded_mask,
                                                                               implementation=impl)),
-            ("prefix_attention_merged", lambda q, k, v: merged(q, front(k), front(v), lengths))):
+            ("prefix_attention_merged", lambda q, k, v: merged(q, k, v, lengths))):
         errors = {what: round(float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))), 5)
                   for what, got, want in zip(("out", "dq", "dk", "dv"), out_and_grads(fn), truth)}
         report.add(what=f"max_abs_error_vs_float32/{name}", batch=b, prefix=p, suffix=r,
