@@ -92,12 +92,16 @@ def test_left_padded_batch_equals_rows_alone(tiny):
     np.testing.assert_allclose(fresh_cache.k, cache.k[:, :, :width], atol=TOL, rtol=0)
 
 
-def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(tiny):
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(tiny, loop):
     """`extend` (the training suffix pass, mask-free attention) on prefix caches whose real columns
     come first and answers padded at the end: logits equal transformers' on each row's real tokens
-    alone, and gradients w.r.t. the prefix cache equal those through `__call__`'s masked attention.
-    The prefix cache comes from a pass with no mask at all, as in training."""
-    _, torch_model, model, _ = tiny
+    alone, and gradients w.r.t. the prefix cache equal those through `__call__`'s masked attention
+    and central differences. The prefix cache comes from a pass with no mask at all, as in training.
+    Both layer loops: a scan (the CPU default) and the Python loop (the GPU default)."""
+    _, torch_model, model, directory = tiny
+    if loop == "unrolled":
+        model = load_model(directory, dtype=jnp.float32, scan_unroll=model.config.num_layers)
     rng = np.random.default_rng(5)
     p, t = 9, 5
     prefix_lengths = np.array([9, 5, 7])
@@ -133,6 +137,13 @@ def test_extend_over_a_padded_prefix_matches_transformers_and_the_cache_route(ti
         np.testing.assert_allclose(grad, ref_grad, atol=TOL, rtol=0)
     assert np.asarray(grads[0]).any()
     assert not np.asarray(grads[0][:, 1, 5:]).any() and not np.asarray(grads[1][:, 2, 7:]).any()  # pads get none
+    # Both routes share the layer loop's VJP; central differences along a random direction do not.
+    directions = [jnp.asarray(rng.normal(size=cache.k.shape), jnp.float32) for _ in range(2)]
+    eps = 1e-2
+    plus = through_extend(cache.k + eps * directions[0], cache.v + eps * directions[1])
+    minus = through_extend(cache.k - eps * directions[0], cache.v - eps * directions[1])
+    slope = sum(jnp.sum(g * d) for g, d in zip(grads, directions))
+    np.testing.assert_allclose((plus - minus) / (2 * eps), slope, rtol=2e-3)
     shallow = model.init_cache(3, p, num_layers=1)
     with pytest.raises(ValueError, match="prefix cache of 1 layers"):
         model.extend(jnp.asarray(answer), jnp.asarray(answer_positions), shallow)
