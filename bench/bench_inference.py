@@ -4,11 +4,12 @@ Models (issue 2): prefill of 512 and 2048 tokens (full logits and KV-only), deco
 batch 1 and 64, for both models, next to transformers' PyTorch models on the same card.
 Fusion (issue 3): fusing all 28 layers, C2C time-to-first-token and receiver-only TTFT at 512 and
 2048 prompt tokens, batch 1 and 16.
+TTFT alone (`--only ttft`): the fusion part's TTFT rows without its fusion timings.
 TTFT parts (issue 3, `--only ttft_parts`): the four steps of the C2C TTFT route timed one by one.
 Methods (issue 5): first-token latency of receiver, sharer, text-to-text (sharer writes an
 80-token message first) and C2C at a 512-token prompt.
 
-    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,methods,ttft_parts]
+    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts]
 """
 
 from __future__ import annotations
@@ -191,12 +192,6 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
         receiver_cache, sharer_caches = m.prefix_caches(batch, batch.tokens.shape[1])
         return receiver_cache, sharer_caches
 
-    @functools.partial(jax.jit, static_argnames=("fuse_flag",))
-    def ttft(state, batch, fuse_flag):
-        m = nnx.merge(graphdef, state)
-        logits, _ = m.prefill(batch, batch.tokens.shape[1], fuse=fuse_flag)
-        return jnp.argmax(logits, -1)
-
     @functools.partial(jax.jit, static_argnames=("repeats",))
     def fuse(state, receiver_cache, sharer_caches, mask, repeats=1):
         """`repeats` fusions in one program, each into the cache the one before it fused."""
@@ -218,11 +213,21 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
             report.add(what="fusion_all_layers", tokens=t, batch=b, ms=round(ms_fuse, 3),
                        tflops=round(flops / ms_fuse / 1e9, 1), in_program_ms=round(ms_in_program, 3),
                        in_program_tflops=round(flops / ms_in_program / 1e9, 1))
-            if b not in ttft_batches:
-                continue  # each TTFT shape compiles the full pipelines (minutes, fully unrolled)
-            ms_c2c = time_ms(ttft, state, batch, True)
-            ms_recv = time_ms(ttft, state, batch, False)
-            report.add(what="ttft", tokens=t, batch=b, c2c_ms=round(ms_c2c, 3), receiver_only_ms=round(ms_recv, 3))
+            if b in ttft_batches:  # each TTFT shape compiles the full pipelines (minutes, fully unrolled)
+                bench_ttft(report, graphdef, state, batch)
+
+
+def bench_ttft(report, graphdef, state, batch):
+    """C2C and receiver-only time to first token: `C2CModel.prefill` and the argmax, one program each."""
+    @functools.partial(jax.jit, static_argnames=("fuse_flag",))
+    def ttft(state, batch, fuse_flag):
+        logits, _ = nnx.merge(graphdef, state).prefill(batch, batch.tokens.shape[1], fuse=fuse_flag)
+        return jnp.argmax(logits, -1)
+
+    b, t = batch.tokens.shape
+    ms_c2c = time_ms(ttft, state, batch, True)
+    ms_recv = time_ms(ttft, state, batch, False)
+    report.add(what="ttft", tokens=t, batch=b, c2c_ms=round(ms_c2c, 3), receiver_only_ms=round(ms_recv, 3))
 
 
 def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
@@ -311,7 +316,8 @@ def main():
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--only", default="models,fusion,methods")
     parser.add_argument("--unroll", type=int, default=None, help="layers per scan iteration (default: Decoder's)")
-    parser.add_argument("--lengths", default="512,2048", help="prompt lengths (models and fusion)")
+    parser.add_argument("--lengths", default="512,2048", help="prompt lengths (models and fusion; '' with "
+                        "--only models: decode alone)")
     parser.add_argument("--batches", default="1,16", help="batch sizes (fusion and TTFT)")
     parser.add_argument("--ttft-batches", default=None, help="batch sizes with TTFT rows (default: --batches)")
     parser.add_argument("--decode-batches", default="1,64")
@@ -324,7 +330,7 @@ def main():
         receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = SMOKE_RECEIVER, SMOKE_SHARER, (32,), (1, 2), (1, 2), 4
     else:
         receiver_cfg, sharer_cfg, steps = QWEN3_0_6B, QWEN2_5_0_5B, 64
-        lengths, batches, decode_batches = (tuple(int(x) for x in a.split(",")) for a in
+        lengths, batches, decode_batches = (tuple(int(x) for x in a.split(",") if x) for a in
                                             (args.lengths, args.batches, args.decode_batches))
     report = Report("inference")
     report.add(what="settings", device=device_name(), scan_unroll=random_decoder(receiver_cfg).scan_unroll)
@@ -335,6 +341,12 @@ def main():
         ttft_batches = batches if args.smoke or args.ttft_batches is None else \
             tuple(int(x) for x in args.ttft_batches.split(","))
         bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches)
+    if "ttft" in parts:  # TTFT rows alone, for --batches
+        model = make_c2c(receiver_cfg, sharer_cfg)
+        graphdef, state = nnx.split(model)
+        for t in lengths:
+            for b in batches:
+                bench_ttft(report, graphdef, state, prompt_batch(b, t, receiver_cfg["vocab_size"]))
     if "ttft_parts" in parts:
         bench_ttft_parts(report, receiver_cfg, sharer_cfg, lengths[0])
     if "methods" in parts:

@@ -181,10 +181,10 @@ def make_call(what: str, rcfg, scfg, t: int):
     raise SystemExit(f"unknown --what {what}")
 
 
-def profile(call, top: int, window: tuple[int, int], dump_dir: str | None) -> dict:
+def profile(call, top: int, window: tuple[int, int], dump_dir: str | None, keep_trace: str | None = None) -> dict:
     for _ in range(3):
         jax.block_until_ready(call())
-    out = tempfile.mkdtemp()
+    out = keep_trace or tempfile.mkdtemp()
     start = time.perf_counter()
     with jax.profiler.trace(out, create_perfetto_trace=True):
         for _ in range(3):
@@ -201,6 +201,8 @@ def main():
     parser.add_argument("--window", default="0:0", help="launch-order index range of kernels to list")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--unroll", type=int, default=None)
+    parser.add_argument("--keep-trace", default=None,
+                        help="directory to keep the Perfetto traces in (one subdirectory per --what)")
     parser.add_argument("--hlo-dump", default=None,
                         help="directory for XLA's HLO dumps; kernel time is then also summed per source line")
     args = parser.parse_args()
@@ -211,8 +213,9 @@ def main():
     t = 32 if args.smoke else 512
     window = tuple(int(x) for x in args.window.split(":"))
     for what in args.what.split(","):
-        summary = {"what": what, "device": jax.devices()[0].device_kind, **profile(make_call(what, rcfg, scfg, t), args.top, window,
-                                                                                 args.hlo_dump)}
+        summary = {"what": what, "device": jax.devices()[0].device_kind, **profile(
+            make_call(what, rcfg, scfg, t), args.top, window, args.hlo_dump,
+            os.path.join(args.keep_trace, what) if args.keep_trace else None)}
         print(json.dumps(summary, indent=1), flush=True)
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], f"profile_{what}.json"), "w") as f:
