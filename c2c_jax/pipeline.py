@@ -109,7 +109,7 @@ class C2CModel(nnx.Module):
         cache = dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length).with_capacity(capacity)
         suffix = slice(split, width)
         hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix], cache,
-                                      batch.valid[:, suffix], output="hidden")
+                                      batch.valid[:, suffix], output="hidden", one_row_gemm=True)
         return self.receiver.logits(hidden[:, -1]), cache
 
 

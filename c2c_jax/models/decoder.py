@@ -14,6 +14,7 @@ suffix pass, whose attention needs no mask (`attention.prefix_attention`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Literal
 
 import jax
@@ -80,6 +81,20 @@ def attention_mask(valid: jax.Array, end: jax.Array, num_new: int) -> jax.Array:
     return ((valid[:, None, :] & causal[None]) | itself[None])[:, None]
 
 
+def dense(layer: nnx.Linear, x: jax.Array, one_row_gemm: bool) -> jax.Array:
+    """`layer(x)`; with `one_row_gemm`, a single row (batch 1, one token) goes through a GEMM as two rows.
+
+    XLA rewrites a vector-matrix product into a multiply and a reduction over the weights' major
+    axis, which reads them at about 1 TB/s on an H200. Two copies of the row keep it a GEMM, which
+    reads them faster but costs more per launch: it shortens the C2C time to first token and slows
+    a `lax.while_loop` decode step (docs/performance.md), hence the choice.
+    """
+    if not one_row_gemm or math.prod(x.shape[:-1]) != 1:
+        return layer(x)
+    row = x.reshape(1, x.shape[-1])
+    return layer(jnp.concatenate([row, row]))[:1].reshape(*x.shape[:-1], -1)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
@@ -114,21 +129,21 @@ class Attention(nnx.Module):
         """Keys and values of new tokens exactly as HF caches them: [B, T, kv_heads, head_dim]."""
         return self._keys_values(self._project(x, slice(self.num_heads * self.head_dim, None)), cos, sin)
 
-    def __call__(self, x, cos, sin, attend: Attend):
+    def __call__(self, x, cos, sin, attend: Attend, one_row_gemm: bool = False):
         """Attention of the new tokens x [B, T, hidden], through `attend` (see `Attend`).
 
         Returns the attention output and the new tokens' K/V [B, T, kv_heads, head_dim].
         """
         b, t, _ = x.shape
         q_width = self.num_heads * self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = dense(self.qkv_proj, x, one_row_gemm)
         q = qkv[..., :q_width].reshape(b, t, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         k_new, v_new = self._keys_values(qkv[..., q_width:], cos, sin)
         out = attend(q, k_new, v_new)
-        return self.o_proj(out.reshape(b, t, q_width)), k_new, v_new
+        return dense(self.o_proj, out.reshape(b, t, q_width), one_row_gemm), k_new, v_new
 
 
 class MLP(nnx.Module):
@@ -138,9 +153,9 @@ class MLP(nnx.Module):
         self.gate_up_proj = linear(c.hidden_size, 2 * c.intermediate_size)  # HF gate_proj and up_proj, one matmul
         self.down_proj = linear(c.intermediate_size, c.hidden_size)
 
-    def __call__(self, x):
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(jax.nn.silu(gate) * up)
+    def __call__(self, x, one_row_gemm: bool = False):
+        gate, up = jnp.split(dense(self.gate_up_proj, x, one_row_gemm), 2, axis=-1)
+        return dense(self.down_proj, jax.nn.silu(gate) * up, one_row_gemm)
 
 
 class DecoderLayer(nnx.Module):
@@ -154,10 +169,10 @@ class DecoderLayer(nnx.Module):
     def kv(self, x, cos, sin):
         return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
 
-    def __call__(self, x, cos, sin, attend: Attend):
-        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, attend)
+    def __call__(self, x, cos, sin, attend: Attend, one_row_gemm: bool = False):
+        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, attend, one_row_gemm)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), one_row_gemm)
         return x, k_new, v_new
 
 
@@ -197,7 +212,7 @@ class Decoder(nnx.Module):
                              capacity=capacity, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, token_mask: jax.Array | None = None,
-                 *, output: Output = "logits") -> tuple[jax.Array | None, KVCache]:
+                 *, output: Output = "logits", one_row_gemm: bool = False) -> tuple[jax.Array | None, KVCache]:
         """Runs `tokens` [B, T] at `positions` [B, T] on top of `cache`.
 
         token_mask: bool [B, T], False for padding tokens (default: all real).
@@ -207,6 +222,8 @@ class Decoder(nnx.Module):
         output: "logits" (float32 [B, T, vocab]), "hidden" (final-normed [B, T, hidden]) or "kv".
           "kv" fills only the cache's `num_layers` layers and stops right after the deepest one's
           K/V projection: no attention/MLP in that layer, no final norm, no lm_head.
+        one_row_gemm: run the projections of a single token (batch 1) as GEMMs (see `dense`): faster
+          in a one-off program such as prefill's last prompt token, slower in a decode loop.
         """
         cfg = self.config
         b, t = tokens.shape
@@ -228,7 +245,8 @@ class Decoder(nnx.Module):
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
         per_layer = None if fresh else (cache.k, cache.v)
-        x, new_k, new_v = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, num_full)
+        x, new_k, new_v = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, num_full,
+                                       one_row_gemm)
         if output == "kv":
             k_last, v_last = self._layer_getter()(cache.num_layers - 1).kv(x, cos, sin)
             new_k.append(k_last[None])
@@ -280,7 +298,7 @@ class Decoder(nnx.Module):
         graphdef, layer_params = nnx.split(self.layers)
         return lambda i: nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
 
-    def _layers(self, x, cos, sin, attend, per_layer, num_layers):
+    def _layers(self, x, cos, sin, attend, per_layer, num_layers, one_row_gemm: bool = False):
         """x through layers [0, num_layers), each attending with `attend(q, k_new, v_new, *layer_inputs)`.
 
         per_layer: None, or arrays [layers, ...] whose slice i is layer i's `layer_inputs` (its cache).
@@ -293,7 +311,7 @@ class Decoder(nnx.Module):
 
         def body(x, inputs):
             i, layer_inputs = inputs
-            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, *layer_inputs))
+            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, *layer_inputs), one_row_gemm)
             return x, (k_new, v_new)
 
         if self.remat:
