@@ -60,6 +60,23 @@ def test_prefill_then_decode_equals_full_forward(tiny):
     np.testing.assert_allclose(cache.v, full_cache.v, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("one_row_gemm", [False, True])
+def test_batch_one_decode_matches_transformers(tiny, one_row_gemm):
+    """One token of one row: XLA's vector-matrix products, or the GEMM rows prefill uses (`dense`)."""
+    _, torch_model, model, _ = tiny
+    tokens = np.random.default_rng(5).integers(0, 160, (1, 9))
+    ref_logits, ref_k, ref_v = torch_forward(torch_model, tokens)
+    logits, cache = run(model, tokens[:, :6], capacity=9)
+    step = jax.jit(lambda c, tok, pos: model(tok, pos, c, one_row_gemm=one_row_gemm))
+    step_logits = [logits]
+    for t in range(6, 9):
+        out, cache = step(cache, jnp.asarray(tokens[:, t:t + 1]), jnp.full((1, 1), t))
+        step_logits.append(out)
+    np.testing.assert_allclose(np.concatenate(step_logits, axis=1), ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.k, ref_k, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.v, ref_v, atol=TOL, rtol=0)
+
+
 def test_left_padded_batch_equals_rows_alone(tiny):
     _, _, model, _ = tiny
     rng = np.random.default_rng(2)
