@@ -108,6 +108,8 @@ class C2CModel(nnx.Module):
             receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
         cache = dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length).with_capacity(capacity)
         suffix = slice(split, width)
+        # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
+        # (`models.decoder.dense`), which suits a one-off pass; the decode loop keeps XLA's choice.
         hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix], cache,
                                       batch.valid[:, suffix], output="hidden", one_row_gemm=True)
         return self.receiver.logits(hidden[:, -1]), cache
