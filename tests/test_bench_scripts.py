@@ -4,6 +4,7 @@ docs/performance.md gives keep working, and the scaling script's numerical check
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_data_parallel_training_matches_one_device(tmp_path):
 
 @pytest.mark.parametrize("script,args,output", [
     ("bench_train.py", ("--micro-batches", "2"), "train.jsonl"),
-    ("bench_inference.py", ("--skip-torch", "--only", "models,fusion,ttft_parts"), "inference.jsonl"),
+    ("bench_inference.py", ("--skip-torch", "--only", "models,fusion,ttft,ttft_parts"), "inference.jsonl"),
     ("bench_attention.py", (), "attention.jsonl"),
 ])
 def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
@@ -65,3 +66,27 @@ def test_profile_attributes_hlo_to_source_lines(tmp_path):
     prefill = sources["jit_run"]  # bench_inference.prefill_fn's jitted `run`
     assert any(src.startswith("decoder.py:") and "RMSNorm.__call__" in src for src in prefill.values())
     assert any("Attention.__call__" in src for src in prefill.values())
+
+
+def test_ab_runs_each_side_on_its_own_tree(tmp_path):
+    base = tmp_path / "base"
+    for part in ("c2c_jax", "bench"):
+        shutil.copytree(BENCH.parent / part, base / part, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(base / "c2c_jax" / "__init__.py", "a") as f:
+        f.write("# the base side\n")  # so the two sides' library digests differ
+    env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--base", str(base), "--rounds", "1", "--",
+                           "bench/bench_inference.py", "--smoke", "--skip-torch", "--only", "ttft"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ab" / "summary.json").read_text())
+    digests = {}
+    for side, root in (("base", base), ("new", BENCH.parent)):
+        digests[side] = subprocess.run([sys.executable, "-c", "import common; print(common.library_digest())"],
+                                       cwd=root / "bench", env=dict(env, PYTHONPATH=str(root)),
+                                       capture_output=True, text=True, check=True).stdout.strip()
+        assert summary["runs"][f"0_{side}"] == {"library": digests[side], "returncode": 0}
+    assert digests["base"] != digests["new"]
+    ttft = summary["rows"]["bench=inference what=ttft tokens=32 batch=1"]
+    assert all(len(ttft[field][side]) == 1 and ttft[field][side][0] > 0
+               for field in ("c2c_ms", "receiver_only_ms") for side in ("base", "new"))
