@@ -22,6 +22,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -60,11 +61,12 @@ def _frames(text: str) -> dict:
             for key, value in tables.get("StackFrames", {}).items()}
 
 
-def hlo_sources(dump_dir: str) -> tuple[dict, dict]:
+def hlo_sources(dump_dir: str) -> tuple[dict, dict, dict]:
     """From XLA's optimized-HLO text dumps, per module: instruction name -> "file:line function [op]",
-    and fusion instruction name -> the text of the computation it calls. Names use "_" for ".", as
-    the kernels of the trace do."""
-    sources, bodies = collections.defaultdict(dict), collections.defaultdict(dict)
+    fusion instruction name -> the text of the computation it calls, and instruction name -> its
+    phase (the outermost `jax.named_scope` under the jit, e.g. `C2CModel.prefill`'s "fusion"). Names
+    use "_" for ".", as the kernels of the trace do."""
+    sources, bodies, phases = (collections.defaultdict(dict) for _ in range(3))
     pattern = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}")
     for path in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")):
         module = os.path.basename(path).split(".")[1]  # module_0007.jit_fuse.sm_9.0_gpu_after_optimizations.txt
@@ -77,13 +79,15 @@ def hlo_sources(dump_dir: str) -> tuple[dict, dict]:
             if not m:
                 continue
             name, meta = m.group(1).replace(".", "_"), m.group(2)
-            op = (re.search(r'op_name="([^"]*)"', meta) or [None, ""])[1].split("/")[-1]
+            op_path = (re.search(r'op_name="([^"]*)"', meta) or [None, ""])[1].split("/")
             frame = re.search(r"stack_frame_id=(\d+)", meta)
-            sources[module][name] = f"{frames.get(frame.group(1), '?') if frame else '?'} [{op}]"
+            sources[module][name] = f"{frames.get(frame.group(1), '?') if frame else '?'} [{op_path[-1]}]"
+            scopes = [part for part in op_path[:-1] if not part.startswith("jit(")]
+            phases[module][name] = scopes[0] if scopes else "(none)"
             called = re.search(r"calls=(%?[\w.\-]+)", line)
             if called and called.group(1) in computations:
                 bodies[module][name] = computations[called.group(1)][:1500]
-    return sources, bodies
+    return sources, bodies, phases
 
 
 def kernel_op(event) -> tuple[str, str]:
@@ -95,8 +99,38 @@ def kernel_op(event) -> tuple[str, str]:
     return str(args.get("hlo_module", "")), op.replace(".", "_")
 
 
+def phase_timeline(kernels: list, phases: dict, calls: int) -> dict:
+    """Per phase, averaged over the profiled calls: when its first kernel starts and its last one ends
+    (ms from the call's first kernel), its kernel time and kernel count. Overlapping spans are phases
+    that ran at the same time. Every call launches the same kernels, so launch order splits them."""
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    per_call = len(ordered) // calls
+    starts, ends = collections.defaultdict(list), collections.defaultdict(list)
+    busy, count = collections.Counter(), collections.Counter()
+    by_kernel = collections.defaultdict(collections.Counter)
+    for c in range(calls):
+        chunk = ordered[c * per_call:(c + 1) * per_call]
+        first, last = {}, {}
+        for e in chunk:
+            module, op = kernel_op(e)
+            phase = phases.get(module, {}).get(op, "(no HLO op: library kernel)")
+            start, end = (e["ts"] - chunk[0]["ts"]) / 1e3, (e["ts"] + e.get("dur", 0) - chunk[0]["ts"]) / 1e3
+            first[phase], last[phase] = min(first.get(phase, start), start), max(last.get(phase, end), end)
+            busy[phase] += e.get("dur", 0) / 1e3
+            count[phase] += 1
+            by_kernel[phase][e["name"][:60]] += e.get("dur", 0) / 1e3 / calls
+        for phase in first:
+            starts[phase].append(first[phase])
+            ends[phase].append(last[phase])
+    rows = {phase: {"start_ms": round(statistics.mean(starts[phase]), 3), "end_ms": round(statistics.mean(ends[phase]), 3),
+                    "busy_ms": round(busy[phase] / calls, 3), "kernels": round(count[phase] / calls, 1),
+                    "top_ms": [(name, round(ms, 3)) for name, ms in by_kernel[phase].most_common(8)]}
+            for phase in starts}
+    return dict(sorted(rows.items(), key=lambda kv: kv[1]["start_ms"]))
+
+
 def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), sources: dict | None = None,
-              bodies: dict | None = None) -> dict:
+              bodies: dict | None = None, phases: dict | None = None, calls: int = 3) -> dict:
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True) + glob.glob(
         os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(files[0]) as f:
@@ -105,6 +139,8 @@ def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), source
     pids = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device = [e for e in events if e.get("ph") == "X" and "gpu" in pids.get(e.get("pid"), "").lower()]
     kernels = [e for e in device if "memcpy" not in e.get("name", "").lower()] or device
+    if not kernels:  # CPU: XLA's thunks, which the trace records with their HLO module and op
+        kernels = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     if not kernels:
         return {"note": "no device events found", "processes": sorted(set(pids.values()))}
     sources, bodies = sources or {}, bodies or {}
@@ -121,6 +157,12 @@ def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), source
         if op in bodies.get(module, {}):
             fusion_text[name] = bodies[module][op]
     busy = sum(e.get("dur", 0) for e in kernels)
+    # Host-side work per call (dispatch, command-buffer updates and launches, synchronisation).
+    host, host_count, kernel_ids = collections.Counter(), collections.Counter(), {id(e) for e in kernels}
+    for e in events:
+        if e.get("ph") == "X" and id(e) not in kernel_ids and "gpu" not in pids.get(e.get("pid"), "").lower():
+            host[e["name"][:80]] += e.get("dur", 0) / calls
+            host_count[e["name"][:80]] += 1 / calls
     ordered = sorted(kernels, key=lambda e: e["ts"])
     return {
         "device_span_ms": round((end - start) / 1e3, 3), "kernel_busy_ms": round(busy / 1e3, 3),
@@ -130,6 +172,8 @@ def summarise(trace_dir: str, top: int, window: tuple[int, int] = (0, 0), source
         "by_source_ms": [(src, round(us / 1e3, 3)) for src, us in by_source.most_common(top)] if sources else [],
         # The fused computations behind the costliest XLA-generated kernels (library kernels have none).
         "top_fusions": {name: fusion_text[name] for name, _ in by_name.most_common(top) if name in fusion_text},
+        "phases": phase_timeline(kernels, phases, calls) if phases else {},
+        "host_us_per_call": [(name, round(us, 1), round(host_count[name], 1)) for name, us in host.most_common(top)],
     }
 
 
@@ -190,8 +234,8 @@ def profile(call, top: int, window: tuple[int, int], dump_dir: str | None, keep_
         for _ in range(3):
             jax.block_until_ready(call())
     wall = (time.perf_counter() - start) * 1e3 / 3
-    sources, bodies = hlo_sources(dump_dir) if dump_dir else (None, None)
-    return {"wall_ms_per_call": round(wall, 3), "calls": 3, **summarise(out, top, window, sources, bodies)}
+    sources, bodies, phases = hlo_sources(dump_dir) if dump_dir else (None, None, None)
+    return {"wall_ms_per_call": round(wall, 3), "calls": 3, **summarise(out, top, window, sources, bodies, phases)}
 
 
 def main():

@@ -74,14 +74,17 @@ class C2CModel(nnx.Module):
                       ) -> tuple[KVCache, list[KVCache]]:
         """KV-only passes of the receiver and (optionally) every sharer over the first `length` columns."""
         columns = slice(0, length)
-        receiver_cache = kv_pass(self.receiver, batch.tokens[:, columns], batch.positions[:, columns],
-                                  batch.valid[:, columns], self.receiver.config.num_layers)
+        # Named scopes label each part's kernels in profiles (bench/profile_kernels.py's phases).
+        with jax.named_scope("receiver_prefix"):
+            receiver_cache = kv_pass(self.receiver, batch.tokens[:, columns], batch.positions[:, columns],
+                                      batch.valid[:, columns], self.receiver.config.num_layers)
         sharer_caches = []
         if with_sharers:
-            for sharer, fuser, tokens, positions, valid in zip(self.sharers, self.fusers, batch.sharer_tokens,
-                                                               batch.sharer_positions, batch.sharer_valid):
-                sharer_caches.append(kv_pass(sharer, tokens[:, columns], positions[:, columns], valid[:, columns],
-                                              fuser.config.sharer_depth))
+            for i, (sharer, fuser, tokens, positions, valid) in enumerate(zip(
+                    self.sharers, self.fusers, batch.sharer_tokens, batch.sharer_positions, batch.sharer_valid)):
+                with jax.named_scope(f"sharer_prefix_{i}"):
+                    sharer_caches.append(kv_pass(sharer, tokens[:, columns], positions[:, columns],
+                                                 valid[:, columns], fuser.config.sharer_depth))
         return receiver_cache, sharer_caches
 
     def prefill(self, batch: "PromptBatch", capacity: int, *, fuse: bool = True, suffix_length: int = 1
@@ -105,14 +108,16 @@ class C2CModel(nnx.Module):
         receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
         if fuse and self.fusers:
             fuse_masks = [m.at[:, split:].set(False) for m in batch.fuse_mask]
-            receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
+            with jax.named_scope("fusion"):
+                receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
         cache = dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length).with_capacity(capacity)
         suffix = slice(split, width)
         # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
         # (`models.decoder.dense`), which suits a one-off pass; the decode loop keeps XLA's choice.
-        hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix], cache,
-                                      batch.valid[:, suffix], output="hidden", one_row_gemm=True)
-        return self.receiver.logits(hidden[:, -1]), cache
+        with jax.named_scope("suffix"):
+            hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix], cache,
+                                          batch.valid[:, suffix], output="hidden", one_row_gemm=True)
+            return self.receiver.logits(hidden[:, -1]), cache
 
 
 def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:

@@ -54,18 +54,27 @@ def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
         assert times and all(t > 0 for t in times), row
 
 
-def test_profile_attributes_hlo_to_source_lines(tmp_path):
+def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
     dump = tmp_path / "hlo"
-    run_script("profile_kernels.py", "--what", "prefill", "--hlo-dump", str(dump), out_dir=tmp_path)
+    run_script("profile_kernels.py", "--what", "prefill,ttft", "--hlo-dump", str(dump), out_dir=tmp_path)
     sys.path.insert(0, str(BENCH))
     try:
         import profile_kernels
     finally:
         sys.path.remove(str(BENCH))
-    sources, _ = profile_kernels.hlo_sources(str(dump))
+    sources, _, phases = profile_kernels.hlo_sources(str(dump))
     prefill = sources["jit_run"]  # bench_inference.prefill_fn's jitted `run`
     assert any(src.startswith("decoder.py:") and "RMSNorm.__call__" in src for src in prefill.values())
     assert any("Attention.__call__" in src for src in prefill.values())
+    # The C2C route's named scopes label its instructions, and the profile times each part (on the
+    # CPU from XLA's thunks, which the trace records with their HLO ops).
+    route = {"receiver_prefix", "sharer_prefix_0", "fusion", "suffix"}
+    assert route <= set(phases["jit_ttft"].values())
+    timeline = json.loads((tmp_path / "profile_ttft.json").read_text())["phases"]
+    assert route <= set(timeline)
+    for phase in route:
+        assert 0 <= timeline[phase]["start_ms"] <= timeline[phase]["end_ms"] and timeline[phase]["kernels"] > 0
+    assert timeline["fusion"]["start_ms"] >= timeline["receiver_prefix"]["start_ms"]
 
 
 def test_ab_runs_each_side_on_its_own_tree(tmp_path):
