@@ -77,6 +77,23 @@ def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
     assert timeline["fusion"]["start_ms"] >= timeline["receiver_prefix"]["start_ms"]
 
 
+def test_ttft_program_variants_agree(tmp_path):
+    """bench/ttft_programs.py's variants of the C2C TTFT route (interleaved prefix passes, no padding
+    mask, two or three programs, a donated output) compute what the library's route does."""
+    variants = ("dispatch_floor,receiver_pass,receiver_pass_unmasked,sharer_pass,both_passes,both_passes_unmasked,"
+                "both_passes_interleaved,c2c_ttft,c2c_ttft_unmasked,c2c_ttft_interleaved,c2c_ttft_two_programs,"
+                "c2c_ttft_three_programs,c2c_ttft_donated_output,receiver_ttft")
+    run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--variants", variants, out_dir=tmp_path)
+    result = {r["what"]: r for r in rows(tmp_path / "ttft_programs.jsonl")[1:]}
+    first = {k: v for k, v in result["check_first_tokens"].items() if k.startswith("c2c_ttft")}
+    assert len(first) == 6 and len(set(first.values())) == 1, first
+    for check in ("check_both_passes_interleaved", "check_both_passes_unmasked"):
+        assert result[check]["max_abs_diff_vs_both_passes"] < 0.05  # at most a bf16 rounding step
+    for name in variants.split(","):
+        assert result[name]["median_ms"] > 0 and len(result[name]["each_round_ms"]) == 1
+        assert name == "c2c_ttft_donated_output" or result[name]["pipelined_ms_per_call"] > 0
+
+
 def test_ab_runs_each_side_on_its_own_tree(tmp_path):
     base = tmp_path / "base"
     for part in ("c2c_jax", "bench"):
