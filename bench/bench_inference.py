@@ -37,7 +37,7 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
                     random_decoder, time_ms)
 
 from c2c_jax.fuser import Fuser  # noqa: E402
-from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, _generate, kv_pass  # noqa: E402
+from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, generate_tokens, kv_pass, next_token_logits  # noqa: E402
 
 
 def prefill_fn(graphdef, output):
@@ -218,11 +218,11 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
 
 
 def bench_ttft(report, graphdef, state, batch):
-    """C2C and receiver-only time to first token: `C2CModel.prefill` and the argmax, one program each."""
-    @functools.partial(jax.jit, static_argnames=("fuse_flag",))
+    """C2C and receiver-only time to first token: the library's route to the first token's logits
+    (`pipeline.next_token_logits`, two programs; up to session 8 `C2CModel.prefill` and an argmax as
+    one program)."""
     def ttft(state, batch, fuse_flag):
-        logits, _ = nnx.merge(graphdef, state).prefill(batch, batch.tokens.shape[1], fuse=fuse_flag)
-        return jnp.argmax(logits, -1)
+        return next_token_logits(graphdef, state, batch, fuse=fuse_flag)
 
     b, t = batch.tokens.shape
     ms_c2c = time_ms(ttft, state, batch, True)
@@ -289,8 +289,8 @@ def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
     key = jax.random.key(0)
 
     def first_token(graphdef, state, batch, fuse):
-        return _generate(graphdef, state, batch, key, sampling=SamplingConfig(max_new_tokens=1), eos_ids=(),
-                         pad_id=0, fuse=fuse).tokens
+        return generate_tokens(graphdef, state, batch, key, sampling=SamplingConfig(max_new_tokens=1), eos_ids=(),
+                               pad_id=0, fuse=fuse).tokens
 
     batch = prompt_batch(1, prompt, vocab)
     receiver_ms = time_ms(first_token, c2c_def, c2c_state, batch, False)
@@ -298,8 +298,9 @@ def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
     sharer_ms = time_ms(first_token, sharer_def, sharer_state, batch, False)
 
     def t2t(batch, long_batch):
-        message = _generate(sharer_def, sharer_state, batch, key, sampling=SamplingConfig(max_new_tokens=message_tokens),
-                            eos_ids=(), pad_id=0, fuse=False).tokens
+        message = generate_tokens(sharer_def, sharer_state, batch, key,
+                                  sampling=SamplingConfig(max_new_tokens=message_tokens), eos_ids=(), pad_id=0,
+                                  fuse=False).tokens
         jax.block_until_ready(message)
         return first_token(c2c_def, c2c_state, long_batch, False)
 
