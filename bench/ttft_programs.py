@@ -8,12 +8,19 @@ run them at once. This times, on one card and one process, programs that differ 
     both_passes                     both, in one program, one after the other in program order
     both_passes_interleaved         both, layer i of each before layer i + 1 of either
     *_unmasked                      the same without the padding mask (what an unpadded batch needs)
-    c2c_ttft, receiver_ttft         `C2CModel.prefill` + argmax, as bench_inference.py's TTFT rows
+    c2c_ttft, receiver_ttft         `C2CModel.prefill` + argmax as one program (the route up to session 8)
     c2c_ttft_interleaved            the same with interleaved prefix passes
+    c2c_ttft_two_programs           prompt cache + fusion, then the last token + argmax: the library's
+                                    route since session 9 (`pipeline.next_token_logits`), plus an argmax
+    c2c_ttft_three_programs         prefix passes, fusion, last token
+    c2c_ttft_donated_output         one program writing its token into a donated buffer
+    dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
-If both_passes ~ receiver_pass + sharer_pass, the two passes do not overlap.
+If both_passes ~ receiver_pass + sharer_pass, the two passes do not overlap. `--pipelined N` also
+times N calls queued back to back: the difference to one synchronised call is host work that the
+GPU waits for.
 
-    python bench/ttft_programs.py [--variants a,b,...] [--rounds 3] [--smoke]
+    python bench/ttft_programs.py [--variants a,b,...] [--rounds 3] [--pipelined N] [--smoke]
 """
 
 from __future__ import annotations
