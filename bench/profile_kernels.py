@@ -5,7 +5,15 @@ sum of device kernel time inside it (busy), the number of kernels, and the kerne
 Busy << wall means launch/host gaps; busy ~ wall means the kernels themselves are slow. With
 `--hlo-dump DIR`, kernel time is also summed per c2c-jax source line (from the optimized-HLO dumps'
 metadata) and the fused computations behind the costliest kernels are printed. Times in the output
-are totals over the profiled calls (3).
+are totals over the profiled calls (3); `device_span_ms` runs from the first call's first kernel to
+the last call's last one, so it includes the host gaps between calls.
+
+With `--hlo-dump`, `phases` also times each part of a route by its `jax.named_scope` (`ttft`:
+`C2CModel.prefill` as one program, parts `receiver_prefix`, `sharer_prefix_0`, `fusion`, `suffix`):
+start and end from each call's first kernel, averaged over the calls. `host_us_per_call` sums the
+trace's host events; the profiler itself slows host work down (CUDA graph launches above all), so
+for the host's true share compare one synchronised call with queued ones (`ttft_programs.py
+--pipelined`).
 
     python bench/profile_kernels.py --what decode,prefill,fuse,ttft,train [--top 15] [--window 40:100]
 
