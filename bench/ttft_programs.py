@@ -13,6 +13,10 @@ run them at once. This times, on one card and one process, programs that differ 
     c2c_ttft_two_programs           prompt cache + fusion, then the last token + argmax: the library's
                                     route since session 9 (`pipeline.next_token_logits`), plus an argmax
     c2c_ttft_three_programs         prefix passes, fusion, last token
+    c2c_ttft_two_programs_pair_suffix   the same, the last token run as two rows (a masked copy)
+                                    instead of through `one_row_gemm`
+    c2c_ttft_small_first_program    the passes' first `--first-layers` layers, then the rest and
+                                    fusion, then the last token: three programs, the first small
     c2c_ttft_donated_output         one program writing its token into a donated buffer
     dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
@@ -53,22 +57,24 @@ from c2c_jax.models.decoder import attention_mask, rope_tables  # noqa: E402
 from c2c_jax.pipeline import C2CModel, kv_pass  # noqa: E402
 
 
-def interleaved_kv_passes(passes):
-    """KV-only fresh prefills of several decoders, emitted layer by layer in turn.
-
-    passes: (model, tokens, positions, valid or None, depth) each; the same caches as `kv_pass`.
-    """
+def _runs(passes, xs=None):
+    """Per pass, the state of a layer-by-layer KV-only fresh prefill; `xs`: hidden states to resume from."""
     runs = []
-    for model, tokens, positions, valid, depth in passes:
+    for j, (model, tokens, positions, valid, depth) in enumerate(passes):
         t = tokens.shape[1]
         mask = None if valid is None else attention_mask(valid, 0, t)
         cos, sin = rope_tables(positions, model.config.rope, model.config.head_dim)
-        runs.append(dict(x=model.embed_tokens(tokens), cos=cos, sin=sin, depth=depth, k=[], v=[],
-                         layer_at=model._layer_getter(), dtype=model.dtype, t=t,
+        runs.append(dict(x=model.embed_tokens(tokens) if xs is None else xs[j], cos=cos, sin=sin, depth=depth,
+                         k=[], v=[], layer_at=model._layer_getter(), dtype=model.dtype, t=t,
                          valid=jnp.ones(tokens.shape, bool) if valid is None else valid,
                          attend=functools.partial(cache_attention, mask=mask, end=0,
                                                   implementation=model.attention_impl)))
-    for i in range(max(r["depth"] for r in runs)):
+    return runs
+
+
+def _run_layers(runs, start, stop):
+    """Layers [start, stop) of every run, layer i of each before layer i + 1 of either."""
+    for i in range(start, stop):
         for r in runs:
             if i < r["depth"] - 1:
                 r["x"], k, v = r["layer_at"](i)(r["x"], r["cos"], r["sin"], r["attend"])
@@ -78,28 +84,49 @@ def interleaved_kv_passes(passes):
                 continue
             r["k"].append(k[None])
             r["v"].append(v[None])
+
+
+def _caches(runs):
     return [KVCache(k=jnp.concatenate(r["k"]).astype(r["dtype"]), v=jnp.concatenate(r["v"]).astype(r["dtype"]),
                     valid=r["valid"], end=jnp.asarray(r["t"], jnp.int32)) for r in runs]
+
+
+def interleaved_kv_passes(passes):
+    """KV-only fresh prefills of several decoders, emitted layer by layer in turn.
+
+    passes: (model, tokens, positions, valid or None, depth) each; the same caches as `kv_pass`.
+    """
+    runs = _runs(passes)
+    _run_layers(runs, 0, max(r["depth"] for r in runs))
+    return _caches(runs)
+
+
+def route_passes(m, batch, length, *, masked=True, with_sharers=True):
+    """`C2CModel.prefix_caches`' passes (one sharer) as `interleaved_kv_passes` takes them."""
+    c = slice(0, length)
+    passes = [(m.receiver, batch.tokens[:, c], batch.positions[:, c], batch.valid[:, c] if masked else None,
+               m.receiver.config.num_layers)]
+    if with_sharers:
+        passes.append((m.sharers[0], batch.sharer_tokens[0][:, c], batch.sharer_positions[0][:, c],
+                       batch.sharer_valid[0][:, c] if masked else None, m.fusers[0].config.sharer_depth))
+    return passes
+
+
+def first_token(logits):
+    """float32 [B, 2]: the greedy first token and its logit (which the variants' check compares too)."""
+    return jnp.stack([jnp.argmax(logits, -1).astype(jnp.float32), jnp.max(logits, -1)], axis=-1)
 
 
 def prefix_caches_variant(interleaved: bool, masked: bool):
     """A replacement for `C2CModel.prefix_caches` (one sharer)."""
     def prefix_caches(self, batch, length, *, with_sharers=True):
-        c = slice(0, length)
-        passes = [(self.receiver, batch.tokens[:, c], batch.positions[:, c],
-                   batch.valid[:, c] if masked else None, self.receiver.config.num_layers)]
-        if with_sharers:
-            passes.append((self.sharers[0], batch.sharer_tokens[0][:, c], batch.sharer_positions[0][:, c],
-                           batch.sharer_valid[0][:, c] if masked else None, self.fusers[0].config.sharer_depth))
-        if interleaved:
-            caches = interleaved_kv_passes(passes)
-        else:
-            caches = [kv_pass(*p) for p in passes]
+        passes = route_passes(self, batch, length, masked=masked, with_sharers=with_sharers)
+        caches = interleaved_kv_passes(passes) if interleaved else [kv_pass(*p) for p in passes]
         return caches[0], caches[1:]
     return prefix_caches
 
 
-def programs(graphdef):
+def programs(graphdef, first_layers: int = 4):
     def passes(state, batch, which, interleaved=False, masked=True):
         m = nnx.merge(graphdef, state)
         receiver_cache, sharer_caches = prefix_caches_variant(interleaved, masked)(m, batch, batch.tokens.shape[1])
@@ -112,7 +139,7 @@ def programs(graphdef):
                  if interleaved or not masked else contextlib.nullcontext())
         with patch:  # only tracing reads it
             logits, _ = m.prefill(batch, batch.tokens.shape[1], fuse=fuse)
-        return jnp.argmax(logits, -1)
+        return first_token(logits)
 
     def ttft_into(state, batch, out):
         return out.at[:].set(ttft(state, batch, True))
@@ -128,7 +155,7 @@ def programs(graphdef):
         """The C2C TTFT program writing its token into a donated buffer: the output keeps one
         device address from call to call (a fresh output buffer may not)."""
         if "out" not in holder:
-            holder["out"] = jnp.zeros(batch.tokens.shape[:1], jnp.int32)
+            holder["out"] = jnp.zeros((batch.tokens.shape[0], 2), jnp.float32)
         holder["out"] = ttft_into(state, batch, holder.pop("out"))
         return holder["out"]
 
@@ -154,7 +181,44 @@ def programs(graphdef):
         cache = dataclasses.replace(cache, end=cache.end - 1)
         hidden, _ = m.receiver(batch.tokens[:, -1:], batch.positions[:, -1:], cache, batch.valid[:, -1:],
                                output="hidden", one_row_gemm=True)
-        return jnp.argmax(m.receiver.logits(hidden[:, -1]), -1)
+        return first_token(m.receiver.logits(hidden[:, -1]))
+
+    @jax.jit
+    def stage_suffix_pair(state, batch, cache):
+        """The last token as the first of two rows, the second a masked copy written one column
+        further (which decoding would overwrite): T = 2 keeps every projection a GEMM without
+        `one_row_gemm`'s concatenations."""
+        m = nnx.merge(graphdef, state)
+        cache = dataclasses.replace(cache, end=cache.end - 1).with_capacity(batch.tokens.shape[1] + 1)
+        pair = lambda a: jnp.concatenate([a[:, -1:], a[:, -1:]], axis=1)  # noqa: E731
+        mask = jnp.concatenate([batch.valid[:, -1:], jnp.zeros_like(batch.valid[:, -1:])], axis=1)
+        hidden, _ = m.receiver(pair(batch.tokens), pair(batch.positions), cache, mask, output="hidden")
+        return first_token(m.receiver.logits(hidden[:, 0]))
+
+    @jax.jit
+    def stage_first_layers(state, batch):
+        """The prefix passes' first layers alone: a small first program, whose graph the host starts
+        quickly, while it starts the next program's."""
+        runs = _runs(route_passes(nnx.merge(graphdef, state), batch, batch.tokens.shape[1]))
+        _run_layers(runs, 0, first_layers)
+        return [r["x"] for r in runs], [jnp.concatenate(r["k"]) for r in runs], [jnp.concatenate(r["v"]) for r in runs]
+
+    @jax.jit
+    def stage_rest_fuse(state, batch, xs, ks, vs):
+        m = nnx.merge(graphdef, state)
+        runs = _runs(route_passes(m, batch, batch.tokens.shape[1]), xs)
+        for r, k, v in zip(runs, ks, vs):
+            r["k"], r["v"] = [k], [v]
+        _run_layers(runs, first_layers, max(r["depth"] for r in runs))
+        receiver_cache, sharer_cache = _caches(runs)
+        split = batch.tokens.shape[1] - 1
+        return m.fuse(receiver_cache, [sharer_cache], [k.at[:, split:].set(False) for k in batch.fuse_mask])
+
+    def small_first_program(state, batch):
+        return stage_suffix(state, batch, stage_rest_fuse(state, batch, *stage_first_layers(state, batch)))
+
+    def two_programs_pair_suffix(state, batch):
+        return stage_suffix_pair(state, batch, stage_passes_fuse(state, batch))
 
     def two_programs(state, batch):
         return stage_suffix(state, batch, stage_passes_fuse(state, batch))
@@ -165,6 +229,8 @@ def programs(graphdef):
     both = ("receiver", "sharer")
     return {
         "c2c_ttft_two_programs": two_programs,
+        "c2c_ttft_two_programs_pair_suffix": two_programs_pair_suffix,
+        "c2c_ttft_small_first_program": small_first_program,
         "c2c_ttft_three_programs": three_programs,
         "dispatch_floor": floor,
         "c2c_ttft_donated_output": donated,
@@ -190,6 +256,8 @@ def main():
                         "c2c_ttft,c2c_ttft_interleaved,receiver_ttft")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3, help="each round times every variant once, in turn")
+    parser.add_argument("--first-layers", type=int, default=4, help="layers in c2c_ttft_small_first_program's "
+                        "first program")
     parser.add_argument("--pipelined", type=int, default=0, help="also time this many calls queued back to back")
     args = parser.parse_args()
     receiver_cfg, sharer_cfg, t = ((common.SMOKE_RECEIVER, common.SMOKE_SHARER, 32) if args.smoke
@@ -199,7 +267,7 @@ def main():
     model = bi.make_c2c(receiver_cfg, sharer_cfg)
     graphdef, state = nnx.split(model)
     batch = bi.prompt_batch(1, t, receiver_cfg["vocab_size"])
-    available = programs(graphdef)
+    available = programs(graphdef, args.first_layers)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(available))
     if unknown:
@@ -211,8 +279,12 @@ def main():
         diff = max(float(jnp.max(jnp.abs(out[k].astype(jnp.float32) - reference[k].astype(jnp.float32))))
                    for k in reference)
         report.add(what=f"check_{n}", max_abs_diff_vs_both_passes=diff)
-    first = {n: int(available[n](state, batch)[0]) for n in names if "ttft" in n and "receiver" not in n}
-    report.add(what="check_first_tokens", **first)
+    # First tokens of three prompts (a wrong cache rarely keeps all three argmaxes).
+    prompts = [batch] + [dataclasses.replace(batch, tokens=shuffled, sharer_tokens=(shuffled,)) for shuffled in
+                         (jax.random.permutation(jax.random.key(i), batch.tokens, axis=1) for i in (1, 2))]
+    outputs = {n: [available[n](state, p)[0] for p in prompts] for n in names if "ttft" in n and "receiver" not in n}
+    report.add(what="check_first_tokens", **{n: [int(o[0]) for o in out] for n, out in outputs.items()})
+    report.add(what="check_first_token_logits", **{n: [float(o[1]) for o in out] for n, out in outputs.items()})
     samples = {n: [] for n in names}
     for round_ in range(args.rounds):
         for n in names:
