@@ -253,11 +253,8 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
 
     @jax.jit
     def last_token(state, cache, batch):
-        m = nnx.merge(graphdef, state)
-        cache = dataclasses.replace(cache, end=cache.end - 1)
-        hidden, _ = m.receiver(batch.tokens[:, split:], batch.positions[:, split:], cache, batch.valid[:, split:],
-                               output="hidden")
-        return jnp.argmax(m.receiver.logits(hidden[:, -1]), -1)
+        logits, _ = nnx.merge(graphdef, state).finish_prompt(batch, dataclasses.replace(cache, end=cache.end - 1), t)
+        return jnp.argmax(logits, -1)
 
     # The receiver's prefix pass over `width` columns, with the pipeline's all-valid padding mask or
     # none: what the width (t - 1 before session 3's last change, t now) and the mask cost it.

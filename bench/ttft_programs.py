@@ -165,23 +165,24 @@ def programs(graphdef, first_layers: int = 4):
     def stage_passes(state, batch):
         return nnx.merge(graphdef, state).prefix_caches(batch, batch.tokens.shape[1])
 
+    def fused_prompt_cache(m, batch, receiver_cache, sharer_caches):
+        """`C2CModel.prompt_cache`'s fusion and rewind, on caches from an earlier program."""
+        split = batch.tokens.shape[1] - 1
+        fused = m.fuse(receiver_cache, sharer_caches, [k.at[:, split:].set(False) for k in batch.fuse_mask])
+        return dataclasses.replace(fused, end=fused.end - 1)
+
     @jax.jit
     def stage_fuse(state, batch, receiver_cache, sharer_caches):
-        m = nnx.merge(graphdef, state)
-        split = batch.tokens.shape[1] - 1
-        return m.fuse(receiver_cache, sharer_caches, [k.at[:, split:].set(False) for k in batch.fuse_mask])
+        return fused_prompt_cache(nnx.merge(graphdef, state), batch, receiver_cache, sharer_caches)
 
     @jax.jit
-    def stage_passes_fuse(state, batch):
-        return stage_fuse(state, batch, *stage_passes(state, batch))
+    def stage_passes_fuse(state, batch):  # the library's first program (`pipeline._prompt_cache`)
+        return nnx.merge(graphdef, state).prompt_cache(batch)
 
     @jax.jit
-    def stage_suffix(state, batch, cache):
-        m = nnx.merge(graphdef, state)
-        cache = dataclasses.replace(cache, end=cache.end - 1)
-        hidden, _ = m.receiver(batch.tokens[:, -1:], batch.positions[:, -1:], cache, batch.valid[:, -1:],
-                               output="hidden", one_row_gemm=True)
-        return first_token(m.receiver.logits(hidden[:, -1]))
+    def stage_suffix(state, batch, cache):  # the library's second program, plus the first token
+        logits, _ = nnx.merge(graphdef, state).finish_prompt(batch, cache, batch.tokens.shape[1])
+        return first_token(logits)
 
     @jax.jit
     def stage_suffix_pair(state, batch, cache):
@@ -189,7 +190,7 @@ def programs(graphdef, first_layers: int = 4):
         further (which decoding would overwrite): T = 2 keeps every projection a GEMM without
         `one_row_gemm`'s concatenations."""
         m = nnx.merge(graphdef, state)
-        cache = dataclasses.replace(cache, end=cache.end - 1).with_capacity(batch.tokens.shape[1] + 1)
+        cache = cache.with_capacity(batch.tokens.shape[1] + 1)
         pair = lambda a: jnp.concatenate([a[:, -1:], a[:, -1:]], axis=1)  # noqa: E731
         mask = jnp.concatenate([batch.valid[:, -1:], jnp.zeros_like(batch.valid[:, -1:])], axis=1)
         hidden, _ = m.receiver(pair(batch.tokens), pair(batch.positions), cache, mask, output="hidden")
@@ -211,8 +212,7 @@ def programs(graphdef, first_layers: int = 4):
             r["k"], r["v"] = [k], [v]
         _run_layers(runs, first_layers, max(r["depth"] for r in runs))
         receiver_cache, sharer_cache = _caches(runs)
-        split = batch.tokens.shape[1] - 1
-        return m.fuse(receiver_cache, [sharer_cache], [k.at[:, split:].set(False) for k in batch.fuse_mask])
+        return fused_prompt_cache(m, batch, receiver_cache, [sharer_cache])
 
     def small_first_program(state, batch):
         return stage_suffix(state, batch, stage_rest_fuse(state, batch, *stage_first_layers(state, batch)))
