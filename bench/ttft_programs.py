@@ -54,6 +54,7 @@ import common  # noqa: E402
 from c2c_jax.models import KVCache  # noqa: E402
 from c2c_jax.models.attention import cache_attention  # noqa: E402
 from c2c_jax.models.decoder import attention_mask, rope_tables  # noqa: E402
+from c2c_jax.fuser import Fuser  # noqa: E402
 from c2c_jax.pipeline import C2CModel, kv_pass  # noqa: E402
 
 
@@ -112,6 +113,69 @@ def route_passes(m, batch, length, *, masked=True, with_sharers=True):
     return passes
 
 
+def fuse_layers(fuser, layers: range, sharer_k, sharer_v, receiver_k, receiver_v, fuse_mask):
+    """`Fuser.__call__` (inference) for receiver `layers` alone, from per-layer K/V lists: a batched
+    computation that needs only those layers and the sharer layers they map to."""
+    c = fuser.config
+    mapped = [c.layer_map[i] for i in layers]
+    low, high = min(mapped), max(mapped)
+    sub_config = dataclasses.replace(c, receiver_layers=len(layers), layer_map=tuple(s - low for s in mapped))
+    sub_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Fuser(sub_config, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda p: p[layers.start:layers.stop], nnx.state(fuser))
+    sub = nnx.merge(sub_graphdef, state)
+    stack = lambda arrays: jnp.stack(arrays)  # noqa: E731
+    shape = receiver_k[layers.start].shape
+    cache = lambda k, v: KVCache(k=stack(k), v=stack(v), valid=jnp.ones(shape[:2], bool),  # noqa: E731
+                                 end=jnp.asarray(shape[1], jnp.int32))
+    fused = sub(cache(sharer_k[low:high + 1], sharer_v[low:high + 1]),
+                cache(receiver_k[layers.start:layers.stop], receiver_v[layers.start:layers.stop]), fuse_mask)
+    return list(fused.k), list(fused.v)
+
+
+def overlapped_route(m, batch, chunk: int, resume=None):
+    """The C2C TTFT route as one dataflow graph with per-layer dependencies: fusion runs in chunks of
+    `chunk` receiver layers as soon as their K/V (and their sharer layers') exist, and the last
+    token's layer i as soon as fused layer i does, so CONCURRENT command buffers may run fusion and
+    the last token alongside the remaining prefix layers. resume: (xs, ks, vs) of a first program
+    that ran the passes' first layers (`stage_first_layers`)."""
+    t = batch.tokens.shape[1]
+    runs = _runs(route_passes(m, batch, t), None if resume is None else resume[0])
+    done = 0
+    if resume is not None:
+        for r, k, v in zip(runs, resume[1], resume[2]):
+            r["k"], r["v"] = [a[None] for a in k], [a[None] for a in v]
+        done = len(resume[1][0])
+    receiver, sharer = runs
+    fuser = m.fusers[0]
+    split = t - 1
+    fuse_mask = batch.fuse_mask[0].at[:, split:].set(False)
+    # The last token, layer by layer on the fused cache (`finish_prompt`, capacity t).
+    last = slice(split, t)
+    x = m.receiver.embed_tokens(batch.tokens[:, last])
+    cos, sin = rope_tables(batch.positions[:, last], m.receiver.config.rope, m.receiver.config.head_dim)
+    mask = attention_mask(batch.valid, split, 1)
+    layer_at = m.receiver._layer_getter()
+    num_layers = m.receiver.config.num_layers
+    fused_k, fused_v = [], []
+    for stop in range(chunk, num_layers + chunk, chunk):
+        stop = min(stop, num_layers)
+        needed = max(stop, max(fuser.config.layer_map[:stop]) + 1)
+        if needed > done:
+            _run_layers(runs, done, needed)
+            done = needed
+        rk, rv = [a[0] for a in receiver["k"]], [a[0] for a in receiver["v"]]
+        sk, sv = [a[0] for a in sharer["k"]], [a[0] for a in sharer["v"]]
+        start = len(fused_k)
+        k_chunk, v_chunk = fuse_layers(fuser, range(start, stop), sk, sv, rk, rv, fuse_mask)
+        fused_k += k_chunk
+        fused_v += v_chunk
+        for i in range(start, stop):
+            attend = functools.partial(cache_attention, cached_k=fused_k[i], cached_v=fused_v[i], mask=mask,
+                                       end=split, implementation=m.receiver.attention_impl)
+            x, _, _ = layer_at(i)(x, cos, sin, attend, one_row_gemm=True)
+    return first_token(m.receiver.logits(m.receiver.norm(x)[:, -1]))
+
+
 def first_token(logits):
     """float32 [B, 2]: the greedy first token and its logit (which the variants' check compares too)."""
     return jnp.stack([jnp.argmax(logits, -1).astype(jnp.float32), jnp.max(logits, -1)], axis=-1)
@@ -126,7 +190,7 @@ def prefix_caches_variant(interleaved: bool, masked: bool):
     return prefix_caches
 
 
-def programs(graphdef, first_layers: int = 4):
+def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def passes(state, batch, which, interleaved=False, masked=True):
         m = nnx.merge(graphdef, state)
         receiver_cache, sharer_caches = prefix_caches_variant(interleaved, masked)(m, batch, batch.tokens.shape[1])
@@ -214,6 +278,20 @@ def programs(graphdef, first_layers: int = 4):
         receiver_cache, sharer_cache = _caches(runs)
         return fused_prompt_cache(m, batch, receiver_cache, [sharer_cache])
 
+    @jax.jit
+    def overlapped(state, batch):
+        return overlapped_route(nnx.merge(graphdef, state), batch, fuse_chunk)
+
+    @jax.jit
+    def stage_rest_overlapped(state, batch, xs, ks, vs):
+        return overlapped_route(nnx.merge(graphdef, state), batch, fuse_chunk, resume=(xs, ks, vs))
+
+    def small_first_overlapped(state, batch):
+        return stage_rest_overlapped(state, batch, *stage_first_layers(state, batch))
+
+    def small_first_pair_suffix(state, batch):
+        return stage_suffix_pair(state, batch, stage_rest_fuse(state, batch, *stage_first_layers(state, batch)))
+
     def small_first_program(state, batch):
         return stage_suffix(state, batch, stage_rest_fuse(state, batch, *stage_first_layers(state, batch)))
 
@@ -231,6 +309,9 @@ def programs(graphdef, first_layers: int = 4):
         "c2c_ttft_two_programs": two_programs,
         "c2c_ttft_two_programs_pair_suffix": two_programs_pair_suffix,
         "c2c_ttft_small_first_program": small_first_program,
+        "c2c_ttft_small_first_pair_suffix": small_first_pair_suffix,
+        "c2c_ttft_overlapped": overlapped,
+        "c2c_ttft_small_first_overlapped": small_first_overlapped,
         "c2c_ttft_three_programs": three_programs,
         "dispatch_floor": floor,
         "c2c_ttft_donated_output": donated,
@@ -258,6 +339,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="each round times every variant once, in turn")
     parser.add_argument("--first-layers", type=int, default=4, help="layers in c2c_ttft_small_first_program's "
                         "first program")
+    parser.add_argument("--fuse-chunk", type=int, default=4, help="receiver layers per fusion in the "
+                        "*_overlapped variants")
     parser.add_argument("--pipelined", type=int, default=0, help="also time this many calls queued back to back")
     args = parser.parse_args()
     receiver_cfg, sharer_cfg, t = ((common.SMOKE_RECEIVER, common.SMOKE_SHARER, 32) if args.smoke
@@ -267,7 +350,7 @@ def main():
     model = bi.make_c2c(receiver_cfg, sharer_cfg)
     graphdef, state = nnx.split(model)
     batch = bi.prompt_batch(1, t, receiver_cfg["vocab_size"])
-    available = programs(graphdef, args.first_layers)
+    available = programs(graphdef, args.first_layers, args.fuse_chunk)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(available))
     if unknown:

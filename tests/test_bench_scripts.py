@@ -84,16 +84,18 @@ def test_ttft_program_variants_agree(tmp_path):
     variants = ("dispatch_floor,receiver_pass,receiver_pass_unmasked,sharer_pass,both_passes,both_passes_unmasked,"
                 "both_passes_interleaved,c2c_ttft,c2c_ttft_unmasked,c2c_ttft_interleaved,c2c_ttft_two_programs,"
                 "c2c_ttft_three_programs,c2c_ttft_two_programs_pair_suffix,c2c_ttft_small_first_program,"
+                "c2c_ttft_small_first_pair_suffix,c2c_ttft_overlapped,c2c_ttft_small_first_overlapped,"
                 "c2c_ttft_donated_output,receiver_ttft")
-    run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--variants", variants,
+    run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--fuse-chunk", "2",
+               "--variants", variants,
                out_dir=tmp_path)
     result = {r["what"]: r for r in rows(tmp_path / "ttft_programs.jsonl")[1:]}
     first = {k: tuple(v) for k, v in result["check_first_tokens"].items() if k.startswith("c2c_ttft")}
-    assert len(first) == 8 and len(set(first.values())) == 1, first  # three prompts, eight routes
+    assert len(first) == 11 and len(set(first.values())) == 1, first  # three prompts, eleven routes
     # ... and with the same logit, up to bf16 rounding in the caches of interleaved or staged passes
     # (0.01 here; logits of the masked copy in the pair suffix, a wrong route, are 0.15 off).
     logits = {k: v for k, v in result["check_first_token_logits"].items() if k.startswith("c2c_ttft")}
-    assert len(logits) == 8
+    assert len(logits) == 11
     for name, values in logits.items():
         np.testing.assert_allclose(values, logits["c2c_ttft"], atol=0.03, err_msg=name)
     for check in ("check_both_passes_interleaved", "check_both_passes_unmasked"):
