@@ -17,6 +17,11 @@ run them at once. This times, on one card and one process, programs that differ 
                                     instead of through `one_row_gemm`
     c2c_ttft_small_first_program    the passes' first `--first-layers` layers, then the rest and
                                     fusion, then the last token: three programs, the first small
+    c2c_ttft_small_first_pair_suffix    the same with the two-row last token
+    c2c_ttft_overlapped             one program whose dataflow has per-layer dependencies: fusion in
+                                    chunks of `--fuse-chunk` receiver layers, the last token's layer i
+                                    right after fused layer i, so they may overlap the prefix passes
+    c2c_ttft_small_first_overlapped the passes' first layers, then the overlapped rest: two programs
     c2c_ttft_donated_output         one program writing its token into a donated buffer
     dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
