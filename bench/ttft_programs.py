@@ -29,7 +29,9 @@ If both_passes ~ receiver_pass + sharer_pass, the two passes do not overlap. `--
 times N calls queued back to back: the difference to one synchronised call is host work that the
 GPU waits for.
 
-    python bench/ttft_programs.py [--variants a,b,...] [--rounds 3] [--pipelined N] [--smoke]
+    python bench/ttft_programs.py [--variants a,b/f10c2,...] [--rounds 3] [--pipelined N] [--smoke]
+
+A variant name may end in /f<F>c<C>: its own --first-layers F and --fuse-chunk C.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import statistics
 import sys
 import time
@@ -357,6 +360,13 @@ def main():
     batch = bi.prompt_batch(1, t, receiver_cfg["vocab_size"])
     available = programs(graphdef, args.first_layers, args.fuse_chunk)
     names = args.variants.split(",")
+    for name in names:  # "variant/f<first layers>c<fuse chunk>": the variant with its own settings
+        if "/" in name:
+            base, settings = name.split("/")
+            match = re.fullmatch(r"f(\d+)c(\d+)", settings)
+            if not match:
+                raise SystemExit(f"variant settings {settings!r} are not f<first layers>c<fuse chunk>")
+            available[name] = programs(graphdef, int(match[1]), int(match[2]))[base]
     unknown = sorted(set(names) - set(available))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(available)}")
