@@ -37,7 +37,7 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
                     random_decoder, time_ms)
 
 from c2c_jax.fuser import Fuser  # noqa: E402
-from c2c_jax.pipeline import C2CModel, PromptBatch, SamplingConfig, generate_tokens, kv_pass, next_token_logits  # noqa: E402
+from c2c_jax.pipeline import C2CModel, InferencePrograms, PromptBatch, SamplingConfig, kv_pass  # noqa: E402
 
 
 def prefill_fn(graphdef, output):
@@ -183,6 +183,7 @@ def prompt_batch(b, t, vocab):
 def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches):
     model = make_c2c(receiver_cfg, sharer_cfg)
     graphdef, state = nnx.split(model)
+    programs = InferencePrograms(model)
     fuser = model.fusers[0]
     n_params = fuser.config.num_params()
 
@@ -214,15 +215,15 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
                        tflops=round(flops / ms_fuse / 1e9, 1), in_program_ms=round(ms_in_program, 3),
                        in_program_tflops=round(flops / ms_in_program / 1e9, 1))
             if b in ttft_batches:  # each TTFT shape compiles the full pipelines (minutes, fully unrolled)
-                bench_ttft(report, graphdef, state, batch)
+                bench_ttft(report, programs, state, batch)
 
 
-def bench_ttft(report, graphdef, state, batch):
+def bench_ttft(report, programs: InferencePrograms, state, batch):
     """C2C and receiver-only time to first token: the library's route to the first token's logits
-    (`pipeline.next_token_logits`, two programs; up to session 8 `C2CModel.prefill` and an argmax as
-    one program)."""
+    (`InferencePrograms.next_token_logits`: C2C as two programs since session 9; before, and
+    receiver-only again since session 10, one program; up to session 8 with an argmax)."""
     def ttft(state, batch, fuse_flag):
-        return next_token_logits(graphdef, state, batch, fuse=fuse_flag)
+        return programs.next_token_logits(state, batch, fuse=fuse_flag)
 
     b, t = batch.tokens.shape
     ms_c2c = time_ms(ttft, state, batch, True)
@@ -281,25 +282,24 @@ def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
     model = make_c2c(receiver_cfg, sharer_cfg)
     sharer_only = C2CModel(model.sharers[0])
     vocab = receiver_cfg["vocab_size"]
-    c2c_def, c2c_state = nnx.split(model)
-    sharer_def, sharer_state = nnx.split(sharer_only)
+    c2c, c2c_state = InferencePrograms(model), nnx.state(model)
+    sharer, sharer_state = InferencePrograms(sharer_only), nnx.state(sharer_only)
     key = jax.random.key(0)
 
-    def first_token(graphdef, state, batch, fuse):
-        return generate_tokens(graphdef, state, batch, key, sampling=SamplingConfig(max_new_tokens=1), eos_ids=(),
-                               pad_id=0, fuse=fuse).tokens
+    def first_token(programs, state, batch, fuse):
+        return programs.generate(state, batch, key, sampling=SamplingConfig(max_new_tokens=1), eos_ids=(),
+                                 pad_id=0, fuse=fuse).tokens
 
     batch = prompt_batch(1, prompt, vocab)
-    receiver_ms = time_ms(first_token, c2c_def, c2c_state, batch, False)
-    c2c_ms = time_ms(first_token, c2c_def, c2c_state, batch, True)
-    sharer_ms = time_ms(first_token, sharer_def, sharer_state, batch, False)
+    receiver_ms = time_ms(first_token, c2c, c2c_state, batch, False)
+    c2c_ms = time_ms(first_token, c2c, c2c_state, batch, True)
+    sharer_ms = time_ms(first_token, sharer, sharer_state, batch, False)
 
     def t2t(batch, long_batch):
-        message = generate_tokens(sharer_def, sharer_state, batch, key,
-                                  sampling=SamplingConfig(max_new_tokens=message_tokens), eos_ids=(), pad_id=0,
-                                  fuse=False).tokens
+        message = sharer.generate(sharer_state, batch, key, sampling=SamplingConfig(max_new_tokens=message_tokens),
+                                  eos_ids=(), pad_id=0, fuse=False).tokens
         jax.block_until_ready(message)
-        return first_token(c2c_def, c2c_state, long_batch, False)
+        return first_token(c2c, c2c_state, long_batch, False)
 
     long_batch = prompt_batch(1, 2 * prompt + message_tokens, vocab)  # question twice (both turns) + message
     t2t_ms = time_ms(t2t, batch, long_batch, iters=5)
@@ -341,10 +341,10 @@ def main():
         bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches)
     if "ttft" in parts:  # TTFT rows alone, for --batches
         model = make_c2c(receiver_cfg, sharer_cfg)
-        graphdef, state = nnx.split(model)
+        programs, state = InferencePrograms(model), nnx.state(model)
         for t in lengths:
             for b in batches:
-                bench_ttft(report, graphdef, state, prompt_batch(b, t, receiver_cfg["vocab_size"]))
+                bench_ttft(report, programs, state, prompt_batch(b, t, receiver_cfg["vocab_size"]))
     if "ttft_parts" in parts:
         bench_ttft_parts(report, receiver_cfg, sharer_cfg, lengths[0])
     if "methods" in parts:

@@ -11,7 +11,7 @@ run them at once. This times, on one card and one process, programs that differ 
     c2c_ttft, receiver_ttft         `C2CModel.prefill` + argmax as one program (the route up to session 8)
     c2c_ttft_interleaved            the same with interleaved prefix passes
     c2c_ttft_two_programs           prompt cache + fusion, then the last token + argmax: the library's
-                                    route since session 9 (`pipeline.next_token_logits`), plus an argmax
+                                    route since session 9 (`InferencePrograms.next_token_logits`), plus an argmax
     c2c_ttft_three_programs         prefix passes, fusion, last token
     c2c_ttft_two_programs_pair_suffix   the same, the last token run as two rows (a masked copy)
                                     instead of through `one_row_gemm`
@@ -248,7 +248,7 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
         return fused_prompt_cache(nnx.merge(graphdef, state), batch, receiver_cache, sharer_caches)
 
     @jax.jit
-    def stage_passes_fuse(state, batch):  # the library's first program (`pipeline._prompt_cache`)
+    def stage_passes_fuse(state, batch):  # the library's first program (`InferencePrograms`)
         return nnx.merge(graphdef, state).prompt_cache(batch)
 
     @jax.jit

@@ -12,13 +12,12 @@ For a batch of prompts, left-padded to a common width W (so every prompt ends at
 The last prompt token is excluded from fusion so that the first new token is predicted by a query
 that attends to the fused prefix (c2c_reference.md §2.4). Steps 1-2 (`C2CModel.prompt_cache`) and
 steps 3-4 (`C2CModel.finish_prompt`, then `decode`) are two jitted programs that the host dispatches
-back to back; only the decode loop's tokens come back to the host.
+back to back (`InferencePrograms`); only the decode loop's tokens come back to the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Literal, Sequence
 
 import jax
@@ -348,44 +347,52 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
     return Generation(tokens, lengths)
 
 
-# The prompt's fused cache and what follows it are two programs, dispatched one right after the
-# other. On a GPU the host's work to start a program (its CUDA graph) grows with its kernel count,
-# and the GPU waits for it; the second program's start is done while the GPU still runs the first.
-# On an H200 that took a 512-token C2C time to first token from 7.23 to 6.57 ms (docs/performance.md).
+class InferencePrograms:
+    """Fused inference's jitted programs for one `C2CModel`'s structure; each call takes its state.
 
+    The programs close over the model's graphdef instead of taking it as a static argument, which
+    every call would hash and compare: 0.16 ms per program for Qwen3-0.6B <- Qwen2.5-0.5B on a
+    2-core CPU host, against a time to first token of a few milliseconds.
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "fuse", "suffix_length"))
-def _prompt_cache(graphdef, state, batch: PromptBatch, *, fuse, suffix_length) -> KVCache:
-    return nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
+    Every route is two programs: the prompt's cache (`C2CModel.prompt_cache`, fused unless
+    `fuse=False`), then the last prompt token (`finish_prompt`) and any decoding. C2C's last token
+    waits for the fusion of every layer anyway, and on a GPU the host starts the second program's
+    CUDA graph while the GPU still runs the first: on an H200 that took a 512-token C2C time to
+    first token from 7.23 to 6.57 ms. Receiver-only takes the same cut, so that with closed gates
+    both routes compile the last token alike and give bit-identical logits (in one program XLA may
+    round it differently). The cut costs receiver-only the overlap of its last token with the prompt
+    pass, which one program allows (docs/performance.md, session 10).
+    """
 
+    def __init__(self, model: C2CModel):
+        self.graphdef, _ = nnx.split(model)
+        self._prompt_cache = jax.jit(self._prompt_cache_program, static_argnames=("fuse", "suffix_length"))
+        self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",))
+        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"))
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "pad_id"))
-def _generate_from(graphdef, state, batch: PromptBatch, cache: KVCache, key, *, sampling, eos_ids, pad_id):
-    model = nnx.merge(graphdef, state)
-    capacity = batch.tokens.shape[1] + sampling.max_new_tokens
-    logits, cache = model.finish_prompt(batch, cache, capacity)
-    next_positions = batch.positions[:, -1] + 1
-    return decode(model.receiver, logits, cache, next_positions, key, sampling, eos_ids, pad_id)
+    def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1
+                          ) -> jax.Array:
+        """float32 [B, vocab] logits after each prompt (the time to first token's work)."""
+        cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=suffix_length)
+        return self._logits(state, batch, cache, suffix_length=suffix_length)
 
+    def generate(self, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+                 pad_id: int, fuse: bool = True) -> Generation:
+        cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=1)
+        return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "suffix_length"))
-def _next_token_logits_from(graphdef, state, batch: PromptBatch, cache: KVCache, *, suffix_length):
-    logits, _ = nnx.merge(graphdef, state).finish_prompt(batch, cache, batch.tokens.shape[1],
-                                                          suffix_length=suffix_length)
-    return logits
+    def _prompt_cache_program(self, state, batch, *, fuse, suffix_length):
+        return nnx.merge(self.graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
 
+    def _logits_program(self, state, batch, cache, *, suffix_length):
+        logits, _ = nnx.merge(self.graphdef, state).finish_prompt(batch, cache, batch.tokens.shape[1],
+                                                                   suffix_length=suffix_length)
+        return logits
 
-def generate_tokens(graphdef, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                    pad_id: int, fuse: bool = True) -> Generation:
-    """Generation from `nnx.split(c2c_model)`: the prompt cache, then the last prompt token and decoding."""
-    cache = _prompt_cache(graphdef, state, batch, fuse=fuse, suffix_length=1)
-    return _generate_from(graphdef, state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
-
-
-def next_token_logits(graphdef, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1) -> jax.Array:
-    """float32 [B, vocab] logits after each prompt, from `nnx.split(c2c_model)` (time to first token)."""
-    cache = _prompt_cache(graphdef, state, batch, fuse=fuse, suffix_length=suffix_length)
-    return _next_token_logits_from(graphdef, state, batch, cache, suffix_length=suffix_length)
+    def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id):
+        model = nnx.merge(self.graphdef, state)
+        logits, cache = model.finish_prompt(batch, cache, batch.tokens.shape[1] + sampling.max_new_tokens)
+        return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
 
 
 class Generator:
@@ -394,7 +401,8 @@ class Generator:
     def __init__(self, model: C2CModel, encoder: PromptEncoder, *, eos_ids: Sequence[int] | None = None):
         self.model = model
         self.encoder = encoder
-        self.graphdef, self.state = nnx.split(model)
+        self.state = nnx.state(model)
+        self.programs = InferencePrograms(model)
         tok = encoder.receiver_tokenizer
         if eos_ids is None:
             eos_ids = set(model.receiver.config.eos_token_ids)
@@ -409,12 +417,12 @@ class Generator:
         if batch.tokens.shape[1] + sampling.max_new_tokens > max_len:
             raise ValueError(f"prompt width {batch.tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} "
                              f"exceeds the receiver's context of {max_len} tokens")
-        return generate_tokens(self.graphdef, self.state, batch, jax.random.key(seed), sampling=sampling,
-                               eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
+        return self.programs.generate(self.state, batch, jax.random.key(seed), sampling=sampling,
+                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
 
     def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1) -> jax.Array:
         """float32 [B, vocab] logits after each prompt: the first-token prediction (time to first token)."""
-        return next_token_logits(self.graphdef, self.state, batch, fuse=fuse, suffix_length=suffix_length)
+        return self.programs.next_token_logits(self.state, batch, fuse=fuse, suffix_length=suffix_length)
 
     def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
              fuse: bool = True, seed: int = 0) -> list[str]:
