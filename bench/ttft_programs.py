@@ -22,6 +22,8 @@ run them at once. This times, on one card and one process, programs that differ 
                                     chunks of `--fuse-chunk` receiver layers, the last token's layer i
                                     right after fused layer i, so they may overlap the prefix passes
     c2c_ttft_small_first_overlapped the passes' first layers, then the overlapped rest: two programs
+    receiver_ttft_two_programs      receiver-only as the library runs it: the prompt pass, then the last
+                                    token + argmax (the last token cannot overlap the pass, as in one)
     c2c_ttft_donated_output         one program writing its token into a donated buffer
     dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
@@ -247,9 +249,9 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def stage_fuse(state, batch, receiver_cache, sharer_caches):
         return fused_prompt_cache(nnx.merge(graphdef, state), batch, receiver_cache, sharer_caches)
 
-    @jax.jit
-    def stage_passes_fuse(state, batch):  # the library's first program (`InferencePrograms`)
-        return nnx.merge(graphdef, state).prompt_cache(batch)
+    @functools.partial(jax.jit, static_argnames="fuse")
+    def stage_passes_fuse(state, batch, fuse=True):  # the library's first program (`InferencePrograms`)
+        return nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse)
 
     @jax.jit
     def stage_suffix(state, batch, cache):  # the library's second program, plus the first token
@@ -309,6 +311,9 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def two_programs(state, batch):
         return stage_suffix(state, batch, stage_passes_fuse(state, batch))
 
+    def receiver_two_programs(state, batch):  # the library's receiver-only route since session 9
+        return stage_suffix(state, batch, stage_passes_fuse(state, batch, fuse=False))
+
     def three_programs(state, batch):
         return stage_suffix(state, batch, stage_fuse(state, batch, *stage_passes(state, batch)))
 
@@ -335,6 +340,7 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
         "c2c_ttft_interleaved": functools.partial(ttft, fuse=True, interleaved=True),
         "c2c_ttft_interleaved_unmasked": functools.partial(ttft, fuse=True, interleaved=True, masked=False),
         "receiver_ttft": functools.partial(ttft, fuse=False),
+        "receiver_ttft_two_programs": receiver_two_programs,
     }
 
 
@@ -380,7 +386,7 @@ def main():
     # First tokens of three prompts (a wrong cache rarely keeps all three argmaxes).
     prompts = [batch] + [dataclasses.replace(batch, tokens=shuffled, sharer_tokens=(shuffled,)) for shuffled in
                          (jax.random.permutation(jax.random.key(i), batch.tokens, axis=1) for i in (1, 2))]
-    outputs = {n: [available[n](state, p)[0] for p in prompts] for n in names if "ttft" in n and "receiver" not in n}
+    outputs = {n: [available[n](state, p)[0] for p in prompts] for n in names if "ttft" in n}
     report.add(what="check_first_tokens", **{n: [int(o[0]) for o in out] for n, out in outputs.items()})
     report.add(what="check_first_token_logits", **{n: [float(o[1]) for o in out] for n, out in outputs.items()})
     samples = {n: [] for n in names}

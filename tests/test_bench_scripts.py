@@ -85,7 +85,7 @@ def test_ttft_program_variants_agree(tmp_path):
                 "both_passes_interleaved,c2c_ttft,c2c_ttft_unmasked,c2c_ttft_interleaved,c2c_ttft_two_programs,"
                 "c2c_ttft_three_programs,c2c_ttft_two_programs_pair_suffix,c2c_ttft_small_first_program,"
                 "c2c_ttft_small_first_pair_suffix,c2c_ttft_overlapped,c2c_ttft_small_first_overlapped,"
-                "c2c_ttft_donated_output,receiver_ttft")
+                "c2c_ttft_donated_output,receiver_ttft,receiver_ttft_two_programs")
     run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--fuse-chunk", "2",
                "--variants", variants,
                out_dir=tmp_path)
@@ -98,6 +98,10 @@ def test_ttft_program_variants_agree(tmp_path):
     assert len(logits) == 11
     for name, values in logits.items():
         np.testing.assert_allclose(values, logits["c2c_ttft"], atol=0.03, err_msg=name)
+    # Receiver-only in one program and in the library's two: the same tokens and logits.
+    assert result["check_first_tokens"]["receiver_ttft"] == result["check_first_tokens"]["receiver_ttft_two_programs"]
+    np.testing.assert_allclose(result["check_first_token_logits"]["receiver_ttft_two_programs"],
+                               result["check_first_token_logits"]["receiver_ttft"], atol=1e-5)
     for check in ("check_both_passes_interleaved", "check_both_passes_unmasked"):
         assert result[check]["max_abs_diff_vs_both_passes"] < 0.05  # at most a bf16 rounding step
     for name in variants.split(","):
