@@ -183,7 +183,7 @@ def prompt_batch(b, t, vocab):
 def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches):
     model = make_c2c(receiver_cfg, sharer_cfg)
     graphdef, state = nnx.split(model)
-    programs = InferencePrograms(model)
+    programs = InferencePrograms(graphdef)
     fuser = model.fusers[0]
     n_params = fuser.config.num_params()
 
@@ -282,8 +282,9 @@ def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
     model = make_c2c(receiver_cfg, sharer_cfg)
     sharer_only = C2CModel(model.sharers[0])
     vocab = receiver_cfg["vocab_size"]
-    c2c, c2c_state = InferencePrograms(model), nnx.state(model)
-    sharer, sharer_state = InferencePrograms(sharer_only), nnx.state(sharer_only)
+    c2c_def, c2c_state = nnx.split(model)
+    sharer_def, sharer_state = nnx.split(sharer_only)
+    c2c, sharer = InferencePrograms(c2c_def), InferencePrograms(sharer_def)
     key = jax.random.key(0)
 
     def first_token(programs, state, batch, fuse):
@@ -341,7 +342,8 @@ def main():
         bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batches)
     if "ttft" in parts:  # TTFT rows alone, for --batches
         model = make_c2c(receiver_cfg, sharer_cfg)
-        programs, state = InferencePrograms(model), nnx.state(model)
+        graphdef, state = nnx.split(model)
+        programs = InferencePrograms(graphdef)
         for t in lengths:
             for b in batches:
                 bench_ttft(report, programs, state, prompt_batch(b, t, receiver_cfg["vocab_size"]))

@@ -239,15 +239,9 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def stage_passes(state, batch):
         return nnx.merge(graphdef, state).prefix_caches(batch, batch.tokens.shape[1])
 
-    def fused_prompt_cache(m, batch, receiver_cache, sharer_caches):
-        """`C2CModel.prompt_cache`'s fusion and rewind, on caches from an earlier program."""
-        split = batch.tokens.shape[1] - 1
-        fused = m.fuse(receiver_cache, sharer_caches, [k.at[:, split:].set(False) for k in batch.fuse_mask])
-        return dataclasses.replace(fused, end=fused.end - 1)
-
     @jax.jit
     def stage_fuse(state, batch, receiver_cache, sharer_caches):
-        return fused_prompt_cache(nnx.merge(graphdef, state), batch, receiver_cache, sharer_caches)
+        return nnx.merge(graphdef, state).fused_prefix(batch, receiver_cache, sharer_caches)
 
     @functools.partial(jax.jit, static_argnames="fuse")
     def stage_passes_fuse(state, batch, fuse=True):  # the library's first program (`InferencePrograms`)
@@ -286,7 +280,7 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
             r["k"], r["v"] = [k], [v]
         _run_layers(runs, first_layers, max(r["depth"] for r in runs))
         receiver_cache, sharer_cache = _caches(runs)
-        return fused_prompt_cache(m, batch, receiver_cache, [sharer_cache])
+        return m.fused_prefix(batch, receiver_cache, [sharer_cache])
 
     @jax.jit
     def overlapped(state, batch):
@@ -370,8 +364,9 @@ def main():
         if "/" in name:
             base, settings = name.split("/")
             match = re.fullmatch(r"f(\d+)c(\d+)", settings)
-            if not match:
-                raise SystemExit(f"variant settings {settings!r} are not f<first layers>c<fuse chunk>")
+            if not match or base not in available:
+                raise SystemExit(f"variant {name!r} is not <variant>/f<first layers>c<fuse chunk> with a variant "
+                                 f"from {sorted(available)}")
             available[name] = programs(graphdef, int(match[1]), int(match[2]))[base]
     unknown = sorted(set(names) - set(available))
     if unknown:

@@ -95,7 +95,7 @@ class C2CModel(nnx.Module):
         themselves: 1 for generation (c2c_reference.md §2.4); the answer prefix's length when scoring
         option logits after "The correct answer is" (§5.4). Receiver-only (`fuse=False`) takes the
         same route minus the sharers and fusers, so with closed gates both give bit-identical logits.
-        `prompt_cache` then `finish_prompt`; the `Generator` runs them as two programs (see there).
+        `prompt_cache` then `finish_prompt`; `InferencePrograms` runs them as two programs (see there).
         """
         cache = self.prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
         return self.finish_prompt(batch, cache, capacity, suffix_length=suffix_length)
@@ -112,7 +112,14 @@ class C2CModel(nnx.Module):
         # over them alone, and the suffix columns' K/V are never fused and are recomputed by
         # `finish_prompt`, on the fused cache, once the cache is rewound to `split`.
         receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
-        if fuse and self.fusers:
+        return self.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length)
+
+    def fused_prefix(self, batch: "PromptBatch", receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
+                     suffix_length: int = 1) -> KVCache:
+        """`prefix_caches`' caches (no sharer caches: no fusion) fused except in the last `suffix_length`
+        columns, and rewound to before them: `prompt_cache`'s result."""
+        if sharer_caches:
+            split = batch.tokens.shape[1] - suffix_length
             fuse_masks = [m.at[:, split:].set(False) for m in batch.fuse_mask]
             with jax.named_scope("fusion"):
                 receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
@@ -348,7 +355,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
 
 
 class InferencePrograms:
-    """Fused inference's jitted programs for one `C2CModel`'s structure; each call takes its state.
+    """Fused inference's jitted programs for one `C2CModel` structure (its graphdef); each call takes its state.
 
     The programs close over the model's graphdef instead of taking it as a static argument, which
     every call would hash and compare: 0.16 ms per program for Qwen3-0.6B <- Qwen2.5-0.5B on a
@@ -364,8 +371,9 @@ class InferencePrograms:
     pass, which one program allows (docs/performance.md, session 10).
     """
 
-    def __init__(self, model: C2CModel):
-        self.graphdef, _ = nnx.split(model)
+    def __init__(self, graphdef: nnx.GraphDef):
+        """graphdef: `nnx.split(c2c_model)[0]`."""
+        self.graphdef = graphdef
         self._prompt_cache = jax.jit(self._prompt_cache_program, static_argnames=("fuse", "suffix_length"))
         self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",))
         self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"))
@@ -401,8 +409,8 @@ class Generator:
     def __init__(self, model: C2CModel, encoder: PromptEncoder, *, eos_ids: Sequence[int] | None = None):
         self.model = model
         self.encoder = encoder
-        self.state = nnx.state(model)
-        self.programs = InferencePrograms(model)
+        graphdef, self.state = nnx.split(model)
+        self.programs = InferencePrograms(graphdef)
         tok = encoder.receiver_tokenizer
         if eos_ids is None:
             eos_ids = set(model.receiver.config.eos_token_ids)
