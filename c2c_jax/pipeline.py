@@ -145,10 +145,31 @@ def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
 
     valid: bool [B, T] real tokens, or None when every row's real tokens come first (padding only
     after them: causality alone then hides it, and the cache marks every column valid).
+
+    With `valid`, the pass runs on each row's real tokens moved to its front (in order, padding
+    after them), where causality alone hides the padding, and moves the K/V columns back. Each real
+    token sees the same keys as under a padding mask, but the attention needs no mask, which cuDNN
+    would read as a [T, T] bias in every layer (docs/performance.md). Padding columns' K/V are
+    unspecified; `valid` keeps them out of every later attention.
     """
     cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
-    _, cache = model(tokens, positions, cache, valid, output="kv")
-    return cache
+    if valid is None:
+        return model(tokens, positions, cache, output="kv")[1]
+    # packed_column[b, c]: where column c goes; real columns first, then padding, each in order.
+    real_before = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - valid
+    pads_before = jnp.arange(valid.shape[1], dtype=jnp.int32) - real_before
+    packed_column = jnp.where(valid, real_before, valid.sum(axis=1, keepdims=True, dtype=jnp.int32) + pads_before)
+    rows = jnp.arange(valid.shape[0])[:, None]
+
+    def pack(a):
+        return jnp.zeros_like(a).at[rows, packed_column].set(a, unique_indices=True)
+
+    _, packed = model(pack(tokens), pack(positions), cache, output="kv")
+
+    def unpack(kv):  # [layers, B, T, kv_heads, head_dim]: column c from packed column packed_column[b, c]
+        return jnp.take_along_axis(kv, packed_column[None, :, :, None, None], axis=2)
+
+    return dataclasses.replace(packed, k=unpack(packed.k), v=unpack(packed.v), valid=valid)
 
 
 def inference_copy(fuser: Fuser) -> Fuser:

@@ -14,7 +14,7 @@ from c2c_jax.alignment import layer_map
 from c2c_jax.checkpoint import FuserCheckpointError, export_upstream_fuser
 from c2c_jax.fuser import Fuser, FuserConfig
 from c2c_jax.models import load_model, load_tokenizer
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig, sample_tokens
+from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig, kv_pass, sample_tokens
 from reference_c2c import reference_fuse
 from tiny_models import make_tiny_model, make_tiny_tokenizer, torch_forward
 
@@ -73,6 +73,23 @@ def test_next_token_logits_match_independent_reference(pair, tmp_path, suffix_le
     assert np.abs(np.asarray(ours) - receiver_only[:, -1]).max() > 1e-3  # fusion really changed the answer
     np.testing.assert_allclose(gen.next_token_logits(batch, fuse=False, suffix_length=suffix_length),
                                receiver_only[:, -1], atol=1e-4, rtol=0)
+
+
+def test_kv_pass_over_padding_matches_transformers_on_each_rows_real_tokens(pair):
+    """Leading padding and padding inside a row (as token alignment inserts): every real column's K/V
+    equal transformers' over that row's real tokens alone, and `valid` is kept."""
+    rng = np.random.default_rng(5)
+    valid = np.ones((3, 14), bool)
+    valid[0, :4] = False  # left padding
+    valid[1, [0, 5, 6, 11]] = False  # leading and inner pads
+    tokens = rng.integers(4, 149, valid.shape)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    cache = kv_pass(pair["receiver"], jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid), 3)
+    np.testing.assert_array_equal(cache.valid, valid)
+    for row in range(3):
+        _, k, v = torch_forward(pair["torch_receiver"], tokens[row, valid[row]][None])
+        np.testing.assert_allclose(np.asarray(cache.k)[:, row, valid[row]], k[:, 0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(cache.v)[:, row, valid[row]], v[:, 0], atol=1e-5, rtol=0)
 
 
 def test_closed_gates_give_receiver_only_logits_exactly(pair):
