@@ -1,13 +1,15 @@
 """`prefix_attention` (two mask-free parts merged by their logsumexp, with its own VJP) against one
 masked softmax differentiated by jax, on the XLA implementation (the cuDNN one shares the merge and
-is checked against it on the GPU by bench/bench_attention.py)."""
+is checked against it on the GPU by bench/bench_attention.py); `cache_attention` after a cache
+(the cache and the new tokens as two parts of one softmax) against NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2c_jax.models.attention import prefix_attention
+from c2c_jax.models.attention import cache_attention, prefix_attention
+from c2c_jax.models.decoder import attention_mask
 
 
 def masked_softmax_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v):
@@ -63,3 +65,33 @@ def test_prefix_attention_under_jit_and_grad_of_a_scalar():
     ref = jax.grad(lambda *a: loss(masked_softmax_attention, *a), argnums=(0, 1, 2, 3, 4))
     for got, want in zip(ours(q, pk, pv, nk, nv), ref(q, pk, pv, nk, nv)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_new", [1, 3])
+def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_new):
+    """New tokens at columns [end, end + T) of a cache whose columns from `end` on hold stale K/V (as
+    after the pipeline rewinds a prompt cache) and with padding among the cached columns: the same
+    as NumPy softmax attention over the cache with the new K/V written in, under the decoder's mask."""
+    b, s, heads, kv_heads, d, end = 2, 12, 4, 2, 8, 7
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(b, num_new, heads, d)).astype(np.float32)
+    cached_k, cached_v = (rng.normal(size=(b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
+    new_k, new_v = (rng.normal(size=(b, num_new, kv_heads, d)).astype(np.float32) for _ in range(2))
+    valid = np.ones((b, s), bool)
+    valid[0, :3] = False  # left padding
+    valid[1, 4] = False  # a pad inside the row
+    new_valid = np.ones((b, num_new), bool)
+    valid[:, end:end + num_new] = new_valid
+    mask = attention_mask(jnp.asarray(valid), end, num_new)
+    ours = cache_attention(q, new_k, new_v, cached_k, cached_v, mask=mask, end=jnp.asarray(end, jnp.int32),
+                           implementation="xla")
+
+    keys, values = cached_k.copy(), cached_v.copy()
+    keys[:, end:end + num_new], values[:, end:end + num_new] = new_k, new_v
+    keys, values = np.repeat(keys, heads // kv_heads, axis=2), np.repeat(values, heads // kv_heads, axis=2)
+    scores = np.einsum("btnd,bsnd->bnts", q, keys) / np.sqrt(d)
+    scores = np.where(np.asarray(mask), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    reference = np.einsum("bnts,bsnd->btnd", weights, values)
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)

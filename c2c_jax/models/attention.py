@@ -1,7 +1,9 @@
 """The decoder's attention: over a KV cache, and over a prefix cache followed by new tokens.
 
 `cache_attention` serves prefill and decode: the new tokens' queries over a cache with a per-column
-validity mask, through `jax.nn.dot_product_attention`.
+validity mask. A fresh prefill goes through `jax.nn.dot_product_attention` (cuDNN on GPU). New
+tokens after a cache (decode, the last prompt token) attend to the cache and to themselves as two
+parts of one softmax, so the layer's cache slice is only read (see `_cache_then_new_attention`).
 
 `prefix_attention` serves the training suffix pass (`Decoder.extend`): new tokens (a receiver's
 answer) over a whole prefix cache (the fused prompt) and causally over themselves. In one
@@ -48,14 +50,54 @@ def cache_attention(q, k_new, v_new, cached_k=None, cached_v=None, *, mask, end,
     lets cuDNN skip the blocks above the diagonal (a mask, if given, already implies causality).
     """
     fresh = cached_k is None
+    impl = resolve_implementation(implementation, q, q.shape[1])
     if fresh:
-        keys, values = k_new, v_new
-    else:
-        keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
-        values = jax.lax.dynamic_update_slice(cached_v, v_new.astype(cached_v.dtype), (0, end, 0, 0))
-    return jax.nn.dot_product_attention(
-        q.astype(keys.dtype), keys, values, mask=mask, is_causal=fresh,
-        implementation=resolve_implementation(implementation, q, q.shape[1]))
+        return jax.nn.dot_product_attention(q.astype(k_new.dtype), k_new, v_new, mask=mask, is_causal=True,
+                                            implementation=impl)
+    if impl == "xla":
+        return _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end)
+    keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
+    values = jax.lax.dynamic_update_slice(cached_v, v_new.astype(cached_v.dtype), (0, end, 0, 0))
+    return jax.nn.dot_product_attention(q.astype(keys.dtype), keys, values, mask=mask, implementation=impl)
+
+
+def _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end):
+    """XLA attention of T new tokens over the cache's columns before `end` and over their own K/V
+    (which belong at columns [end, end + T)), as two parts of one softmax.
+
+    Writing the new K/V into the layer's cache slice first, as one attention over the slice needs,
+    makes XLA copy every layer's slice out of the stacked cache before the layers run: 0.13 ms of a
+    512-token prompt's last token on an H200 (docs/performance.md). Here the slice is only read, and
+    the caller writes the new K/V into the stacked cache once. Same arithmetic as
+    `jax.nn.dot_product_attention`'s XLA route: float32 scores and softmax, probabilities in the
+    cache's dtype.
+    """
+    b, t, n, d = q.shape
+    s, kv_heads = cached_k.shape[1], cached_k.shape[2]
+    dtype = cached_k.dtype
+    grouped_q = _grouped(q.astype(dtype), kv_heads)  # [B, T, kv_heads, group, D]
+    if mask is None:
+        mask = jnp.ones((b, 1, t, s), bool)
+    # mask [B, 1, T, S] covers the whole cache with the new tokens at [end, end + T): columns from
+    # `end` on hold nothing yet (or stale K/V), so the cached part stops before them.
+    cached_visible = (mask & (jnp.arange(s) < end))[:, :, None]
+    new_visible = jax.lax.dynamic_slice_in_dim(mask, end, t, axis=3)[:, :, None]
+
+    def scores(keys, visible):
+        raw = jnp.einsum("btkgd,bskd->bkgts", grouped_q, keys.astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.where(visible, raw * np.float32(1 / np.sqrt(d)), _MASKED)
+
+    cached_scores, new_scores = scores(cached_k, cached_visible), scores(k_new, new_visible)
+    top = jnp.maximum(cached_scores.max(-1, keepdims=True), new_scores.max(-1, keepdims=True))
+    cached_p, new_p = jnp.exp(cached_scores - top), jnp.exp(new_scores - top)
+    total = cached_p.sum(-1, keepdims=True) + new_p.sum(-1, keepdims=True)  # >= 1: each query sees itself
+
+    def weighted(p, values):
+        return jnp.einsum("bkgts,bskd->btkgd", (p / total).astype(dtype), values.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    out = weighted(cached_p, cached_v) + weighted(new_p, v_new)
+    return out.reshape(b, t, n, d).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
