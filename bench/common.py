@@ -61,6 +61,18 @@ def time_ms(fn, *args, warmup: int = 2, iters: int = 10) -> float:
     return statistics.median(samples)
 
 
+def dispatch_ms(fn, *args, iters: int = 10) -> float:
+    """Median host time in ms until `fn(*args)` returns, before its results are waited for: what
+    dispatching its programs costs the host (they are compiled by then)."""
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        out = fn(*args)
+        samples.append((time.perf_counter() - start) * 1e3)
+        jax.block_until_ready(out)
+    return statistics.median(samples)
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.device_kind} ({d.platform}, {jax.device_count()} device(s), jax {jax.__version__})"

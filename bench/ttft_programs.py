@@ -4,10 +4,10 @@ Issue 3's C2C TTFT (512 tokens, batch 1) is about the serial sum of its parts, a
 receiver's and the sharer's prefix passes are independent and `CONCURRENT` command buffers could
 run them at once. This times, on one card and one process, programs that differ in one thing:
 
-    receiver_pass, sharer_pass      each prefix pass alone (with the pipeline's padding mask)
+    receiver_pass, sharer_pass      each prefix pass alone (as the library runs it: `kv_pass`)
     both_passes                     both, in one program, one after the other in program order
     both_passes_interleaved         both, layer i of each before layer i + 1 of either
-    *_unmasked                      the same without the padding mask (what an unpadded batch needs)
+    *_unmasked                      the same as if no column were padding (`kv_pass` without `valid`)
     c2c_ttft, receiver_ttft         `C2CModel.prefill` + argmax as one program (the route up to session 8)
     c2c_ttft_interleaved            the same with interleaved prefix passes
     c2c_ttft_two_programs           prompt cache + fusion, then the last token + argmax: the library's
@@ -24,12 +24,23 @@ run them at once. This times, on one card and one process, programs that differ 
     c2c_ttft_small_first_overlapped the passes' first layers, then the overlapped rest: two programs
     receiver_ttft_two_programs      receiver-only as the library runs it: the prompt pass, then the last
                                     token + argmax (the last token cannot overlap the pass, as in one)
+    *_two_programs_masked           c2c_ttft_two_programs or receiver_ttft_two_programs with prefix passes
+                                    that hide padding by an attention mask (the library up to session 10)
+                                    instead of moving each row's real tokens to its front
+    *_two_programs_slice_write      the same two programs with the last token's attention of the library
+                                    up to session 10: its K/V written into the layer's cache slice, then
+                                    one attention over the slice (`cache_attention` now attends to the
+                                    cache and the new tokens as two parts of one softmax)
+    *_two_programs_rope_rev         the same two programs with RoPE's rotate-half as a reversal of the two
+                                    halves (no concatenation, which may keep XLA from fusing RoPE into
+                                    the q/k-norm's kernel)
     c2c_ttft_donated_output         one program writing its token into a donated buffer
     dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
-If both_passes ~ receiver_pass + sharer_pass, the two passes do not overlap. `--pipelined N` also
-times N calls queued back to back: the difference to one synchronised call is host work that the
-GPU waits for.
+If both_passes ~ receiver_pass + sharer_pass, the two passes do not overlap. Every variant also
+reports `dispatch_ms`, the host's time until all its programs are dispatched (before any result is
+waited for). `--pipelined N` also times N calls queued back to back: the difference to one
+synchronised call is host work that the GPU waits for.
 
     python bench/ttft_programs.py [--variants a,b/f10c2,...] [--rounds 3] [--pipelined N] [--smoke]
 
@@ -62,7 +73,7 @@ from flax import nnx  # noqa: E402
 import bench_inference as bi  # noqa: E402
 import common  # noqa: E402
 from c2c_jax.models import KVCache  # noqa: E402
-from c2c_jax.models.attention import cache_attention  # noqa: E402
+from c2c_jax.models.attention import cache_attention, resolve_implementation  # noqa: E402
 from c2c_jax.models.decoder import attention_mask, rope_tables  # noqa: E402
 from c2c_jax.fuser import Fuser  # noqa: E402
 from c2c_jax.pipeline import C2CModel, kv_pass  # noqa: E402
@@ -186,6 +197,30 @@ def overlapped_route(m, batch, chunk: int, resume=None):
     return first_token(m.receiver.logits(m.receiver.norm(x)[:, -1]))
 
 
+def masked_kv_pass(model, tokens, positions, valid, depth):
+    """`kv_pass` as the library ran it up to session 10: padding hidden by an attention mask."""
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
+    return model(tokens, positions, cache, valid, output="kv")[1]
+
+
+def slice_write_cache_attention(q, k_new, v_new, cached_k=None, cached_v=None, *, mask, end, implementation):
+    """`cache_attention` as the library ran it up to session 10."""
+    if cached_k is None:
+        return cache_attention(q, k_new, v_new, mask=mask, end=end, implementation=implementation)
+    keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
+    values = jax.lax.dynamic_update_slice(cached_v, v_new.astype(cached_v.dtype), (0, end, 0, 0))
+    return jax.nn.dot_product_attention(q.astype(keys.dtype), keys, values, mask=mask,
+                                        implementation=resolve_implementation(implementation, q, q.shape[1]))
+
+
+def apply_rope_rev(x, cos, sin):
+    """`apply_rope` with rotate-half as a reversal of the halves times (-1, 1) instead of a concatenation."""
+    x32 = x.astype(jnp.float32)
+    halves = x32.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
+    rotated = (halves[..., ::-1, :] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]).reshape(x.shape)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
 def first_token(logits):
     """float32 [B, 2]: the greedy first token and its logit (which the variants' check compares too)."""
     return jnp.stack([jnp.argmax(logits, -1).astype(jnp.float32), jnp.max(logits, -1)], axis=-1)
@@ -247,10 +282,20 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def stage_passes_fuse(state, batch, fuse=True):  # the library's first program (`InferencePrograms`)
         return nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse)
 
+    @functools.partial(jax.jit, static_argnames="fuse")
+    def stage_masked_passes_fuse(state, batch, fuse=True):
+        with mock.patch("c2c_jax.pipeline.kv_pass", masked_kv_pass):  # only tracing reads it
+            return nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse)
+
     @jax.jit
     def stage_suffix(state, batch, cache):  # the library's second program, plus the first token
         logits, _ = nnx.merge(graphdef, state).finish_prompt(batch, cache, batch.tokens.shape[1])
         return first_token(logits)
+
+    @jax.jit
+    def stage_suffix_slice_write(state, batch, cache):
+        with mock.patch("c2c_jax.models.decoder.cache_attention", slice_write_cache_attention):  # tracing only
+            return stage_suffix.__wrapped__(state, batch, cache)
 
     @jax.jit
     def stage_suffix_pair(state, batch, cache):
@@ -308,6 +353,25 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def receiver_two_programs(state, batch):  # the library's receiver-only route since session 9
         return stage_suffix(state, batch, stage_passes_fuse(state, batch, fuse=False))
 
+    def two_programs_masked(state, batch, fuse=True):
+        return stage_suffix(state, batch, stage_masked_passes_fuse(state, batch, fuse=fuse))
+
+    def two_programs_slice_write(state, batch, fuse=True):
+        return stage_suffix_slice_write(state, batch, stage_passes_fuse(state, batch, fuse=fuse))
+
+    @functools.partial(jax.jit, static_argnames="fuse")
+    def stage_passes_fuse_rope_rev(state, batch, fuse=True):
+        with mock.patch("c2c_jax.models.decoder.apply_rope", apply_rope_rev):  # tracing only
+            return stage_passes_fuse.__wrapped__(state, batch, fuse=fuse)
+
+    @jax.jit
+    def stage_suffix_rope_rev(state, batch, cache):
+        with mock.patch("c2c_jax.models.decoder.apply_rope", apply_rope_rev):  # tracing only
+            return stage_suffix.__wrapped__(state, batch, cache)
+
+    def two_programs_rope_rev(state, batch, fuse=True):
+        return stage_suffix_rope_rev(state, batch, stage_passes_fuse_rope_rev(state, batch, fuse=fuse))
+
     def three_programs(state, batch):
         return stage_suffix(state, batch, stage_fuse(state, batch, *stage_passes(state, batch)))
 
@@ -315,6 +379,12 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     return {
         "c2c_ttft_two_programs": two_programs,
         "c2c_ttft_two_programs_pair_suffix": two_programs_pair_suffix,
+        "c2c_ttft_two_programs_masked": two_programs_masked,
+        "receiver_ttft_two_programs_masked": functools.partial(two_programs_masked, fuse=False),
+        "c2c_ttft_two_programs_slice_write": two_programs_slice_write,
+        "receiver_ttft_two_programs_slice_write": functools.partial(two_programs_slice_write, fuse=False),
+        "c2c_ttft_two_programs_rope_rev": two_programs_rope_rev,
+        "receiver_ttft_two_programs_rope_rev": functools.partial(two_programs_rope_rev, fuse=False),
         "c2c_ttft_small_first_program": small_first_program,
         "c2c_ttft_small_first_pair_suffix": small_first_pair_suffix,
         "c2c_ttft_overlapped": overlapped,
@@ -390,7 +460,8 @@ def main():
             samples[n].append(common.time_ms(available[n], state, batch))
             print(f"round {round_}: {n} {samples[n][-1]:.3f} ms", flush=True)
     for n in names:
-        row = dict(median_ms=round(statistics.median(samples[n]), 3), each_round_ms=[round(s, 3) for s in samples[n]])
+        row = dict(median_ms=round(statistics.median(samples[n]), 3), each_round_ms=[round(s, 3) for s in samples[n]],
+                   dispatch_ms=round(common.dispatch_ms(available[n], state, batch), 3))
         if args.pipelined and n != "c2c_ttft_donated_output":
             # Throughput with calls queued back to back: the GPU's time per call, once host work
             # (dispatch, command-buffer launch) overlaps the previous call's kernels.

@@ -80,32 +80,39 @@ def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
 
 def test_ttft_program_variants_agree(tmp_path):
     """bench/ttft_programs.py's variants of the C2C TTFT route (interleaved prefix passes, no padding
-    mask, two or three programs, a donated output) compute what the library's route does."""
+    mask, masked prefix passes, the last token's attention written into the cache first, RoPE by
+    reversal, two or three programs, a donated output) compute what the library's route does."""
     variants = ("dispatch_floor,receiver_pass,receiver_pass_unmasked,sharer_pass,both_passes,both_passes_unmasked,"
                 "both_passes_interleaved,c2c_ttft,c2c_ttft_unmasked,c2c_ttft_interleaved,c2c_ttft_two_programs,"
                 "c2c_ttft_three_programs,c2c_ttft_two_programs_pair_suffix,c2c_ttft_small_first_program,"
                 "c2c_ttft_small_first_pair_suffix,c2c_ttft_overlapped,c2c_ttft_small_first_overlapped,"
-                "c2c_ttft_donated_output,receiver_ttft,receiver_ttft_two_programs")
+                "c2c_ttft_donated_output,c2c_ttft_two_programs_masked,c2c_ttft_two_programs_slice_write,"
+                "c2c_ttft_two_programs_rope_rev,receiver_ttft,receiver_ttft_two_programs,receiver_ttft_two_programs_masked,"
+                "receiver_ttft_two_programs_slice_write,receiver_ttft_two_programs_rope_rev")
     run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--fuse-chunk", "2",
                "--variants", variants,
                out_dir=tmp_path)
     result = {r["what"]: r for r in rows(tmp_path / "ttft_programs.jsonl")[1:]}
     first = {k: tuple(v) for k, v in result["check_first_tokens"].items() if k.startswith("c2c_ttft")}
-    assert len(first) == 11 and len(set(first.values())) == 1, first  # three prompts, eleven routes
+    assert len(first) == 14 and len(set(first.values())) == 1, first  # three prompts, fourteen routes
     # ... and with the same logit, up to bf16 rounding in the caches of interleaved or staged passes
     # (0.01 here; logits of the masked copy in the pair suffix, a wrong route, are 0.15 off).
     logits = {k: v for k, v in result["check_first_token_logits"].items() if k.startswith("c2c_ttft")}
-    assert len(logits) == 11
+    assert len(logits) == 14
     for name, values in logits.items():
         np.testing.assert_allclose(values, logits["c2c_ttft"], atol=0.03, err_msg=name)
-    # Receiver-only in one program and in the library's two: the same tokens and logits.
-    assert result["check_first_tokens"]["receiver_ttft"] == result["check_first_tokens"]["receiver_ttft_two_programs"]
-    np.testing.assert_allclose(result["check_first_token_logits"]["receiver_ttft_two_programs"],
-                               result["check_first_token_logits"]["receiver_ttft"], atol=1e-5)
+    # Receiver-only in one program, in the library's two, with masked prefix passes, with the last
+    # token's attention of session 10 and with RoPE by reversal: the same tokens and logits.
+    for name in ("receiver_ttft_two_programs", "receiver_ttft_two_programs_masked",
+                 "receiver_ttft_two_programs_slice_write", "receiver_ttft_two_programs_rope_rev"):
+        assert result["check_first_tokens"][name] == result["check_first_tokens"]["receiver_ttft"]
+        np.testing.assert_allclose(result["check_first_token_logits"][name],
+                                   result["check_first_token_logits"]["receiver_ttft"], atol=1e-5)
     for check in ("check_both_passes_interleaved", "check_both_passes_unmasked"):
         assert result[check]["max_abs_diff_vs_both_passes"] < 0.05  # at most a bf16 rounding step
     for name in variants.split(","):
         assert result[name]["median_ms"] > 0 and len(result[name]["each_round_ms"]) == 1
+        assert 0 < result[name]["dispatch_ms"] < result[name]["median_ms"] * 10
         assert name == "c2c_ttft_donated_output" or result[name]["pipelined_ms_per_call"] > 0
 
 
