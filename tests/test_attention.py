@@ -95,3 +95,10 @@ def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_n
     weights /= weights.sum(-1, keepdims=True)
     reference = np.einsum("bnts,bsnd->btnd", weights, values)
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_cache_attention_after_a_cache_without_a_mask_is_an_error():
+    q, k = jnp.zeros((1, 1, 2, 4)), jnp.zeros((1, 1, 2, 4))
+    cached = jnp.zeros((1, 6, 2, 4))
+    with pytest.raises(ValueError, match="needs its mask"):
+        cache_attention(q, k, k, cached, cached, mask=None, end=3, implementation="xla")

@@ -48,12 +48,16 @@ def cache_attention(q, k_new, v_new, cached_k=None, cached_v=None, *, mask, end,
     cached_k, cached_v: [B, S, kv_heads, head_dim], or None for a fresh prefill (the new tokens fill
     the whole cache): attention then reads the new K/V directly and is causal from column 0, which
     lets cuDNN skip the blocks above the diagonal (a mask, if given, already implies causality).
+    mask: bool [B, 1, T, S] over the whole cache, new tokens at columns [end, end + T)
+    (`models.decoder.attention_mask`); required after a cache.
     """
     fresh = cached_k is None
     impl = resolve_implementation(implementation, q, q.shape[1])
     if fresh:
         return jax.nn.dot_product_attention(q.astype(k_new.dtype), k_new, v_new, mask=mask, is_causal=True,
                                             implementation=impl)
+    if mask is None:  # the cache's columns from `end` on are not keys yet: only a mask says so
+        raise ValueError("attention after a cache needs its mask (see models.decoder.attention_mask)")
     if impl == "xla":
         return _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end)
     keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
@@ -76,8 +80,6 @@ def _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end):
     s, kv_heads = cached_k.shape[1], cached_k.shape[2]
     dtype = cached_k.dtype
     grouped_q = _grouped(q.astype(dtype), kv_heads)  # [B, T, kv_heads, group, D]
-    if mask is None:
-        mask = jnp.ones((b, 1, t, s), bool)
     # mask [B, 1, T, S] covers the whole cache with the new tokens at [end, end + T): columns from
     # `end` on hold nothing yet (or stale K/V), so the cached part stops before them.
     cached_visible = (mask & (jnp.arange(s) < end))[:, :, None]
