@@ -138,3 +138,14 @@ def test_ab_runs_each_side_on_its_own_tree(tmp_path):
     ttft = summary["rows"]["bench=inference what=ttft tokens=32 batch=1"]
     assert all(len(ttft[field][side]) == 1 and ttft[field][side][0] > 0
                for field in ("c2c_ms", "receiver_only_ms") for side in ("base", "new"))
+
+
+def test_gemv_ways_compute_the_same_layer_chain(tmp_path):
+    """bench/bench_gemv.py's three one-row products (XLA two rows, XLA vector, a Pallas kernel in
+    interpret mode, with K split over several programs) agree with a float32 chain up to bf16."""
+    run_script("bench_gemv.py", out_dir=tmp_path)
+    result = {r["what"]: r for r in rows(tmp_path / "bench_gemv.jsonl")[1:]}
+    assert set(result) == {"xla_rows", "xla_vector", "pallas"}
+    for row in result.values():
+        assert row["products"] == 12 and row["us_per_product"] > 0
+        assert row["max_abs_diff_vs_float32"] < 0.03 * row["reference_max_abs"]
