@@ -220,8 +220,8 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
 
 def bench_ttft(report, programs: InferencePrograms, state, batch):
     """C2C and receiver-only time to first token: the library's route to the first token's logits
-    (`InferencePrograms.next_token_logits`: C2C as two programs since session 9; before, and
-    receiver-only again since session 10, one program; up to session 8 with an argmax)."""
+    (`InferencePrograms.next_token_logits`: two programs, for C2C since session 9 and for
+    receiver-only since session 10; before, one program, up to session 8 with an argmax)."""
     def ttft(state, batch, fuse_flag):
         return programs.next_token_logits(state, batch, fuse=fuse_flag)
 

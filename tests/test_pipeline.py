@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from c2c_jax.alignment import layer_map
+from c2c_jax.alignment import layer_map, own_positions
 from c2c_jax.checkpoint import FuserCheckpointError, export_upstream_fuser
 from c2c_jax.fuser import Fuser, FuserConfig
 from c2c_jax.models import load_model, load_tokenizer
@@ -83,7 +83,7 @@ def test_kv_pass_over_padding_matches_transformers_on_each_rows_real_tokens(pair
     valid[0, :4] = False  # left padding
     valid[1, [0, 5, 6, 11]] = False  # leading and inner pads
     tokens = rng.integers(4, 149, valid.shape)
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    positions = own_positions(valid)
     cache = kv_pass(pair["receiver"], jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid), 3)
     np.testing.assert_array_equal(cache.valid, valid)
     for row in range(3):
