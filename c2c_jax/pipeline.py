@@ -28,6 +28,7 @@ from flax import nnx
 from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
 from c2c_jax.fuser import Fuser
 from c2c_jax.models import Decoder, KVCache
+from c2c_jax.models.kv_cache import decode_capacity
 
 MultiSharerMode = Literal["sequential", "parallel"]
 SharerPositions = Literal["shared", "own"]
@@ -420,7 +421,7 @@ class InferencePrograms:
 
     def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id):
         model = nnx.merge(self.graphdef, state)
-        logits, cache = model.finish_prompt(batch, cache, batch.tokens.shape[1] + sampling.max_new_tokens)
+        logits, cache = model.finish_prompt(batch, cache, decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens))
         return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2c_jax.models.attention import cache_attention, prefix_attention
+from c2c_jax.models.attention import cache_attention, prefix_attention, resolve_implementation
 from c2c_jax.models.decoder import attention_mask
 
 
@@ -67,15 +67,17 @@ def test_prefix_attention_under_jit_and_grad_of_a_scalar():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
 @pytest.mark.parametrize("num_new", [1, 3])
-def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_new):
+def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_new, implementation):
     """New tokens at columns [end, end + T) of a cache whose columns from `end` on hold stale K/V (as
     after the pipeline rewinds a prompt cache) and with padding among the cached columns: the same
-    as NumPy softmax attention over the cache with the new K/V written in, under the decoder's mask."""
-    b, s, heads, kv_heads, d, end = 2, 12, 4, 2, 8, 7
+    as NumPy softmax attention over the cache with the new K/V written in, under the decoder's mask.
+    "pallas" is the Pallas decode kernel (in Pallas' interpreter here) for one new token."""
+    layers, layer, b, s, heads, kv_heads, d, end = 3, 1, 2, 16, 4, 2, 8, 7
     rng = np.random.default_rng(0)
     q = rng.normal(size=(b, num_new, heads, d)).astype(np.float32)
-    cached_k, cached_v = (rng.normal(size=(b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
+    cache_k, cache_v = (rng.normal(size=(layers, b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
     new_k, new_v = (rng.normal(size=(b, num_new, kv_heads, d)).astype(np.float32) for _ in range(2))
     valid = np.ones((b, s), bool)
     valid[0, :3] = False  # left padding
@@ -83,9 +85,12 @@ def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_n
     new_valid = np.ones((b, num_new), bool)
     valid[:, end:end + num_new] = new_valid
     mask = attention_mask(jnp.asarray(valid), end, num_new)
-    ours = cache_attention(q, new_k, new_v, cached_k, cached_v, mask=mask, end=jnp.asarray(end, jnp.int32),
-                           implementation="xla")
+    expected_route = "pallas" if implementation == "pallas" and num_new == 1 else "xla"
+    assert resolve_implementation(implementation, jnp.asarray(q), num_new, cache_k) == expected_route
+    ours = cache_attention(q, new_k, new_v, cache_k, cache_v, layer, mask=mask, end=jnp.asarray(end, jnp.int32),
+                           implementation=implementation)
 
+    cached_k, cached_v = cache_k[layer], cache_v[layer]
     keys, values = cached_k.copy(), cached_v.copy()
     keys[:, end:end + num_new], values[:, end:end + num_new] = new_k, new_v
     keys, values = np.repeat(keys, heads // kv_heads, axis=2), np.repeat(values, heads // kv_heads, axis=2)
@@ -99,6 +104,9 @@ def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_n
 
 def test_cache_attention_after_a_cache_without_a_mask_is_an_error():
     q, k = jnp.zeros((1, 1, 2, 4)), jnp.zeros((1, 1, 2, 4))
-    cached = jnp.zeros((1, 6, 2, 4))
-    with pytest.raises(ValueError, match="needs its mask"):
-        cache_attention(q, k, k, cached, cached, mask=None, end=3, implementation="xla")
+    cached = jnp.zeros((2, 1, 16, 2, 4))
+    for implementation in ("xla", "pallas"):
+        with pytest.raises(ValueError, match="needs its mask"):
+            cache_attention(q, k, k, cached, cached, 1, mask=None, end=3, implementation=implementation)
+    with pytest.raises(ValueError, match="unknown attention implementation 'triton'"):
+        cache_attention(q, k, k, cached, cached, 1, mask=None, end=3, implementation="triton")

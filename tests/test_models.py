@@ -77,6 +77,25 @@ def test_batch_one_decode_matches_transformers(tiny, one_row_gemm):
     np.testing.assert_allclose(cache.v, ref_v, atol=TOL, rtol=0)
 
 
+def test_pallas_decode_attention_matches_transformers(tiny):
+    """The GPU's Pallas kernel for one new token's attention over a cache, run by Pallas'
+    interpreter: a prompt, then decode steps on its cache, against transformers' full forward."""
+    _, torch_model, _, directory = tiny
+    model = load_model(directory, dtype=jnp.float32, attention_impl="pallas")
+    tokens = np.random.default_rng(3).integers(0, 160, (2, 11))
+    ref_logits, ref_k, ref_v = torch_forward(torch_model, tokens)
+    positions = jnp.asarray(np.broadcast_to(np.arange(11), (2, 11)))
+    cache = model.init_cache(2, 16)  # a capacity the decode kernel tiles (kv_cache.decode_capacity)
+    logits, cache = model(jnp.asarray(tokens[:, :8]), positions[:, :8], cache)
+    steps = [logits]
+    for t in range(8, 11):
+        step_logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache)
+        steps.append(step_logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), ref_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.k[:, :, :11], ref_k, atol=TOL, rtol=0)
+    np.testing.assert_allclose(cache.v[:, :, :11], ref_v, atol=TOL, rtol=0)
+
+
 def test_left_padded_batch_equals_rows_alone(tiny):
     _, _, model, _ = tiny
     rng = np.random.default_rng(2)

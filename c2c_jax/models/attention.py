@@ -3,7 +3,9 @@
 `cache_attention` serves prefill and decode: the new tokens' queries over a cache with a per-column
 validity mask. A fresh prefill goes through `jax.nn.dot_product_attention` (cuDNN on GPU). New
 tokens after a cache (decode, the last prompt token) attend to the cache and to themselves as two
-parts of one softmax, so the layer's cache slice is only read (see `_cache_then_new_attention`).
+parts of one softmax, so the layer's cache slice is only read (see `_cache_then_new_attention`); on
+a GPU one new token per row goes to a Pallas kernel that reads the stacked cache in place
+(`decode_attention`, inference only: it has no VJP).
 
 `prefix_attention` serves the training suffix pass (`Decoder.extend`): new tokens (a receiver's
 answer) over a whole prefix cache (the fused prompt) and causally over themselves. In one
@@ -30,34 +32,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AttentionImpl = Literal["auto", "xla", "cudnn"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 _MASKED = -1e30  # score of a hidden key: exp(_MASKED - lse) == 0 in float32, and never NaN
+_DECODE_BLOCK = 64  # cached keys per program of the Pallas decode kernel
 
 
-def resolve_implementation(setting: AttentionImpl, q: jax.Array, num_new: int) -> Literal["xla", "cudnn"]:
-    """cuDNN flash attention pays off for prefill on GPU; single-token decode stays on XLA."""
-    if setting != "auto":
+def resolve_implementation(setting: AttentionImpl, q: jax.Array, num_new: int, cache_k: jax.Array | None = None
+                           ) -> Literal["xla", "cudnn", "pallas"]:
+    """On a GPU: cuDNN flash attention for prefill, the Pallas kernel `decode_attention` for one new
+    token after a cache (decode, the last prompt token); XLA elsewhere. "pallas" asks for that kernel
+    wherever it applies, XLA otherwise; off the GPU it runs in Pallas' interpreter (for tests)."""
+    if setting not in ("auto", "xla", "cudnn", "pallas"):
+        raise ValueError(f"unknown attention implementation {setting!r}; choose 'auto', 'xla', 'cudnn' or 'pallas'")
+    fits_pallas = cache_k is not None and _pallas_decode_fits(q, num_new, cache_k)
+    if setting == "pallas" and fits_pallas:
+        return "pallas"
+    if setting not in ("auto", "pallas"):
         return setting
     on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and fits_pallas:
+        return "pallas"
     return "cudnn" if on_gpu and num_new > 1 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
-def cache_attention(q, k_new, v_new, cached_k=None, cached_v=None, *, mask, end, implementation: AttentionImpl):
-    """Queries q [B, T, heads, head_dim] over a layer's cache with the new K/V written at column `end`.
+def cache_attention(q, k_new, v_new, cache_k=None, cache_v=None, layer=None, *, mask, end,
+                    implementation: AttentionImpl):
+    """Queries q [B, T, heads, head_dim] over layer `layer` of a cache, the new K/V belonging at column `end`.
 
-    cached_k, cached_v: [B, S, kv_heads, head_dim], or None for a fresh prefill (the new tokens fill
-    the whole cache): attention then reads the new K/V directly and is causal from column 0, which
-    lets cuDNN skip the blocks above the diagonal (a mask, if given, already implies causality).
+    cache_k, cache_v: the whole stacked cache [layers, B, S, kv_heads, head_dim] and `layer` an int
+    (or a traced int32 in a scan); or None for a fresh prefill (the new tokens fill the whole
+    cache): attention then reads the new K/V directly and is causal from column 0, which lets cuDNN
+    skip the blocks above the diagonal (a mask, if given, already implies causality). The cache is
+    only read: the caller writes the new K/V.
     mask: bool [B, 1, T, S] over the whole cache, new tokens at columns [end, end + T)
     (`models.decoder.attention_mask`); required after a cache.
     """
-    fresh = cached_k is None
-    impl = resolve_implementation(implementation, q, q.shape[1])
+    fresh = cache_k is None
+    impl = resolve_implementation(implementation, q, q.shape[1], cache_k)
     if fresh:
         return jax.nn.dot_product_attention(q.astype(k_new.dtype), k_new, v_new, mask=mask, is_causal=True,
                                             implementation=impl)
     if mask is None:  # the cache's columns from `end` on are not keys yet: only a mask says so
         raise ValueError("attention after a cache needs its mask (see models.decoder.attention_mask)")
+    if impl == "pallas":
+        # A new token sees itself and the cached columns before `end` that its mask shows.
+        cached_visible = mask[:, 0, 0, :] & (jnp.arange(cache_k.shape[2]) < end)
+        return decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible)
+    cached_k, cached_v = cache_k[layer], cache_v[layer]
     if impl == "xla":
         return _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end)
     keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
@@ -100,6 +121,77 @@ def _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end):
 
     out = weighted(cached_p, cached_v) + weighted(new_p, v_new)
     return out.reshape(b, t, n, d).astype(q.dtype)
+
+
+def _pallas_decode_fits(q, num_new, cache_k) -> bool:
+    """The decode kernel's constraints: one new token, power-of-two head_dim (Triton's blocks), and
+    a cache capacity that its key blocks tile (the pipeline rounds capacities to 64 columns)."""
+    head_dim, capacity = q.shape[-1], cache_k.shape[2]
+    return (num_new == 1 and head_dim & (head_dim - 1) == 0 and capacity % 16 == 0
+            and q.shape[2] % cache_k.shape[3] == 0)
+
+
+def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
+    """One new token per row over layer `layer` of the stacked cache and over its own K/V:
+    `_cache_then_new_attention` for T = 1, as a Pallas (Triton) kernel and one XLA reduction.
+
+    q [B, 1, heads, D]; k_new, v_new [B, 1, kv_heads, D]; cache_k, cache_v [layers, B, S, kv_heads, D],
+    read in place (a custom call's operand that is a slice of the stack would be copied first);
+    cached_visible: bool [B, S]. The kernel runs one program per row, query head and block of
+    cached keys, each a softmax over its block (the first block's also over the new key); the
+    blocks are then merged by their maxima and sums (flash-decoding). One program per row and head
+    looping over the blocks was latency-bound: slower than XLA at batch 1 (docs/performance.md).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pallas_triton
+
+    b, _, n, d = q.shape
+    _, _, s, kv_heads, _ = cache_k.shape
+    group = n // kv_heads
+    block = min(s & -s, _DECODE_BLOCK)
+    # Hidden cached keys get _MASKED added to their score; the new key is always seen.
+    bias = jnp.where(cached_visible, np.float32(0), np.float32(_MASKED))
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    scale = float(1 / np.sqrt(d))
+
+    def kernel(q_ref, k_new_ref, v_new_ref, k_ref, v_ref, layer_ref, bias_ref, acc_ref, stats_ref):
+        row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        kv_head, index, keys = head // group, layer_ref[0], pl.ds(part * block, block)
+        query = q_ref[...].astype(jnp.float32)
+        k = k_ref[index, row, keys, kv_head, :].astype(jnp.float32)
+        scores = jnp.sum(k * query[None, :], axis=1) * scale + bias_ref[keys]
+        # The new key joins the first block only.
+        new_score = jnp.sum(query * k_new_ref[...].astype(jnp.float32)) * scale
+        new_score = jnp.where(part == 0, new_score, np.float32(_MASKED))
+        top = jnp.maximum(jnp.max(scores), new_score)
+        p, p_new = jnp.exp(scores - top), jnp.exp(new_score - top)
+        v = v_ref[index, row, keys, kv_head, :].astype(jnp.float32)
+        acc_ref[...] = jnp.sum(p[:, None] * v, axis=0) + p_new * v_new_ref[...].astype(jnp.float32)
+        stats_ref[...] = jnp.where(jnp.arange(2) == 0, top, jnp.sum(p) + p_new)  # max, sum of exponentials
+
+    def vector(index_map):
+        return pl.BlockSpec((pl.squeezed, pl.squeezed, d), index_map)
+
+    whole = pl.BlockSpec(cache_k.shape, lambda i, h, j: (0,) * 5)
+    parts = s // block
+    acc, stats = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((b, n, parts, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, n, parts, 2), jnp.float32)],
+        grid=(b, n, parts),
+        in_specs=[vector(lambda i, h, j: (i, h, 0)), vector(lambda i, h, j: (i, h // group, 0)),
+                  vector(lambda i, h, j: (i, h // group, 0)), whole, whole,
+                  pl.BlockSpec((1,), lambda i, h, j: (0,)), pl.BlockSpec((pl.squeezed, s), lambda i, h, j: (i, 0))],
+        out_specs=[pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, d), lambda i, h, j: (i, h, j, 0)),
+                   pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, 2), lambda i, h, j: (i, h, j, 0))],
+        compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=jax.default_backend() != "gpu",  # Pallas' interpreter: for tests off the GPU
+    )(q[:, 0], k_new[:, 0].astype(cache_k.dtype), v_new[:, 0].astype(cache_v.dtype), cache_k, cache_v, layer, bias)
+    # Blocks whose keys are all hidden have a top of _MASKED and weigh exp(_MASKED - top) = 0.
+    tops, sums = stats[..., 0], stats[..., 1]
+    weights = jnp.exp(tops - tops.max(axis=-1, keepdims=True))
+    out = jnp.einsum("bnj,bnjd->bnd", weights, acc) / jnp.einsum("bnj,bnj->bn", weights, sums)[..., None]
+    return out[:, None].astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from c2c_jax.models.config import ModelConfig, RopeConfig
 from c2c_jax.models.kv_cache import KVCache
 
 Output = Literal["logits", "hidden", "kv"]
-# attend(q, k_new, v_new) -> attention output [B, T, heads, head_dim]: the new tokens' queries [B, T,
-# heads, head_dim] over whatever keys the caller's route gives them, their own K/V
+# attend(q, k_new, v_new) -> attention output [B, T, heads, head_dim]: one layer's new queries [B, T,
+# heads, head_dim] over whatever keys the caller's route gives that layer, their own K/V
 # [B, T, kv_heads, head_dim] among them.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -241,12 +241,15 @@ class Decoder(nnx.Module):
             token_mask = jnp.ones((b, t), bool)
         valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, end))
         mask = None if unpadded_fresh else attention_mask(valid, end, t)
-        attend = functools.partial(cache_attention, mask=mask, end=end, implementation=self.attention_impl)
+        cache_k, cache_v = (None, None) if fresh else (cache.k, cache.v)
+
+        def attend(q, k_new, v_new, layer):  # layer i reads its slice of the stacked cache in place
+            return cache_attention(q, k_new, v_new, cache_k, cache_v, layer, mask=mask, end=end,
+                                   implementation=self.attention_impl)
+
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
-        per_layer = None if fresh else (cache.k, cache.v)
-        x, new_k, new_v = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, num_full,
-                                       one_row_gemm)
+        x, new_k, new_v = self._layers(self.embed_tokens(tokens), cos, sin, attend, None, num_full, one_row_gemm)
         if output == "kv":
             k_last, v_last = self._layer_getter()(cache.num_layers - 1).kv(x, cos, sin)
             new_k.append(k_last[None])
@@ -284,7 +287,8 @@ class Decoder(nnx.Module):
                 raise ValueError("extend needs each row's real prefix columns first (prefix.valid a leading block)")
         lengths = prefix.lengths
 
-        def attend(q, k_new, v_new, prefix_k, prefix_v):
+        def attend(q, k_new, v_new, layer, prefix_k, prefix_v):
+            del layer  # its prefix K/V come sliced (`_layers`' per_layer)
             return prefix_attention(q, prefix_k, prefix_v, lengths, k_new, v_new, implementation=self.attention_impl)
 
         cos, sin = rope_tables(positions, self.config.rope, self.config.head_dim)
@@ -299,9 +303,10 @@ class Decoder(nnx.Module):
         return lambda i: nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
 
     def _layers(self, x, cos, sin, attend, per_layer, num_layers, one_row_gemm: bool = False):
-        """x through layers [0, num_layers), each attending with `attend(q, k_new, v_new, *layer_inputs)`.
+        """x through layers [0, num_layers), layer i attending with `attend(q, k_new, v_new, i, *layer_inputs)`
+        (i an int when unrolled, a traced int32 in a scan).
 
-        per_layer: None, or arrays [layers, ...] whose slice i is layer i's `layer_inputs` (its cache).
+        per_layer: None, or arrays [layers, ...] whose slice i is layer i's `layer_inputs` (its prefix cache).
         Returns x and the layers' new K/V as lists of [layers, B, T, kv_heads, head_dim] blocks.
         """
         # Each layer reads its own cache slice and returns its new K/V; the caller writes them once,
@@ -311,7 +316,8 @@ class Decoder(nnx.Module):
 
         def body(x, inputs):
             i, layer_inputs = inputs
-            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, *layer_inputs), one_row_gemm)
+            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, i, *layer_inputs),
+                                          one_row_gemm)
             return x, (k_new, v_new)
 
         if self.remat:

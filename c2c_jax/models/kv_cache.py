@@ -19,6 +19,15 @@ import jax
 import jax.numpy as jnp
 
 
+CAPACITY_MULTIPLE = 64
+
+
+def decode_capacity(columns: int) -> int:
+    """Columns for a cache that must hold `columns` tokens while decoding: rounded up to a multiple of
+    64, which the Pallas decode attention tiles in whole blocks (`attention.decode_attention`)."""
+    return -(-columns // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
