@@ -37,6 +37,7 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
                     random_decoder, time_ms)
 
 from c2c_jax.fuser import Fuser  # noqa: E402
+from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 from c2c_jax.pipeline import C2CModel, InferencePrograms, PromptBatch, SamplingConfig, kv_pass  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, deco
                 report.add(model=name, what=f"prefill_{output}", tokens=t, batch=1, ms=round(ms, 3))
         for b in decode_batches:
             prompt = context
-            cache = model.init_cache(b, prompt + decode_steps + 1)
+            cache = model.init_cache(b, decode_capacity(prompt + decode_steps + 1))  # as `Generator` sizes it
             run = decode_fn(graphdef, decode_steps)
             token = jnp.zeros((b, 1), jnp.int32)
             cache = _fill(model, cache, prompt)

@@ -45,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import bench_inference as bi  # noqa: E402
+from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, random_decoder  # noqa: E402
 
 
@@ -196,7 +197,7 @@ def make_call(what: str, rcfg, scfg, t: int):
             return lambda: fn(state, tokens)
         steps = 8
         fn = bi.decode_fn(graphdef, steps)
-        holder = {"cache": bi._fill(model, model.init_cache(1, t + steps + 1), t)}
+        holder = {"cache": bi._fill(model, model.init_cache(1, decode_capacity(t + steps + 1)), t)}
 
         def call():
             holder["cache"], token = fn(state, holder["cache"], jnp.zeros((1, 1), jnp.int32), t)
@@ -257,7 +258,13 @@ def main():
                         help="directory to keep the Perfetto traces in (one subdirectory per --what)")
     parser.add_argument("--hlo-dump", default=None,
                         help="directory for XLA's HLO dumps; kernel time is then also summed per source line")
+    parser.add_argument("--xla-attention", action="store_true",
+                        help="one new token's attention over a cache as XLA fusions, not the Pallas kernel")
     args = parser.parse_args()
+    if args.xla_attention:
+        from unittest import mock
+
+        mock.patch("c2c_jax.models.attention._pallas_decode_fits", lambda *_: False).start()
     import common
 
     common.SCAN_UNROLL = args.unroll

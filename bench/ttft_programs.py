@@ -31,9 +31,10 @@ run them at once. This times, on one card and one process, programs that differ 
                                     up to session 10: its K/V written into the layer's cache slice, then
                                     one attention over the slice (`cache_attention` now attends to the
                                     cache and the new tokens as two parts of one softmax)
-    *_two_programs_rope_rev         the same two programs with RoPE's rotate-half as a reversal of the two
-                                    halves (no concatenation, which may keep XLA from fusing RoPE into
-                                    the q/k-norm's kernel)
+    *_two_programs_xla_attention    the same two programs with the last token's attention as XLA's
+                                    fusions (the library up to session 11) instead of the Pallas kernel
+                                    `attention.decode_attention` (which the library runs on a GPU only:
+                                    elsewhere both are the same programs)
     c2c_ttft_donated_output         one program writing its token into a donated buffer
     dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
@@ -191,8 +192,8 @@ def overlapped_route(m, batch, chunk: int, resume=None):
         fused_k += k_chunk
         fused_v += v_chunk
         for i in range(start, stop):
-            attend = functools.partial(cache_attention, cached_k=fused_k[i], cached_v=fused_v[i], mask=mask,
-                                       end=split, implementation=m.receiver.attention_impl)
+            attend = functools.partial(cache_attention, cache_k=fused_k[i][None], cache_v=fused_v[i][None], layer=0,
+                                       mask=mask, end=split, implementation=m.receiver.attention_impl)
             x, _, _ = layer_at(i)(x, cos, sin, attend, one_row_gemm=True)
     return first_token(m.receiver.logits(m.receiver.norm(x)[:, -1]))
 
@@ -203,22 +204,16 @@ def masked_kv_pass(model, tokens, positions, valid, depth):
     return model(tokens, positions, cache, valid, output="kv")[1]
 
 
-def slice_write_cache_attention(q, k_new, v_new, cached_k=None, cached_v=None, *, mask, end, implementation):
+def slice_write_cache_attention(q, k_new, v_new, cache_k=None, cache_v=None, layer=None, *, mask, end,
+                                implementation):
     """`cache_attention` as the library ran it up to session 10."""
-    if cached_k is None:
+    if cache_k is None:
         return cache_attention(q, k_new, v_new, mask=mask, end=end, implementation=implementation)
+    cached_k, cached_v = cache_k[layer], cache_v[layer]
     keys = jax.lax.dynamic_update_slice(cached_k, k_new.astype(cached_k.dtype), (0, end, 0, 0))
     values = jax.lax.dynamic_update_slice(cached_v, v_new.astype(cached_v.dtype), (0, end, 0, 0))
     return jax.nn.dot_product_attention(q.astype(keys.dtype), keys, values, mask=mask,
                                         implementation=resolve_implementation(implementation, q, q.shape[1]))
-
-
-def apply_rope_rev(x, cos, sin):
-    """`apply_rope` with rotate-half as a reversal of the halves times (-1, 1) instead of a concatenation."""
-    x32 = x.astype(jnp.float32)
-    halves = x32.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
-    rotated = (halves[..., ::-1, :] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]).reshape(x.shape)
-    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
 def first_token(logits):
@@ -360,17 +355,16 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
         return stage_suffix_slice_write(state, batch, stage_passes_fuse(state, batch, fuse=fuse))
 
     @functools.partial(jax.jit, static_argnames="fuse")
-    def stage_passes_fuse_rope_rev(state, batch, fuse=True):
-        with mock.patch("c2c_jax.models.decoder.apply_rope", apply_rope_rev):  # tracing only
-            return stage_passes_fuse.__wrapped__(state, batch, fuse=fuse)
+    def stage_passes_fuse_xla_attention(state, batch, fuse=True):  # the same program: no last token in it
+        return stage_passes_fuse.__wrapped__(state, batch, fuse=fuse)
 
     @jax.jit
-    def stage_suffix_rope_rev(state, batch, cache):
-        with mock.patch("c2c_jax.models.decoder.apply_rope", apply_rope_rev):  # tracing only
+    def stage_suffix_xla_attention(state, batch, cache):
+        with mock.patch("c2c_jax.models.attention._pallas_decode_fits", lambda *_: False):  # tracing only
             return stage_suffix.__wrapped__(state, batch, cache)
 
-    def two_programs_rope_rev(state, batch, fuse=True):
-        return stage_suffix_rope_rev(state, batch, stage_passes_fuse_rope_rev(state, batch, fuse=fuse))
+    def two_programs_xla_attention(state, batch, fuse=True):
+        return stage_suffix_xla_attention(state, batch, stage_passes_fuse_xla_attention(state, batch, fuse=fuse))
 
     def three_programs(state, batch):
         return stage_suffix(state, batch, stage_fuse(state, batch, *stage_passes(state, batch)))
@@ -383,8 +377,8 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
         "receiver_ttft_two_programs_masked": functools.partial(two_programs_masked, fuse=False),
         "c2c_ttft_two_programs_slice_write": two_programs_slice_write,
         "receiver_ttft_two_programs_slice_write": functools.partial(two_programs_slice_write, fuse=False),
-        "c2c_ttft_two_programs_rope_rev": two_programs_rope_rev,
-        "receiver_ttft_two_programs_rope_rev": functools.partial(two_programs_rope_rev, fuse=False),
+        "c2c_ttft_two_programs_xla_attention": two_programs_xla_attention,
+        "receiver_ttft_two_programs_xla_attention": functools.partial(two_programs_xla_attention, fuse=False),
         "c2c_ttft_small_first_program": small_first_program,
         "c2c_ttft_small_first_pair_suffix": small_first_pair_suffix,
         "c2c_ttft_overlapped": overlapped,

@@ -80,15 +80,16 @@ def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
 
 def test_ttft_program_variants_agree(tmp_path):
     """bench/ttft_programs.py's variants of the C2C TTFT route (interleaved prefix passes, no padding
-    mask, masked prefix passes, the last token's attention written into the cache first, RoPE by
-    reversal, two or three programs, a donated output) compute what the library's route does."""
+    mask, masked prefix passes, the last token's attention written into the cache first, XLA's
+    attention for the last token, two or three programs, a donated output) compute what the library's route does."""
     variants = ("dispatch_floor,receiver_pass,receiver_pass_unmasked,sharer_pass,both_passes,both_passes_unmasked,"
                 "both_passes_interleaved,c2c_ttft,c2c_ttft_unmasked,c2c_ttft_interleaved,c2c_ttft_two_programs,"
                 "c2c_ttft_three_programs,c2c_ttft_two_programs_pair_suffix,c2c_ttft_small_first_program,"
                 "c2c_ttft_small_first_pair_suffix,c2c_ttft_overlapped,c2c_ttft_small_first_overlapped,"
                 "c2c_ttft_donated_output,c2c_ttft_two_programs_masked,c2c_ttft_two_programs_slice_write,"
-                "c2c_ttft_two_programs_rope_rev,receiver_ttft,receiver_ttft_two_programs,receiver_ttft_two_programs_masked,"
-                "receiver_ttft_two_programs_slice_write,receiver_ttft_two_programs_rope_rev")
+                "c2c_ttft_two_programs_xla_attention,receiver_ttft,receiver_ttft_two_programs,"
+                "receiver_ttft_two_programs_masked,receiver_ttft_two_programs_slice_write,"
+                "receiver_ttft_two_programs_xla_attention")
     run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--fuse-chunk", "2",
                "--variants", variants,
                out_dir=tmp_path)
@@ -102,9 +103,9 @@ def test_ttft_program_variants_agree(tmp_path):
     for name, values in logits.items():
         np.testing.assert_allclose(values, logits["c2c_ttft"], atol=0.03, err_msg=name)
     # Receiver-only in one program, in the library's two, with masked prefix passes, with the last
-    # token's attention of session 10 and with RoPE by reversal: the same tokens and logits.
+    # token's attention of session 10 and with XLA's for it: the same tokens and logits.
     for name in ("receiver_ttft_two_programs", "receiver_ttft_two_programs_masked",
-                 "receiver_ttft_two_programs_slice_write", "receiver_ttft_two_programs_rope_rev"):
+                 "receiver_ttft_two_programs_slice_write", "receiver_ttft_two_programs_xla_attention"):
         assert result["check_first_tokens"][name] == result["check_first_tokens"]["receiver_ttft"]
         np.testing.assert_allclose(result["check_first_token_logits"][name],
                                    result["check_first_token_logits"]["receiver_ttft"], atol=1e-5)
