@@ -2,13 +2,14 @@
 
 import dataclasses
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2c_jax.models import CheckpointError, ModelConfig, UnsupportedModelError, load_model
+from c2c_jax.models import CheckpointError, ModelConfig, UnsupportedModelError, attention, load_model
 from tiny_models import FAMILIES, make_tiny_model, torch_forward
 
 TOL = 1e-4
@@ -77,20 +78,24 @@ def test_batch_one_decode_matches_transformers(tiny, one_row_gemm):
     np.testing.assert_allclose(cache.v, ref_v, atol=TOL, rtol=0)
 
 
-def test_pallas_decode_attention_matches_transformers(tiny):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pallas_decode_attention_matches_transformers(family, tmp_path):
     """The GPU's Pallas kernel for one new token's attention over a cache, run by Pallas'
     interpreter: a prompt, then decode steps on its cache, against transformers' full forward."""
-    _, torch_model, _, directory = tiny
-    model = load_model(directory, dtype=jnp.float32, attention_impl="pallas")
+    # The kernel needs a power-of-two head_dim; the tiny Qwen3's 24 would fall back to XLA.
+    torch_model = make_tiny_model(family, tmp_path, **({"head_dim": 32} if family == "qwen3" else {}))
+    model = load_model(tmp_path, dtype=jnp.float32, attention_impl="pallas")
     tokens = np.random.default_rng(3).integers(0, 160, (2, 11))
     ref_logits, ref_k, ref_v = torch_forward(torch_model, tokens)
     positions = jnp.asarray(np.broadcast_to(np.arange(11), (2, 11)))
     cache = model.init_cache(2, 16)  # a capacity the decode kernel tiles (kv_cache.decode_capacity)
     logits, cache = model(jnp.asarray(tokens[:, :8]), positions[:, :8], cache)
     steps = [logits]
-    for t in range(8, 11):
-        step_logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache)
-        steps.append(step_logits)
+    with mock.patch("c2c_jax.models.attention.decode_attention", wraps=attention.decode_attention) as kernel:
+        for t in range(8, 11):
+            step_logits, cache = model(jnp.asarray(tokens[:, t:t + 1]), positions[:, t:t + 1], cache)
+            steps.append(step_logits)
+    assert kernel.call_count >= 3  # traced in every decode step (once per scan, or once per unrolled layer)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), ref_logits, atol=TOL, rtol=0)
     np.testing.assert_allclose(cache.k[:, :, :11], ref_k, atol=TOL, rtol=0)
     np.testing.assert_allclose(cache.v[:, :, :11], ref_v, atol=TOL, rtol=0)
