@@ -108,5 +108,5 @@ def test_cache_attention_after_a_cache_without_a_mask_is_an_error():
     for implementation in ("xla", "pallas"):
         with pytest.raises(ValueError, match="needs its mask"):
             cache_attention(q, k, k, cached, cached, 1, mask=None, end=3, implementation=implementation)
-    with pytest.raises(ValueError, match="unknown attention implementation 'triton'"):
+    with pytest.raises(ValueError, match="unknown attention implementation 'triton'; choose one of auto, xla, cudnn"):
         cache_attention(q, k, k, cached, cached, 1, mask=None, end=3, implementation="triton")

@@ -239,6 +239,12 @@ def test_unsupported_architecture_lists_supported(tmp_path):
                                       rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
+def test_unknown_attention_implementation_is_named_when_the_model_is_built(tmp_path):
+    make_tiny_model("llama", tmp_path)
+    with pytest.raises(ValueError, match="attention implementation 'triton'; choose one of auto, xla, cudnn, pallas"):
+        load_model(tmp_path, attention_impl="triton")
+
+
 def test_missing_and_corrupt_checkpoints_name_the_problem(tmp_path, tiny):
     family, _, _, directory = tiny
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -26,7 +26,7 @@ of the one softmax (as in ring attention). Both parts have an XLA and a cuDNN im
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +37,18 @@ _MASKED = -1e30  # score of a hidden key: exp(_MASKED - lse) == 0 in float32, an
 _DECODE_BLOCK = 64  # cached keys per program of the Pallas decode kernel
 
 
+def check_implementation(setting: str) -> None:
+    choices = get_args(AttentionImpl)
+    if setting not in choices:
+        raise ValueError(f"unknown attention implementation {setting!r}; choose one of {', '.join(choices)}")
+
+
 def resolve_implementation(setting: AttentionImpl, q: jax.Array, num_new: int, cache_k: jax.Array | None = None
                            ) -> Literal["xla", "cudnn", "pallas"]:
     """On a GPU: cuDNN flash attention for prefill, the Pallas kernel `decode_attention` for one new
     token after a cache (decode, the last prompt token); XLA elsewhere. "pallas" asks for that kernel
     wherever it applies, XLA otherwise; off the GPU it runs in Pallas' interpreter (for tests)."""
-    if setting not in ("auto", "xla", "cudnn", "pallas"):
-        raise ValueError(f"unknown attention implementation {setting!r}; choose 'auto', 'xla', 'cudnn' or 'pallas'")
+    check_implementation(setting)
     fits_pallas = cache_k is not None and _pallas_decode_fits(q, num_new, cache_k)
     if setting == "pallas" and fits_pallas:
         return "pallas"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c2c_jax.models.attention import AttentionImpl, cache_attention, prefix_attention
+from c2c_jax.models.attention import AttentionImpl, cache_attention, check_implementation, prefix_attention
 from c2c_jax.models.config import ModelConfig, RopeConfig
 from c2c_jax.models.kv_cache import KVCache
 
@@ -192,6 +192,7 @@ class Decoder(nnx.Module):
             scan_unroll = config.num_layers if jax.default_backend() == "gpu" else 1
         self.scan_unroll = scan_unroll
         self.remat = remat
+        check_implementation(attention_impl)
         self.attention_impl = attention_impl
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
