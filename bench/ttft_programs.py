@@ -41,7 +41,9 @@ run them at once. This times, on one card and one process, programs that differ 
 If both_passes ~ receiver_pass + sharer_pass, the two passes do not overlap. Every variant also
 reports `dispatch_ms`, the host's time until all its programs are dispatched (before any result is
 waited for). `--pipelined N` also times N calls queued back to back: the difference to one
-synchronised call is host work that the GPU waits for.
+synchronised call is host work that the GPU waits for, as long as the host dispatches a call faster
+than the GPU runs it. On hosts that do not (session 12: 2.5-3.7 ms to dispatch the C2C programs on
+one machine), queued calls took longer than synchronised ones, so read them next to `dispatch_ms`.
 
     python bench/ttft_programs.py [--variants a,b/f10c2,...] [--rounds 3] [--pipelined N] [--smoke]
 
