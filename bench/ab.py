@@ -4,7 +4,13 @@
     python bench/ab.py --base ab_base --rounds 2 -- bench/bench_inference.py --only ttft --lengths 512 --batches 1
 
 The tree this script sits in is side "new"; `--base` is another copy of `c2c_jax/` and `bench/`
-(the GPU machine's copy of the working tree has no git history, so make it before the call). Every
+(the GPU machine's copy of the working tree has no git history, so make it before the call), or this
+tree again with `--new-xla-flags` to compare XLA flags instead of code:
+
+    python bench/ab.py --base . --new-xla-flags=--xla_gpu_experimental_force_split_k=1 --rounds 2 -- \
+        bench/ttft_programs.py --rounds 3 --variants c2c_ttft_two_programs,receiver_ttft_two_programs
+
+Every
 run is its own process, with its own compilation and autotuning, in the order base, new, base,
 new, ...: the spread between compilations and any drift of the card then show in the table rather
 than hiding inside one difference. Each run's result files go to $OUT/ab/<round>_<side>/ (OUT
@@ -26,8 +32,10 @@ NEW_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = ("bench", "what", "model", "tokens", "batch", "context")  # what identifies a row across runs
 
 
-def side_env(root: str, out: str) -> dict:
+def side_env(root: str, out: str, xla_flags: str = "") -> dict:
     env = dict(os.environ, OUT=out)
+    if xla_flags:
+        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
@@ -60,7 +68,8 @@ def summarise(runs: list[tuple[int, str, str, int | str]]) -> dict:
     libraries = {}
     for round_, side, out, returncode in runs:
         header, rows = read_rows(out)
-        libraries[f"{round_}_{side}"] = dict(library=header.get("library"), returncode=returncode)
+        libraries[f"{round_}_{side}"] = dict(library=header.get("library"), xla_flags=header.get("xla_flags"),
+                                             returncode=returncode)
         for row in rows:
             key = " ".join(f"{k}={row[k]}" for k in ROW_KEYS if k in row)
             for field, value in row.items():
@@ -74,6 +83,7 @@ def main():
     parser.add_argument("--base", required=True, help="directory holding the other tree's c2c_jax/ and bench/")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--new-xla-flags", default="", help="XLA flags added to side new's XLA_FLAGS")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py [its arguments], relative to a tree")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -92,7 +102,8 @@ def main():
             os.makedirs(out, exist_ok=True)
             print(f"== round {round_}, {side}: {root}", flush=True)
             try:
-                returncode = subprocess.run([sys.executable, *command], cwd=root, env=side_env(root, out),
+                xla_flags = args.new_xla_flags if side == "new" else ""
+                returncode = subprocess.run([sys.executable, *command], cwd=root, env=side_env(root, out, xla_flags),
                                             timeout=args.timeout).returncode
             except subprocess.TimeoutExpired:
                 returncode = "timeout"  # rows saved before the limit still count

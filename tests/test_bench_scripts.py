@@ -124,7 +124,9 @@ def test_ab_runs_each_side_on_its_own_tree(tmp_path):
     with open(base / "c2c_jax" / "__init__.py", "a") as f:
         f.write("# the base side\n")  # so the two sides' library digests differ
     env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--base", str(base), "--rounds", "1", "--",
+    flag = "--xla_gpu_experimental_force_split_k=1"
+    proc = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--base", str(base), "--rounds", "1",
+                           f"--new-xla-flags={flag}", "--",
                            "bench/bench_inference.py", "--smoke", "--skip-torch", "--only", "ttft"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,7 +136,9 @@ def test_ab_runs_each_side_on_its_own_tree(tmp_path):
         digests[side] = subprocess.run([sys.executable, "-c", "import common; print(common.library_digest())"],
                                        cwd=root / "bench", env=dict(env, PYTHONPATH=str(root)),
                                        capture_output=True, text=True, check=True).stdout.strip()
-        assert summary["runs"][f"0_{side}"] == {"library": digests[side], "returncode": 0}
+        run = summary["runs"][f"0_{side}"]
+        assert (run["library"], run["returncode"]) == (digests[side], 0)
+        assert (flag in run["xla_flags"]) == (side == "new"), run["xla_flags"]
     assert digests["base"] != digests["new"]
     ttft = summary["rows"]["bench=inference what=ttft tokens=32 batch=1"]
     assert all(len(ttft[field][side]) == 1 and ttft[field][side][0] > 0
