@@ -421,7 +421,8 @@ class InferencePrograms:
 
     def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id):
         model = nnx.merge(self.graphdef, state)
-        logits, cache = model.finish_prompt(batch, cache, decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens))
+        capacity = decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens)
+        logits, cache = model.finish_prompt(batch, cache, capacity)
         return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 _MASKED = -1e30  # score of a hidden key: exp(_MASKED - lse) == 0 in float32, and never NaN
-_DECODE_BLOCK = 64  # cached keys per program of the Pallas decode kernel
+DECODE_BLOCK = 64  # cached keys per program of the Pallas decode kernel (at most)
 
 
 def check_implementation(setting: str) -> None:
@@ -130,7 +130,8 @@ def _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end):
 
 def _pallas_decode_fits(q, num_new, cache_k) -> bool:
     """The decode kernel's constraints: one new token, power-of-two head_dim (Triton's blocks), and
-    a cache capacity that its key blocks tile (the pipeline rounds capacities to 64 columns)."""
+    a cache capacity that key blocks of 16 or more tile (`kv_cache.decode_capacity` rounds up to
+    DECODE_BLOCK)."""
     head_dim, capacity = q.shape[-1], cache_k.shape[2]
     return (num_new == 1 and head_dim & (head_dim - 1) == 0 and capacity % 16 == 0
             and q.shape[2] % cache_k.shape[3] == 0)
@@ -153,7 +154,7 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
     b, _, n, d = q.shape
     _, _, s, kv_heads, _ = cache_k.shape
     group = n // kv_heads
-    block = min(s & -s, _DECODE_BLOCK)
+    block = min(s & -s, DECODE_BLOCK)
     # Hidden cached keys get _MASKED added to their score; the new key is always seen.
     bias = jnp.where(cached_visible, np.float32(0), np.float32(_MASKED))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)

@@ -18,14 +18,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-
-CAPACITY_MULTIPLE = 64
+from c2c_jax.models.attention import DECODE_BLOCK
 
 
 def decode_capacity(columns: int) -> int:
     """Columns for a cache that must hold `columns` tokens while decoding: rounded up to a multiple of
-    64, which the Pallas decode attention tiles in whole blocks (`attention.decode_attention`)."""
-    return -(-columns // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    the Pallas decode attention's key block, so that it tiles them (`attention.decode_attention`)."""
+    return -(-columns // DECODE_BLOCK) * DECODE_BLOCK
 
 
 @jax.tree_util.register_dataclass
