@@ -2,7 +2,7 @@
 
 The C2C route's last prompt token runs through 28 receiver layers as one row (batch 1). Its four
 projections per layer (qkv, o, gate_up, down of Qwen3-0.6B: 31.5 MB of bf16 weights) took about
-21 us per layer on an H200 as XLA's two-row GEMMs (`models.decoder.dense` with `one_row_gemm`), about
+21 us per layer on an H200 as XLA's two-row GEMMs (`Decoder.__call__` with `one_row_gemm`), about
 1.5 TB/s of the card's 4.8 (docs/performance.md, session 11). This times the same chain of 28 x 4
 one-row products in one program, each product's input taken from the previous one's output:
 

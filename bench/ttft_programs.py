@@ -176,6 +176,7 @@ def overlapped_route(m, batch, chunk: int, resume=None):
     # The last token, layer by layer on the fused cache (`finish_prompt`, capacity t).
     last = slice(split, t)
     x = m.receiver.embed_tokens(batch.tokens[:, last])
+    x = jnp.concatenate([x, x])  # one row as two (`Decoder.__call__`'s one_row_gemm)
     cos, sin = rope_tables(batch.positions[:, last], m.receiver.config.rope, m.receiver.config.head_dim)
     mask = attention_mask(batch.valid, split, 1)
     layer_at = m.receiver._layer_getter()
@@ -196,8 +197,8 @@ def overlapped_route(m, batch, chunk: int, resume=None):
         for i in range(start, stop):
             attend = functools.partial(cache_attention, cache_k=fused_k[i][None], cache_v=fused_v[i][None], layer=0,
                                        mask=mask, end=split, implementation=m.receiver.attention_impl)
-            x, _, _ = layer_at(i)(x, cos, sin, attend, one_row_gemm=True)
-    return first_token(m.receiver.logits(m.receiver.norm(x)[:, -1]))
+            x, _, _ = layer_at(i)(x, cos, sin, attend, paired=True)
+    return first_token(m.receiver.logits(m.receiver.norm(x[:1])[:, -1]))
 
 
 def masked_kv_pass(model, tokens, positions, valid, depth):
@@ -298,7 +299,7 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def stage_suffix_pair(state, batch, cache):
         """The last token as the first of two rows, the second a masked copy written one column
         further (which decoding would overwrite): T = 2 keeps every projection a GEMM without
-        `one_row_gemm`'s concatenations."""
+        `one_row_gemm`'s paired rows."""
         m = nnx.merge(graphdef, state)
         cache = cache.with_capacity(batch.tokens.shape[1] + 1)
         pair = lambda a: jnp.concatenate([a[:, -1:], a[:, -1:]], axis=1)  # noqa: E731

@@ -133,7 +133,7 @@ class C2CModel(nnx.Module):
         width = batch.tokens.shape[1]
         suffix = slice(width - suffix_length, width)
         # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
-        # (`models.decoder.dense`), which suits a one-off pass; the decode loop keeps XLA's choice.
+        # (`one_row_gemm`), which suits a one-off pass; the decode loop keeps XLA's choice.
         with jax.named_scope("suffix"):
             hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix],
                                           cache.with_capacity(capacity), batch.valid[:, suffix], output="hidden",

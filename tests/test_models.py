@@ -63,7 +63,8 @@ def test_prefill_then_decode_equals_full_forward(tiny):
 
 @pytest.mark.parametrize("one_row_gemm", [False, True])
 def test_batch_one_decode_matches_transformers(tiny, one_row_gemm):
-    """One token of one row: XLA's vector-matrix products, or the GEMM rows prefill uses (`dense`)."""
+    """One token of one row: XLA's vector-matrix products, or the two identical rows prefill's last
+    token goes through (`one_row_gemm`)."""
     _, torch_model, model, _ = tiny
     tokens = np.random.default_rng(5).integers(0, 160, (1, 9))
     ref_logits, ref_k, ref_v = torch_forward(torch_model, tokens)

@@ -14,7 +14,6 @@ suffix pass, whose attention needs no mask (`attention.prefix_attention`).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Literal
 
 import jax
@@ -81,20 +80,6 @@ def attention_mask(valid: jax.Array, end: jax.Array, num_new: int) -> jax.Array:
     return ((valid[:, None, :] & causal[None]) | itself[None])[:, None]
 
 
-def dense(layer: nnx.Linear, x: jax.Array, one_row_gemm: bool) -> jax.Array:
-    """`layer(x)`; with `one_row_gemm`, a single row (batch 1, one token) goes through a GEMM as two rows.
-
-    XLA rewrites a vector-matrix product into a multiply and a reduction over the weights' major
-    axis, which reads them at about 1 TB/s on an H200. Two copies of the row keep it a GEMM. On an
-    H200 that took 0.9-1.3 ms off a 512-token receiver-only prefill (its last token is one such
-    row), but made a `lax.while_loop` decode step 11 % slower (docs/performance.md): hence a choice.
-    """
-    if not one_row_gemm or math.prod(x.shape[:-1]) != 1:
-        return layer(x)
-    row = x.reshape(1, x.shape[-1])
-    return layer(jnp.concatenate([row, row]))[:1].reshape(*x.shape[:-1], -1)
-
-
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = config
@@ -129,21 +114,27 @@ class Attention(nnx.Module):
         """Keys and values of new tokens exactly as HF caches them: [B, T, kv_heads, head_dim]."""
         return self._keys_values(self._project(x, slice(self.num_heads * self.head_dim, None)), cos, sin)
 
-    def __call__(self, x, cos, sin, attend: Attend, one_row_gemm: bool = False):
+    def __call__(self, x, cos, sin, attend: Attend, paired: bool = False):
         """Attention of the new tokens x [B, T, hidden], through `attend` (see `Attend`).
 
         Returns the attention output and the new tokens' K/V [B, T, kv_heads, head_dim].
+        paired: x is one token as two identical rows (`Decoder.__call__`'s `one_row_gemm`): the
+        attention runs on the first and its output goes back to both; K/V [1, 1, ...].
         """
-        b, t, _ = x.shape
         q_width = self.num_heads * self.head_dim
-        qkv = dense(self.qkv_proj, x, one_row_gemm)
+        qkv = self.qkv_proj(x)
+        if paired:
+            qkv = qkv[:1]
+        b, t, _ = qkv.shape
         q = qkv[..., :q_width].reshape(b, t, self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         k_new, v_new = self._keys_values(qkv[..., q_width:], cos, sin)
-        out = attend(q, k_new, v_new)
-        return dense(self.o_proj, out.reshape(b, t, q_width), one_row_gemm), k_new, v_new
+        out = attend(q, k_new, v_new).reshape(b, t, q_width)
+        if paired:
+            out = jnp.concatenate([out, out])
+        return self.o_proj(out), k_new, v_new
 
 
 class MLP(nnx.Module):
@@ -153,9 +144,9 @@ class MLP(nnx.Module):
         self.gate_up_proj = linear(c.hidden_size, 2 * c.intermediate_size)  # HF gate_proj and up_proj, one matmul
         self.down_proj = linear(c.intermediate_size, c.hidden_size)
 
-    def __call__(self, x, one_row_gemm: bool = False):
-        gate, up = jnp.split(dense(self.gate_up_proj, x, one_row_gemm), 2, axis=-1)
-        return dense(self.down_proj, jax.nn.silu(gate) * up, one_row_gemm)
+    def __call__(self, x):
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -169,10 +160,10 @@ class DecoderLayer(nnx.Module):
     def kv(self, x, cos, sin):
         return self.self_attn.project_kv(self.input_layernorm(x), cos, sin)
 
-    def __call__(self, x, cos, sin, attend: Attend, one_row_gemm: bool = False):
-        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, attend, one_row_gemm)
+    def __call__(self, x, cos, sin, attend: Attend, paired: bool = False):
+        h, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, attend, paired)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), one_row_gemm)
+        x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k_new, v_new
 
 
@@ -223,8 +214,13 @@ class Decoder(nnx.Module):
         output: "logits" (float32 [B, T, vocab]), "hidden" (final-normed [B, T, hidden]) or "kv".
           "kv" fills only the cache's `num_layers` layers and stops right after the deepest one's
           K/V projection: no attention/MLP in that layer, no final norm, no lm_head.
-        one_row_gemm: run the projections of a single token (batch 1) as GEMMs (see `dense`): faster
-          in a one-off program such as prefill's last prompt token, slower in a decode loop.
+        one_row_gemm: run a single token (batch 1) through the layers as two identical rows, so that
+          its projections stay GEMMs. XLA rewrites a vector-matrix product into a multiply and a
+          reduction over the weights' major axis, which reads them at about 1 TB/s on an H200;
+          carrying the copy from the embedding on (attention runs once) spares a concatenation
+          before each projection. Faster in a one-off program such as prefill's last prompt token
+          (0.9-1.3 ms off a 512-token receiver-only prefill on an H200), slower in a decode loop
+          (docs/performance.md, session 8).
         """
         cfg = self.config
         b, t = tokens.shape
@@ -250,7 +246,11 @@ class Decoder(nnx.Module):
 
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
-        x, new_k, new_v = self._layers(self.embed_tokens(tokens), cos, sin, attend, None, num_full, one_row_gemm)
+        paired = one_row_gemm and b * t == 1
+        x = self.embed_tokens(tokens)
+        x, new_k, new_v = self._layers(jnp.concatenate([x, x]) if paired else x, cos, sin, attend, None, num_full,
+                                       paired)
+        x = x[:1] if paired else x
         if output == "kv":
             k_last, v_last = self._layer_getter()(cache.num_layers - 1).kv(x, cos, sin)
             new_k.append(k_last[None])
@@ -303,9 +303,9 @@ class Decoder(nnx.Module):
         graphdef, layer_params = nnx.split(self.layers)
         return lambda i: nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_params))
 
-    def _layers(self, x, cos, sin, attend, per_layer, num_layers, one_row_gemm: bool = False):
+    def _layers(self, x, cos, sin, attend, per_layer, num_layers, paired: bool = False):
         """x through layers [0, num_layers), layer i attending with `attend(q, k_new, v_new, i, *layer_inputs)`
-        (i an int when unrolled, a traced int32 in a scan).
+        (i an int when unrolled, a traced int32 in a scan). paired: see `Attention.__call__`.
 
         per_layer: None, or arrays [layers, ...] whose slice i is layer i's `layer_inputs` (its prefix cache).
         Returns x and the layers' new K/V as lists of [layers, B, T, kv_heads, head_dim] blocks.
@@ -317,8 +317,7 @@ class Decoder(nnx.Module):
 
         def body(x, inputs):
             i, layer_inputs = inputs
-            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, i, *layer_inputs),
-                                          one_row_gemm)
+            x, k_new, v_new = layer_at(i)(x, cos, sin, lambda q, k, v: attend(q, k, v, i, *layer_inputs), paired)
             return x, (k_new, v_new)
 
         if self.remat:
