@@ -6,10 +6,12 @@ Fusion (issue 3): fusing all 28 layers, C2C time-to-first-token and receiver-onl
 2048 prompt tokens, batch 1 and 16.
 TTFT alone (`--only ttft`): the fusion part's TTFT rows without its fusion timings.
 TTFT parts (issue 3, `--only ttft_parts`): the four steps of the C2C TTFT route timed one by one.
+Generate (`--only generate`): the library's decode loop (`pipeline.decode`, a while loop that
+checks for EOS after every token) for Qwen3-0.6B at a 512-token context, ms per token.
 Methods (issue 5): first-token latency of receiver, sharer, text-to-text (sharer writes an
 80-token message first) and C2C at a 512-token prompt.
 
-    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts]
+    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts,generate]
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
 
 from c2c_jax.fuser import Fuser  # noqa: E402
 from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
-from c2c_jax.pipeline import C2CModel, InferencePrograms, PromptBatch, SamplingConfig, kv_pass  # noqa: E402
+from c2c_jax.pipeline import (C2CModel, InferencePrograms, PromptBatch, SamplingConfig, decode,  # noqa: E402
+                              kv_pass)
 
 
 def prefill_fn(graphdef, output):
@@ -310,6 +313,27 @@ def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
                t2t_ms=round(t2t_ms, 2), c2c_speedup_over_t2t=round(t2t_ms / c2c_ms, 1))
 
 
+def bench_generate(report, cfg, batches, context, new_tokens):
+    """Qwen3-0.6B's decode loop as the library runs it (`pipeline.decode`: a `lax.while_loop` that
+    checks for EOS after every token; no EOS here, so every row runs `new_tokens`). `decode_fn`'s
+    rows time a `fori_loop` of the same steps, whose trip count XLA knows."""
+    model = random_decoder(cfg)
+    graphdef, state = nnx.split(model)
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    for b in batches:
+        first_logits = jax.random.normal(jax.random.key(0), (b, cfg["vocab_size"]), jnp.float32)
+
+        @jax.jit
+        def run(state, cache, first_logits):
+            return decode(nnx.merge(graphdef, state), first_logits, cache, jnp.full((b,), context, jnp.int32),
+                          jax.random.key(1), sampling, (), 0).tokens
+
+        cache = _fill(model, model.init_cache(b, decode_capacity(context + new_tokens)), context)  # as `Generator`
+        ms = time_ms(run, state, cache, first_logits, iters=3)
+        report.add(what="generate", batch=b, context=context, new_tokens=new_tokens, ms=round(ms, 2),
+                   ms_per_token=round(ms / (new_tokens - 1), 3))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check of this script")
@@ -322,6 +346,7 @@ def main():
     parser.add_argument("--ttft-batches", default=None, help="batch sizes with TTFT rows (default: --batches)")
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-0.5b", help="which models --only models runs")
+    parser.add_argument("--generate-tokens", type=int, default=128, help="--only generate: new tokens per row")
     args = parser.parse_args()
     common.SCAN_UNROLL = args.unroll
     parts = args.only.split(",")
@@ -350,6 +375,9 @@ def main():
                 bench_ttft(report, programs, state, prompt_batch(b, t, receiver_cfg["vocab_size"]))
     if "ttft_parts" in parts:
         bench_ttft_parts(report, receiver_cfg, sharer_cfg, lengths[0])
+    if "generate" in parts:  # Qwen3-0.6B's decode loop as the library runs it, at --decode-batches
+        bench_generate(report, receiver_cfg, decode_batches, 512 if not args.smoke else 16,
+                       args.generate_tokens if not args.smoke else 6)
     if "methods" in parts:
         bench_methods(report, receiver_cfg, sharer_cfg, 512 if not args.smoke else 32, 80 if not args.smoke else 8)
     report.save()
