@@ -154,14 +154,14 @@ def bench_torch(report, name, cfg, lengths, decode_batches, decode_steps):
         for b in decode_batches:
             ids = torch.randint(0, cfg["vocab_size"], (b, 512), device="cuda")
 
-            def decode():
+            def torch_decode():
                 out = model(input_ids=ids, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 for _ in range(decode_steps):
                     out = model(input_ids=token, past_key_values=cache, use_cache=True)
                     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             prefill_ms = timed(lambda: model(input_ids=ids, use_cache=True), iters=3, warmup=1)
-            ms = (timed(decode, iters=3, warmup=1) - prefill_ms) / decode_steps
+            ms = (timed(torch_decode, iters=3, warmup=1) - prefill_ms) / decode_steps
             report.add(model=name, what="torch_decode_ms_per_token", batch=b, context=512, ms=round(ms, 3))
     del model
     torch.cuda.empty_cache()

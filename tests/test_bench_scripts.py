@@ -154,3 +154,15 @@ def test_gemv_ways_compute_the_same_layer_chain(tmp_path):
     for row in result.values():
         assert row["products"] == 12 and row["us_per_product"] > 0
         assert row["max_abs_diff_vs_float32"] < 0.03 * row["reference_max_abs"]
+
+
+def test_gemv_sweep_settings_compute_the_same_layer_chain(tmp_path):
+    """bench/gemv_sweep.py: XLA's two-row GEMM (stacked and per-layer weights) and both Pallas
+    kernel forms (in interpret mode) agree with a float32 chain up to bf16."""
+    run_script("gemv_sweep.py", out_dir=tmp_path)
+    result = {r["what"]: r for r in rows(tmp_path / "gemv_sweep.jsonl")[1:]}
+    assert {"xla_rows_stacked", "xla_rows", "xla_rows_again"} <= set(result)
+    assert any(w.startswith("single_") for w in result) and any(w.startswith("loop_") for w in result)
+    for row in result.values():
+        assert row["us_per_product"] > 0
+        assert row["max_abs_diff"] < 0.03 * row["reference_max_abs"], row

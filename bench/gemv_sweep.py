@@ -1,0 +1,149 @@
+"""Does any Pallas GEMV setting beat XLA's two-row GEMM for the last token's projections? A sweep.
+
+`bench_gemv.py`'s layer chain (Qwen3-0.6B's qkv, o, gate_up and down through 28 layers, one row),
+with each layer's weights as its own array so that a kernel compiles once per shape, timed for:
+
+    xla_rows_stacked    bench_gemv's `xla_rows` on the stacked [layers, K, N] weights (the library's reads)
+    xla_rows            the same two-row GEMM on per-layer arrays (first and last: the run's drift)
+    single_bn*_t*_w*    one [block_k, block_n] weight block per program, float32 partial sums over
+                        K splits that XLA adds up; block_n, the programs to aim for, and num_warps
+    loop_bn*_s*_c*_w*_st*   programs of block_n columns and K / splits rows, looping over chunks of
+                        rows (Triton pipelines the loads over num_stages)
+
+    python bench/gemv_sweep.py [--smoke]
+
+On an H200 (session 13) no setting was faster than the two-row GEMM: 7.63 us per product at best
+against 7.64-9.93 for XLA in the same run; per-product cost is launch and dependency latency, not
+the weights' bandwidth (docs/performance.md). SWEEP_SECONDS (default 330) bounds the sweep's time.
+"""
+
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from c2c_jax.config import use_inference_xla_flags  # noqa: E402
+
+use_inference_xla_flags()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as pallas_triton  # noqa: E402
+
+import bench_gemv as bg  # noqa: E402
+import common  # noqa: E402
+
+
+def gemv_single(x, ws, layer, *, block_n, splits_target, num_warps, interpret):
+    """x [K] @ ws[layer] ([K, N]) -> float32 [N]: bench_gemv's kernel with its settings open."""
+    w = ws[layer]
+    k, n = w.shape
+    block_n = min(block_n, n)
+    block_k = k & -k
+    while (n // block_n) * (k // block_k) < splits_target and block_k >= 32:
+        block_k //= 2
+    splits = k // block_k
+    ps = pl.pallas_call(bg._partial_sums_kernel, out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+        grid=(n // block_n, splits),
+        in_specs=[pl.BlockSpec((block_k,), lambda j, s: (s,)),
+                  pl.BlockSpec((block_k, block_n), lambda j, s: (s, j))],
+        out_specs=pl.BlockSpec((1, block_n), lambda j, s: (s, j)),
+        compiler_params=pallas_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret)(x, w)
+    return ps.sum(axis=0)
+
+def gemv_loop(x, ws, layer, *, block_n, splits, chunk, num_warps, num_stages, interpret):
+    """The same product, each program looping over `chunk`-row pieces of its K / splits rows."""
+    w = ws[layer]
+    k, n = w.shape
+    block_n = min(block_n, n)
+    per_split = k // splits
+    chunk = min(chunk, per_split)
+    steps = per_split // chunk
+    def kernel(x_ref, w_ref, out_ref):
+        def body(i, acc):
+            xs = x_ref[pl.ds(i * chunk, chunk)].astype(jnp.float32)
+            ws = w_ref[pl.ds(i * chunk, chunk), :].astype(jnp.float32)
+            return acc + jnp.sum(xs[:, None] * ws, axis=0)
+        out_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_n,), jnp.float32))[None]
+    ps = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
+        grid=(n // block_n, splits),
+        in_specs=[pl.BlockSpec((per_split,), lambda j, s: (s,)),
+                  pl.BlockSpec((per_split, block_n), lambda j, s: (s, j))],
+        out_specs=pl.BlockSpec((1, block_n), lambda j, s: (s, j)),
+        compiler_params=pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret)(x, w)
+    return ps.sum(axis=0)
+
+def xla_rows_list(x, ws, layer):
+    row = x[None]
+    return jnp.dot(jnp.concatenate([row, row]), ws[layer], preferred_element_type=jnp.float32)[0]
+
+def chain_list(product, x, weights):
+    # bench_gemv.layer_chain over per-layer arrays (lists), so a kernel is compiled once per shape
+    qkv, o, gate_up, down = weights
+    for layer in range(len(qkv)):
+        y = product(x, qkv, layer)[: o[0].shape[0]].astype(x.dtype)
+        h = product(y, o, layer).astype(x.dtype) + x
+        g = product(h, gate_up, layer)
+        half = g.shape[0] // 2
+        z = (jax.nn.silu(g[:half]) * g[half:]).astype(x.dtype)
+        x = (product(z, down, layer).astype(x.dtype) + h) * np.float32(0.5).astype(x.dtype)
+    return x
+
+def main():
+    smoke = "--smoke" in sys.argv
+    cfg = common.SMOKE_RECEIVER if smoke else common.QWEN3_0_6B
+    layers, hidden, inter = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim", hidden // cfg["num_attention_heads"])
+    qw, kw = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = [(hidden, qw + 2 * kw), (qw, hidden), (hidden, 2 * inter), (inter, hidden)]
+    keys = jax.random.split(jax.random.key(0), 5)
+    weights = [(jax.random.normal(kk, (layers, *s), jnp.float32) / np.sqrt(s[0])).astype(jnp.bfloat16)
+               for kk, s in zip(keys[:4], shapes)]
+    x = jax.random.normal(keys[4], (hidden,), jnp.float32).astype(jnp.bfloat16)
+    interp = smoke or jax.default_backend() != "gpu"
+    ref = bg.layer_chain(bg.xla_vector, x.astype(jnp.float32), [w.astype(jnp.float32) for w in weights])
+    wbytes = sum(w.size for w in weights) * 2
+    report = common.Report("gemv_sweep")
+    ways = [("xla_rows_stacked", None), ("xla_rows", xla_rows_list)]
+    lists = [[w[i] for i in range(layers)] for w in weights]
+    if smoke:
+        grid_single = [(128, 256, 4)]
+        grid_loop = [(64, 4, 32, 4, 2)]
+    else:
+        grid_single = [(bn, st, nw) for bn in (64, 128, 256) for st in (128, 256, 512) for nw in (2, 4, 8)]
+        grid_loop = [(bn, sp, ch, nw, ns) for bn in (64, 128) for sp in (4, 8) for ch in (32, 64)
+                     for nw in (4,) for ns in (2, 4)]
+    for bn, st, nw in grid_single:
+        ways.append((f"single_bn{bn}_t{st}_w{nw}", functools.partial(gemv_single, block_n=bn, splits_target=st, num_warps=nw, interpret=interp)))
+    for bn, sp, ch, nw, ns in grid_loop:
+        ways.append((f"loop_bn{bn}_s{sp}_c{ch}_w{nw}_st{ns}", functools.partial(gemv_loop, block_n=bn, splits=sp, chunk=ch, num_warps=nw, num_stages=ns, interpret=interp)))
+    ways.append(("xla_rows_again", xla_rows_list))
+    deadline = time.time() + float(os.environ.get("SWEEP_SECONDS", "330"))
+    for name, product in ways:
+        if time.time() > deadline and name != "xla_rows_again":
+            continue
+        try:
+            if product is None:
+                chain, args = jax.jit(functools.partial(bg.layer_chain, bg.xla_rows)), (x, weights)
+            else:
+                chain, args = jax.jit(functools.partial(chain_list, product)), (x, lists)
+            out = chain(*args)
+            diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+            ms = common.time_ms(chain, *args, iters=20)
+        except Exception as e:  # noqa: BLE001 - a setting Triton rejects is reported and skipped
+            print(name, "failed", str(e)[:200], flush=True)
+            continue
+        print(f"{name}: {ms*1e3/(4*layers):.2f} us/product diff {diff:.2e}", flush=True)
+        report.add(what=name, layers=layers, us_per_product=round(ms * 1e3 / (4 * layers), 2),
+                   weights_tb_per_s=round(wbytes / (ms * 1e-3) / 1e12, 2), chain_ms=round(ms, 3), max_abs_diff=diff,
+                   reference_max_abs=float(jnp.max(jnp.abs(ref))))
+    report.save()
+
+if __name__ == "__main__":
+    main()
