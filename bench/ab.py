@@ -10,6 +10,10 @@ tree again with `--new-xla-flags` to compare XLA flags instead of code:
     python bench/ab.py --base . --new-xla-flags=--xla_gpu_experimental_force_split_k=1 --rounds 2 -- \
         bench/ttft_programs.py --rounds 3 --variants c2c_ttft_two_programs,receiver_ttft_two_programs
 
+(A flag that changes GEMM autotuning needs its own `--xla_gpu_per_fusion_autotune_cache_dir` on
+side new, if XLA_FLAGS names one: the later setting of a flag wins, and a shared cache would hand
+that side the tiles tuned without the flag.)
+
 Every
 run is its own process, with its own compilation and autotuning, in the order base, new, base,
 new, ...: the spread between compilations and any drift of the card then show in the table rather
