@@ -246,11 +246,13 @@ class Decoder(nnx.Module):
 
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
-        paired = one_row_gemm and b * t == 1
         x = self.embed_tokens(tokens)
-        x, new_k, new_v = self._layers(jnp.concatenate([x, x]) if paired else x, cos, sin, attend, None, num_full,
-                                       paired)
-        x = x[:1] if paired else x
+        paired = one_row_gemm and b * t == 1
+        if paired:  # the token as two identical rows through every layer (see one_row_gemm)
+            x = jnp.concatenate([x, x])
+        x, new_k, new_v = self._layers(x, cos, sin, attend, None, num_full, paired)
+        if paired:
+            x = x[:1]
         if output == "kv":
             k_last, v_last = self._layer_getter()(cache.num_layers - 1).kv(x, cos, sin)
             new_k.append(k_last[None])
