@@ -9,13 +9,14 @@ are totals over the profiled calls (3); `device_span_ms` runs from the first cal
 the last call's last one, so it includes the host gaps between calls.
 
 With `--hlo-dump`, `phases` also times each part of a route by its `jax.named_scope` (`ttft`:
-`C2CModel.prefill` as one program, parts `receiver_prefix`, `sharer_prefix_0`, `fusion`, `suffix`):
+`C2CModel.prefill` as one program; `ttft_library`: the library's two programs,
+`InferencePrograms.next_token_logits`; parts `receiver_prefix`, `sharer_prefix_0`, `fusion`, `suffix`):
 start and end from each call's first kernel, averaged over the calls. `host_us_per_call` sums the
 trace's host events; the profiler itself slows host work down (CUDA graph launches above all), so
 for the host's true share compare one synchronised call with queued ones (`ttft_programs.py
 --pipelined`).
 
-    python bench/profile_kernels.py --what decode,prefill,fuse,ttft,train [--top 15] [--window 40:100]
+    python bench/profile_kernels.py --what decode,prefill,fuse,ttft,ttft_library,train [--top 15] [--window 40:100]
 
 --window prints the kernels of that index range of the profiled calls in launch order (one layer's
 worth shows what XLA emits per layer).
@@ -46,6 +47,7 @@ from flax import nnx  # noqa: E402
 
 import bench_inference as bi  # noqa: E402
 from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
+from c2c_jax.pipeline import InferencePrograms  # noqa: E402
 from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, random_decoder  # noqa: E402
 
 
@@ -204,7 +206,7 @@ def make_call(what: str, rcfg, scfg, t: int):
             holder["cache"] = bi._rewind(holder["cache"], t)
             return token
         return call
-    if what in ("fuse", "ttft"):
+    if what in ("fuse", "ttft", "ttft_library"):
         c2c = bi.make_c2c(rcfg, scfg)
         graphdef, state = nnx.split(c2c)
         batch = bi.prompt_batch(1, t, rcfg["vocab_size"])
@@ -219,6 +221,10 @@ def make_call(what: str, rcfg, scfg, t: int):
 
             receiver_cache, sharer_caches = caches(state, batch)
             return lambda: fuse(state, receiver_cache, sharer_caches, batch.fuse_mask[0])
+
+        if what == "ttft_library":  # the library's route: its two programs (`InferencePrograms`)
+            programs = InferencePrograms(graphdef)
+            return lambda: programs.next_token_logits(state, batch)
 
         @jax.jit
         def ttft(state, batch):
@@ -249,7 +255,8 @@ def profile(call, top: int, window: tuple[int, int], dump_dir: str | None, keep_
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--what", default="decode", help="comma-separated: decode, prefill, fuse, ttft, train")
+    parser.add_argument("--what", default="decode", help="comma-separated: decode, prefill, fuse, ttft, "
+                        "ttft_library, train")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--window", default="0:0", help="launch-order index range of kernels to list")
     parser.add_argument("--smoke", action="store_true")

@@ -57,7 +57,7 @@ def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
 
 def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
     dump = tmp_path / "hlo"
-    run_script("profile_kernels.py", "--what", "prefill,ttft", "--hlo-dump", str(dump), out_dir=tmp_path)
+    run_script("profile_kernels.py", "--what", "prefill,ttft,ttft_library", "--hlo-dump", str(dump), out_dir=tmp_path)
     sys.path.insert(0, str(BENCH))
     try:
         import profile_kernels
@@ -76,6 +76,10 @@ def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
     for phase in route:
         assert 0 <= timeline[phase]["start_ms"] <= timeline[phase]["end_ms"] and timeline[phase]["kernels"] > 0
     assert timeline["fusion"]["start_ms"] >= timeline["receiver_prefix"]["start_ms"]
+    # The library's route is two programs; the phases span both, the last token after fusion.
+    library = json.loads((tmp_path / "profile_ttft_library.json").read_text())["phases"]
+    assert route <= set(library)
+    assert library["suffix"]["start_ms"] >= library["fusion"]["end_ms"]
 
 
 def test_ttft_program_variants_agree(tmp_path):
