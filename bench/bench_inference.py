@@ -347,8 +347,14 @@ def main():
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-0.5b", help="which models --only models runs")
     parser.add_argument("--generate-tokens", type=int, default=128, help="--only generate: new tokens per row")
+    parser.add_argument("--qkv-kernel", action="store_true", help="one new token's attention through "
+                        "bench/fused_qkv_attention.py's kernel (decode and the last prompt token), an experiment")
     args = parser.parse_args()
     common.SCAN_UNROLL = args.unroll
+    if args.qkv_kernel:  # patched for the whole process: every program below is traced with it
+        import fused_qkv_attention
+
+        fused_qkv_attention.patched().__enter__()
     parts = args.only.split(",")
     print("device:", device_name(), flush=True)
     if args.smoke:
@@ -358,7 +364,8 @@ def main():
         lengths, batches, decode_batches = (tuple(int(x) for x in a.split(",") if x) for a in
                                             (args.lengths, args.batches, args.decode_batches))
     report = Report("inference")
-    report.add(what="settings", device=device_name(), scan_unroll=random_decoder(receiver_cfg).scan_unroll)
+    report.add(what="settings", device=device_name(), scan_unroll=random_decoder(receiver_cfg).scan_unroll,
+               qkv_kernel=args.qkv_kernel)
     if "models" in parts:
         bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, steps, 512 if not args.smoke else 16,
                      not args.skip_torch, args.models.split(","))
