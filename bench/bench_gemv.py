@@ -72,6 +72,7 @@ def pallas_gemv(x, stacked_w, layer: int, splits_target: int, interpret: bool):
 
 
 def xla_rows(x, stacked_w, layer):
+    """Two copies of the row through XLA's GEMM; `stacked_w` may also be a list of layers."""
     row = x[None]
     return jnp.dot(jnp.concatenate([row, row]), stacked_w[layer], preferred_element_type=jnp.float32)[0]
 
@@ -82,15 +83,28 @@ def xla_vector(x, stacked_w, layer):
 
 def layer_chain(product, x, weights):
     """x through every layer's qkv, o, gate_up and down, each input cut or taken from the last output."""
-    qkv, o, gate_up, down = weights
-    for layer in range(qkv.shape[0]):
-        y = product(x, qkv, layer)[: o.shape[1]].astype(x.dtype)
+    qkv, o, gate_up, down = weights  # each stacked [layers, K, N], or a list of per-layer [K, N]
+    for layer in range(len(qkv)):
+        y = product(x, qkv, layer)[: o[0].shape[0]].astype(x.dtype)
         h = product(y, o, layer).astype(x.dtype) + x
         g = product(h, gate_up, layer)
         half = g.shape[0] // 2
         z = (jax.nn.silu(g[:half]) * g[half:]).astype(x.dtype)
         x = (product(z, down, layer).astype(x.dtype) + h) * np.float32(0.5).astype(x.dtype)
     return x
+
+
+def chain_inputs(cfg: dict, layers: int):
+    """Random bf16 weights of `layers` layers' qkv, o, gate_up and down (stacked [layers, K, N]) for
+    the HF config `cfg`, and an input row [hidden]."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    q_width = cfg["num_attention_heads"] * cfg.get("head_dim", hidden // cfg["num_attention_heads"])
+    kv_width = cfg["num_key_value_heads"] * cfg.get("head_dim", hidden // cfg["num_attention_heads"])
+    shapes = [(hidden, q_width + 2 * kv_width), (q_width, hidden), (hidden, 2 * inter), (inter, hidden)]
+    keys = jax.random.split(jax.random.key(0), 5)
+    weights = [(jax.random.normal(kk, (layers, *s), jnp.float32) / np.sqrt(s[0])).astype(jnp.bfloat16)
+               for kk, s in zip(keys[:4], shapes)]
+    return weights, jax.random.normal(keys[4], (hidden,), jnp.float32).astype(jnp.bfloat16)
 
 
 def main():
@@ -101,14 +115,8 @@ def main():
                         "each layer compiles its own Pallas kernels)")
     args = parser.parse_args()
     cfg = common.SMOKE_RECEIVER if args.smoke else common.QWEN3_0_6B
-    layers, hidden, inter = args.layers or cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
-    q_width = cfg["num_attention_heads"] * cfg.get("head_dim", hidden // cfg["num_attention_heads"])
-    kv_width = cfg["num_key_value_heads"] * cfg.get("head_dim", hidden // cfg["num_attention_heads"])
-    shapes = [(hidden, q_width + 2 * kv_width), (q_width, hidden), (hidden, 2 * inter), (inter, hidden)]
-    keys = jax.random.split(jax.random.key(0), 5)
-    weights = [(jax.random.normal(kk, (layers, *s), jnp.float32) / np.sqrt(s[0])).astype(jnp.bfloat16)
-               for kk, s in zip(keys[:4], shapes)]
-    x = jax.random.normal(keys[4], (hidden,), jnp.float32).astype(jnp.bfloat16)
+    layers = args.layers or cfg["num_hidden_layers"]
+    weights, x = chain_inputs(cfg, layers)
     interpret = args.smoke or jax.default_backend() != "gpu"
     ways = {
         "xla_rows": xla_rows,

@@ -30,7 +30,6 @@ use_inference_xla_flags()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pallas_triton  # noqa: E402
 
@@ -56,6 +55,7 @@ def gemv_single(x, ws, layer, *, block_n, splits_target, num_warps, interpret):
         interpret=interpret)(x, w)
     return ps.sum(axis=0)
 
+
 def gemv_loop(x, ws, layer, *, block_n, splits, chunk, num_warps, num_stages, interpret):
     """The same product, each program looping over `chunk`-row pieces of its K / splits rows."""
     w = ws[layer]
@@ -79,39 +79,20 @@ def gemv_loop(x, ws, layer, *, block_n, splits, chunk, num_warps, num_stages, in
         interpret=interpret)(x, w)
     return ps.sum(axis=0)
 
-def xla_rows_list(x, ws, layer):
-    row = x[None]
-    return jnp.dot(jnp.concatenate([row, row]), ws[layer], preferred_element_type=jnp.float32)[0]
-
-def chain_list(product, x, weights):
-    # bench_gemv.layer_chain over per-layer arrays (lists), so a kernel is compiled once per shape
-    qkv, o, gate_up, down = weights
-    for layer in range(len(qkv)):
-        y = product(x, qkv, layer)[: o[0].shape[0]].astype(x.dtype)
-        h = product(y, o, layer).astype(x.dtype) + x
-        g = product(h, gate_up, layer)
-        half = g.shape[0] // 2
-        z = (jax.nn.silu(g[:half]) * g[half:]).astype(x.dtype)
-        x = (product(z, down, layer).astype(x.dtype) + h) * np.float32(0.5).astype(x.dtype)
-    return x
 
 def main():
     smoke = "--smoke" in sys.argv
     cfg = common.SMOKE_RECEIVER if smoke else common.QWEN3_0_6B
-    layers, hidden, inter = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim", hidden // cfg["num_attention_heads"])
-    qw, kw = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = [(hidden, qw + 2 * kw), (qw, hidden), (hidden, 2 * inter), (inter, hidden)]
-    keys = jax.random.split(jax.random.key(0), 5)
-    weights = [(jax.random.normal(kk, (layers, *s), jnp.float32) / np.sqrt(s[0])).astype(jnp.bfloat16)
-               for kk, s in zip(keys[:4], shapes)]
-    x = jax.random.normal(keys[4], (hidden,), jnp.float32).astype(jnp.bfloat16)
+    layers = cfg["num_hidden_layers"]
+    weights, x = bg.chain_inputs(cfg, layers)
     interp = smoke or jax.default_backend() != "gpu"
     ref = bg.layer_chain(bg.xla_vector, x.astype(jnp.float32), [w.astype(jnp.float32) for w in weights])
     wbytes = sum(w.size for w in weights) * 2
     report = common.Report("gemv_sweep")
-    ways = [("xla_rows_stacked", None), ("xla_rows", xla_rows_list)]
+    # Per-layer arrays, so that a Pallas kernel compiles once per shape; xla_rows_stacked reads the
+    # stack, as the library does.
     lists = [[w[i] for i in range(layers)] for w in weights]
+    ways = [("xla_rows_stacked", bg.xla_rows, weights), ("xla_rows", bg.xla_rows, lists)]
     if smoke:
         grid_single = [(128, 256, 4)]
         grid_loop = [(64, 4, 32, 4, 2)]
@@ -120,29 +101,30 @@ def main():
         grid_loop = [(bn, sp, ch, nw, ns) for bn in (64, 128) for sp in (4, 8) for ch in (32, 64)
                      for nw in (4,) for ns in (2, 4)]
     for bn, st, nw in grid_single:
-        ways.append((f"single_bn{bn}_t{st}_w{nw}", functools.partial(gemv_single, block_n=bn, splits_target=st, num_warps=nw, interpret=interp)))
+        product = functools.partial(gemv_single, block_n=bn, splits_target=st, num_warps=nw, interpret=interp)
+        ways.append((f"single_bn{bn}_t{st}_w{nw}", product, lists))
     for bn, sp, ch, nw, ns in grid_loop:
-        ways.append((f"loop_bn{bn}_s{sp}_c{ch}_w{nw}_st{ns}", functools.partial(gemv_loop, block_n=bn, splits=sp, chunk=ch, num_warps=nw, num_stages=ns, interpret=interp)))
-    ways.append(("xla_rows_again", xla_rows_list))
+        product = functools.partial(gemv_loop, block_n=bn, splits=sp, chunk=ch, num_warps=nw, num_stages=ns,
+                                    interpret=interp)
+        ways.append((f"loop_bn{bn}_s{sp}_c{ch}_w{nw}_st{ns}", product, lists))
+    ways.append(("xla_rows_again", bg.xla_rows, lists))
+    reference_max_abs = float(jnp.max(jnp.abs(ref)))
     deadline = time.time() + float(os.environ.get("SWEEP_SECONDS", "330"))
-    for name, product in ways:
+    for name, product, layer_weights in ways:
         if time.time() > deadline and name != "xla_rows_again":
             continue
         try:
-            if product is None:
-                chain, args = jax.jit(functools.partial(bg.layer_chain, bg.xla_rows)), (x, weights)
-            else:
-                chain, args = jax.jit(functools.partial(chain_list, product)), (x, lists)
-            out = chain(*args)
+            chain = jax.jit(functools.partial(bg.layer_chain, product))
+            out = chain(x, layer_weights)
             diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
-            ms = common.time_ms(chain, *args, iters=20)
+            ms = common.time_ms(chain, x, layer_weights, iters=20)
         except Exception as e:  # noqa: BLE001 - a setting Triton rejects is reported and skipped
             print(name, "failed", str(e)[:200], flush=True)
             continue
         print(f"{name}: {ms*1e3/(4*layers):.2f} us/product diff {diff:.2e}", flush=True)
         report.add(what=name, layers=layers, us_per_product=round(ms * 1e3 / (4 * layers), 2),
                    weights_tb_per_s=round(wbytes / (ms * 1e-3) / 1e12, 2), chain_ms=round(ms, 3), max_abs_diff=diff,
-                   reference_max_abs=float(jnp.max(jnp.abs(ref))))
+                   reference_max_abs=reference_max_abs)
     report.save()
 
 if __name__ == "__main__":
