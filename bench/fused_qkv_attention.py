@@ -42,14 +42,8 @@ class RawQKV(NamedTuple):
         b = self.cos.shape[0]
         q = self.qkv[:b, :, : self.num_heads * self.head_dim].reshape(b, 1, self.num_heads, self.head_dim)
         if self.q_scale is not None:
-            q = _rms_norm(q, self.q_scale, self.eps)
+            q = decoder.rms_norm(q, self.q_scale, self.eps)
         return decoder.apply_rope(q, self.cos, self.sin)
-
-
-def _rms_norm(x, scale, eps):
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def qkv_decode_attention(raw: RawQKV, cache_k, cache_v, layer, cached_visible):
@@ -80,7 +74,7 @@ def qkv_decode_attention(raw: RawQKV, cache_k, cache_v, layer, cached_visible):
         lo, hi = pl.ds(0, half), pl.ds(half, half)
 
         def normed_rotated(offset, scale_ref):
-            """The head at `offset` of the qkv row: RMSNorm (bf16 product, as `RMSNorm`) and RoPE
+            """The head at `offset` of the qkv row: RMSNorm (bf16 product, as `decoder.rms_norm`) and RoPE
             (float32, cast back, as `apply_rope`); float32 halves."""
             first, second = qkv_ref[pl.ds(offset, half)], qkv_ref[pl.ds(offset + half, half)]
             if normed:
@@ -124,10 +118,7 @@ def qkv_decode_attention(raw: RawQKV, cache_k, cache_v, layer, cached_visible):
         compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=1),
         interpret=jax.default_backend() != "gpu",
     )(qkv, q_scale, k_scale, raw.cos.reshape(-1, d), raw.sin.reshape(-1, d), cache_k, cache_v, layer, bias)
-    tops, sums = stats[..., 0], stats[..., 1]
-    weights = jnp.exp(tops - tops.max(axis=-1, keepdims=True))
-    out = jnp.einsum("bnj,bnjd->bnd", weights, acc) / jnp.einsum("bnj,bnj->bn", weights, sums)[..., None]
-    return out[:, None].astype(dtype)
+    return attention.merge_decode_blocks(acc, stats).astype(dtype)
 
 
 _original_call = decoder.Attention.__call__

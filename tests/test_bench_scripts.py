@@ -66,7 +66,7 @@ def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
         sys.path.remove(str(BENCH))
     sources, _, phases = profile_kernels.hlo_sources(str(dump))
     prefill = sources["jit_run"]  # bench_inference.prefill_fn's jitted `run`
-    assert any(src.startswith("decoder.py:") and "RMSNorm.__call__" in src for src in prefill.values())
+    assert any(src.startswith("decoder.py:") and " rms_norm " in src for src in prefill.values())
     assert any("Attention.__call__" in src for src in prefill.values())
     # The C2C route's named scopes label its instructions, and the profile times each part (on the
     # CPU from XLA's thunks, which the trace records with their HLO ops).
@@ -189,7 +189,7 @@ def test_fused_qkv_attention_kernel_matches_the_library_route(family, paired):
     finally:
         sys.path.remove(str(BENCH))
     from c2c_jax.models.attention import cache_attention
-    from c2c_jax.models.decoder import apply_rope, attention_mask, rope_tables
+    from c2c_jax.models.decoder import apply_rope, attention_mask, rms_norm, rope_tables
     from c2c_jax.models.tiny import tiny_config
 
     heads, kv_heads, d, layers, capacity, end = 4, 2, 16, 3, 32, 21
@@ -209,7 +209,7 @@ def test_fused_qkv_attention_kernel_matches_the_library_route(family, paired):
     row = qkv[:b]
     k_new = row[..., heads * d:(heads + kv_heads) * d].reshape(b, 1, kv_heads, d)
     if normed:
-        k_new = fused._rms_norm(k_new, k_scale, 1e-6)
+        k_new = rms_norm(k_new, k_scale, 1e-6)
     k_new = apply_rope(k_new, cos, sin)
     v_new = row[..., (heads + kv_heads) * d:].reshape(b, 1, kv_heads, d)
     want = cache_attention(raw.q(), k_new, v_new, cache_k, cache_v, 1, mask=mask, end=jnp.asarray(end),

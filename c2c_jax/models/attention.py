@@ -193,11 +193,18 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
         compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=1),
         interpret=jax.default_backend() != "gpu",  # Pallas' interpreter: for tests off the GPU
     )(q[:, 0], k_new[:, 0].astype(cache_k.dtype), v_new[:, 0].astype(cache_v.dtype), cache_k, cache_v, layer, bias)
+    return merge_decode_blocks(acc, stats).astype(q.dtype)
+
+
+def merge_decode_blocks(acc, stats):
+    """float32 [B, 1, heads, D] from the decode kernel's per-block outputs: acc [B, heads, blocks, D]
+    (probability-weighted values) and stats [B, heads, blocks, 2] (each block's maximum score and sum
+    of exponentials), merged by their maxima (flash-decoding)."""
     # Blocks whose keys are all hidden have a top of _MASKED and weigh exp(_MASKED - top) = 0.
     tops, sums = stats[..., 0], stats[..., 1]
     weights = jnp.exp(tops - tops.max(axis=-1, keepdims=True))
     out = jnp.einsum("bnj,bnjd->bnd", weights, acc) / jnp.einsum("bnj,bnj->bn", weights, sums)[..., None]
-    return out[:, None].astype(q.dtype)
+    return out[:, None]
 
 
 # ------------------------------------------------------------------------------------------------

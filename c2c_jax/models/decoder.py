@@ -32,8 +32,15 @@ Output = Literal["logits", "hidden", "kv"]
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, then scaled in x's dtype, as transformers does."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32 and cast back, as transformers does."""
+    """`rms_norm` with a learned scale."""
 
     def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs | None = None):
         del rngs
@@ -41,9 +48,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 @functools.lru_cache(maxsize=None)
