@@ -8,7 +8,8 @@ also for the new key). The layer's new K/V for the cache write are still XLA's, 
 leads to the next layer.
 
 `patched()` routes `Decoder.__call__`'s one-token attention through it for tracing (`ttft_programs.py`'s
-`*_two_programs_qkv_kernel` variants). Bench-only until a GPU says whether it pays.
+`*_two_programs_qkv_kernel` variants), `patch_process()` for the rest of a process
+(`bench_inference.py` and `profile_kernels.py --qkv-kernel`). Bench-only until a GPU says whether it pays.
 """
 
 from __future__ import annotations
@@ -164,3 +165,16 @@ def patched():
     with mock.patch.object(decoder.Attention, "__call__", _attention_call), \
             mock.patch.object(decoder, "cache_attention", _cache_attention):
         yield
+
+
+_PROCESS_PATCH = contextlib.ExitStack()
+
+
+def patch_process() -> None:
+    """`patched()` for the rest of the process (a benchmark's `--qkv-kernel`). The context is held
+    here: entered on a temporary, it would be undone as soon as the temporary was collected."""
+    _PROCESS_PATCH.enter_context(patched())
+
+
+def process_patched() -> bool:
+    return decoder.Attention.__call__ is _attention_call

@@ -46,7 +46,9 @@ def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
     run_script(script, *args, out_dir=tmp_path)
     header = rows(tmp_path / output)[0]
     assert "device" in header and re.fullmatch(r"[0-9a-f]{12}", header["library"]), header
-    measured = [r for r in rows(tmp_path / output) if "bench" in r and r.get("what") != "settings"]
+    if "--qkv-kernel" in args:  # every program of the process was traced with the patch in place
+        assert [r["held"] for r in rows(tmp_path / output) if r.get("what") == "qkv_kernel_patch"] == [True]
+    measured = [r for r in rows(tmp_path / output) if "bench" in r and r.get("what") not in ("settings", "qkv_kernel_patch")]
     assert measured
     for row in measured:
         if row.get("what", "").startswith("max_abs_error"):  # bench_attention's accuracy rows (bf16 against float32)
