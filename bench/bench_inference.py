@@ -347,14 +347,8 @@ def main():
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-0.5b", help="which models --only models runs")
     parser.add_argument("--generate-tokens", type=int, default=128, help="--only generate: new tokens per row")
-    parser.add_argument("--qkv-kernel", action="store_true", help="one new token's attention through "
-                        "bench/fused_qkv_attention.py's kernel (decode and the last prompt token), an experiment")
     args = parser.parse_args()
     common.SCAN_UNROLL = args.unroll
-    if args.qkv_kernel:  # patched for the whole process: every program below is traced with it
-        import fused_qkv_attention
-
-        fused_qkv_attention.patch_process()
     parts = args.only.split(",")
     print("device:", device_name(), flush=True)
     if args.smoke:
@@ -364,8 +358,7 @@ def main():
         lengths, batches, decode_batches = (tuple(int(x) for x in a.split(",") if x) for a in
                                             (args.lengths, args.batches, args.decode_batches))
     report = Report("inference")
-    report.add(what="settings", device=device_name(), scan_unroll=random_decoder(receiver_cfg).scan_unroll,
-               qkv_kernel=args.qkv_kernel)
+    report.add(what="settings", device=device_name(), scan_unroll=random_decoder(receiver_cfg).scan_unroll)
     if "models" in parts:
         bench_models(report, receiver_cfg, sharer_cfg, lengths, decode_batches, steps, 512 if not args.smoke else 16,
                      not args.skip_torch, args.models.split(","))
@@ -387,8 +380,6 @@ def main():
                        args.generate_tokens if not args.smoke else 6)
     if "methods" in parts:
         bench_methods(report, receiver_cfg, sharer_cfg, 512 if not args.smoke else 32, 80 if not args.smoke else 8)
-    if args.qkv_kernel:  # the rows above were traced with the kernel only if the patch held throughout
-        report.add(what="qkv_kernel_patch", held=fused_qkv_attention.process_patched())
     report.save()
 
 

@@ -267,13 +267,7 @@ def main():
                         help="directory for XLA's HLO dumps; kernel time is then also summed per source line")
     parser.add_argument("--xla-attention", action="store_true",
                         help="one new token's attention over a cache as XLA fusions, not the Pallas kernel")
-    parser.add_argument("--qkv-kernel", action="store_true", help="one new token's attention through "
-                        "bench/fused_qkv_attention.py's kernel, which reads the raw qkv row (an experiment)")
     args = parser.parse_args()
-    if args.qkv_kernel:  # patched for the whole process: every program below is traced with it
-        import fused_qkv_attention
-
-        fused_qkv_attention.patch_process()
     if args.xla_attention:
         from unittest import mock
 

@@ -35,9 +35,6 @@ run them at once. This times, on one card and one process, programs that differ 
                                     fusions (the library up to session 11) instead of the Pallas kernel
                                     `attention.decode_attention` (which the library runs on a GPU only:
                                     elsewhere both are the same programs)
-    *_two_programs_qkv_kernel       the same two programs with the decode kernel reading the last
-                                    token's qkv projection output and making q, k and v itself
-                                    (`fused_qkv_attention.py`; a GPU route: elsewhere the library's)
     c2c_ttft_donated_output         one program writing its token into a donated buffer
     dispatch_floor                  one tiny kernel with the same arguments: the host's cost of a call
 
@@ -78,7 +75,6 @@ from flax import nnx  # noqa: E402
 
 import bench_inference as bi  # noqa: E402
 import common  # noqa: E402
-import fused_qkv_attention  # noqa: E402
 from c2c_jax.models import KVCache  # noqa: E402
 from c2c_jax.models.attention import cache_attention, resolve_implementation  # noqa: E402
 from c2c_jax.models.decoder import attention_mask, rope_tables  # noqa: E402
@@ -373,14 +369,6 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
     def two_programs_xla_attention(state, batch, fuse=True):
         return stage_suffix_xla_attention(state, batch, stage_passes_fuse_xla_attention(state, batch, fuse=fuse))
 
-    @jax.jit
-    def stage_suffix_qkv_kernel(state, batch, cache):
-        with fused_qkv_attention.patched():  # tracing only
-            return stage_suffix.__wrapped__(state, batch, cache)
-
-    def two_programs_qkv_kernel(state, batch, fuse=True):
-        return stage_suffix_qkv_kernel(state, batch, stage_passes_fuse(state, batch, fuse=fuse))
-
     def three_programs(state, batch):
         return stage_suffix(state, batch, stage_fuse(state, batch, *stage_passes(state, batch)))
 
@@ -394,8 +382,6 @@ def programs(graphdef, first_layers: int = 4, fuse_chunk: int = 4):
         "receiver_ttft_two_programs_slice_write": functools.partial(two_programs_slice_write, fuse=False),
         "c2c_ttft_two_programs_xla_attention": two_programs_xla_attention,
         "receiver_ttft_two_programs_xla_attention": functools.partial(two_programs_xla_attention, fuse=False),
-        "c2c_ttft_two_programs_qkv_kernel": two_programs_qkv_kernel,
-        "receiver_ttft_two_programs_qkv_kernel": functools.partial(two_programs_qkv_kernel, fuse=False),
         "c2c_ttft_small_first_program": small_first_program,
         "c2c_ttft_small_first_pair_suffix": small_first_pair_suffix,
         "c2c_ttft_overlapped": overlapped,

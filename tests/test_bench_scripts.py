@@ -39,16 +39,13 @@ def test_data_parallel_training_matches_one_device(tmp_path):
 @pytest.mark.parametrize("script,args,output", [
     ("bench_train.py", ("--micro-batches", "2"), "train.jsonl"),
     ("bench_inference.py", ("--skip-torch", "--only", "models,fusion,ttft,ttft_parts,generate"), "inference.jsonl"),
-    ("bench_inference.py", ("--skip-torch", "--only", "models,ttft,generate", "--qkv-kernel"), "inference.jsonl"),
     ("bench_attention.py", (), "attention.jsonl"),
 ])
 def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
     run_script(script, *args, out_dir=tmp_path)
     header = rows(tmp_path / output)[0]
     assert "device" in header and re.fullmatch(r"[0-9a-f]{12}", header["library"]), header
-    if "--qkv-kernel" in args:  # every program of the process was traced with the patch in place
-        assert [r["held"] for r in rows(tmp_path / output) if r.get("what") == "qkv_kernel_patch"] == [True]
-    measured = [r for r in rows(tmp_path / output) if "bench" in r and r.get("what") not in ("settings", "qkv_kernel_patch")]
+    measured = [r for r in rows(tmp_path / output) if "bench" in r and r.get("what") != "settings"]
     assert measured
     for row in measured:
         if row.get("what", "").startswith("max_abs_error"):  # bench_attention's accuracy rows (bf16 against float32)
@@ -88,33 +85,31 @@ def test_profile_attributes_hlo_to_source_lines_and_phases(tmp_path):
 def test_ttft_program_variants_agree(tmp_path):
     """bench/ttft_programs.py's variants of the C2C TTFT route (interleaved prefix passes, no padding
     mask, masked prefix passes, the last token's attention written into the cache first, XLA's
-    attention for the last token, the qkv-reading decode kernel's route (XLA's on the CPU), two or
-    three programs, a donated output) compute what the library's route does."""
+    attention for the last token, two or three programs, a donated output) compute what the library's route does."""
     variants = ("dispatch_floor,receiver_pass,receiver_pass_unmasked,sharer_pass,both_passes,both_passes_unmasked,"
                 "both_passes_interleaved,c2c_ttft,c2c_ttft_unmasked,c2c_ttft_interleaved,c2c_ttft_two_programs,"
                 "c2c_ttft_three_programs,c2c_ttft_two_programs_pair_suffix,c2c_ttft_small_first_program,"
                 "c2c_ttft_small_first_pair_suffix,c2c_ttft_overlapped,c2c_ttft_small_first_overlapped,"
                 "c2c_ttft_donated_output,c2c_ttft_two_programs_masked,c2c_ttft_two_programs_slice_write,"
-                "c2c_ttft_two_programs_xla_attention,c2c_ttft_two_programs_qkv_kernel,receiver_ttft,"
+                "c2c_ttft_two_programs_xla_attention,receiver_ttft,"
                 "receiver_ttft_two_programs,receiver_ttft_two_programs_masked,receiver_ttft_two_programs_slice_write,"
-                "receiver_ttft_two_programs_xla_attention,receiver_ttft_two_programs_qkv_kernel")
+                "receiver_ttft_two_programs_xla_attention")
     run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--fuse-chunk", "2",
                "--variants", variants,
                out_dir=tmp_path)
     result = {r["what"]: r for r in rows(tmp_path / "ttft_programs.jsonl")[1:]}
     first = {k: tuple(v) for k, v in result["check_first_tokens"].items() if k.startswith("c2c_ttft")}
-    assert len(first) == 15 and len(set(first.values())) == 1, first  # three prompts, fifteen routes
+    assert len(first) == 14 and len(set(first.values())) == 1, first  # three prompts, fourteen routes
     # ... and with the same logit, up to bf16 rounding in the caches of interleaved or staged passes
     # (0.01 here; logits of the masked copy in the pair suffix, a wrong route, are 0.15 off).
     logits = {k: v for k, v in result["check_first_token_logits"].items() if k.startswith("c2c_ttft")}
-    assert len(logits) == 15
+    assert len(logits) == 14
     for name, values in logits.items():
         np.testing.assert_allclose(values, logits["c2c_ttft"], atol=0.03, err_msg=name)
     # Receiver-only in one program, in the library's two, with masked prefix passes, with the last
     # token's attention of session 10 and with XLA's for it: the same tokens and logits.
     for name in ("receiver_ttft_two_programs", "receiver_ttft_two_programs_masked",
-                 "receiver_ttft_two_programs_slice_write", "receiver_ttft_two_programs_xla_attention",
-                 "receiver_ttft_two_programs_qkv_kernel"):
+                 "receiver_ttft_two_programs_slice_write", "receiver_ttft_two_programs_xla_attention"):
         assert result["check_first_tokens"][name] == result["check_first_tokens"]["receiver_ttft"]
         np.testing.assert_allclose(result["check_first_token_logits"][name],
                                    result["check_first_token_logits"]["receiver_ttft"], atol=1e-5)
@@ -176,44 +171,3 @@ def test_gemv_sweep_settings_compute_the_same_layer_chain(tmp_path):
         assert row["us_per_product"] > 0
         assert row["max_abs_diff"] < 0.03 * row["reference_max_abs"], row
 
-
-@pytest.mark.parametrize("family,paired", [("qwen3", True), ("qwen3", False), ("llama", True)])
-def test_fused_qkv_attention_kernel_matches_the_library_route(family, paired):
-    """bench/fused_qkv_attention.py's kernel (Pallas' interpreter), which makes q, k and v from the
-    raw qkv row itself, equals q/k norm + RoPE by `Attention` and the library's attention over the
-    same cache (float32, a layer in the middle of the stack, hidden and stale columns)."""
-    import jax
-    import jax.numpy as jnp
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        import fused_qkv_attention as fused
-    finally:
-        sys.path.remove(str(BENCH))
-    from c2c_jax.models.attention import cache_attention
-    from c2c_jax.models.decoder import apply_rope, attention_mask, rms_norm, rope_tables
-    from c2c_jax.models.tiny import tiny_config
-
-    heads, kv_heads, d, layers, capacity, end = 4, 2, 16, 3, 32, 21
-    b = 1 if paired else 2
-    keys = jax.random.split(jax.random.key(7), 8)
-    qkv = jax.random.normal(keys[0], (2 if paired else b, 1, (heads + 2 * kv_heads) * d), jnp.float32)
-    cache_k, cache_v = (jax.random.normal(k, (layers, b, capacity, kv_heads, d), jnp.float32) for k in keys[1:3])
-    valid = jax.random.bernoulli(keys[3], 0.8, (b, capacity)).at[:, end].set(True)
-    mask = attention_mask(valid, jnp.asarray(end), 1)
-    cos, sin = rope_tables(jnp.full((b, 1), end), tiny_config(family).rope, d)
-    normed = family == "qwen3"
-    q_scale, k_scale = (1 + 0.1 * jax.random.normal(k, (d,), jnp.float32) for k in keys[4:6])
-    raw = fused.RawQKV(qkv, q_scale if normed else None, k_scale if normed else None, 1e-6, cos, sin,
-                       heads, kv_heads, d)
-    got = fused._cache_attention(raw, None, None, cache_k, cache_v, 1, mask=mask, end=jnp.asarray(end),
-                                 implementation="pallas")
-    row = qkv[:b]
-    k_new = row[..., heads * d:(heads + kv_heads) * d].reshape(b, 1, kv_heads, d)
-    if normed:
-        k_new = rms_norm(k_new, k_scale, 1e-6)
-    k_new = apply_rope(k_new, cos, sin)
-    v_new = row[..., (heads + kv_heads) * d:].reshape(b, 1, kv_heads, d)
-    want = cache_attention(raw.q(), k_new, v_new, cache_k, cache_v, 1, mask=mask, end=jnp.asarray(end),
-                           implementation="xla")
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
