@@ -49,25 +49,31 @@ def _partial_sums_kernel(x_ref, w_ref, out_ref):
     out_ref[...] = jnp.sum(x[:, None] * w, axis=0)[None]
 
 
-def pallas_gemv(x, stacked_w, layer: int, splits_target: int, interpret: bool):
-    """x [K] @ stacked_w[layer] ([K, N]) -> float32 [N], reading the layer's weights in place."""
-    _, k, n = stacked_w.shape
-    block_n = min(BLOCK_N, n)
+def pallas_gemv(x, weights, layer: int, splits_target: int, interpret: bool, *, block_n: int = BLOCK_N,
+                num_warps: int = 4, num_stages: int = 2):
+    """x [K] @ weights[layer] ([K, N]) -> float32 [N]. weights: stacked [layers, K, N], whose layer is
+    read in place (a kernel per layer), or a list of per-layer [K, N] arrays (a kernel per shape)."""
+    stacked = not isinstance(weights, (list, tuple))
+    k, n = weights.shape[1:] if stacked else weights[layer].shape
+    block_n = min(block_n, n)
     # K blocks of a power of two (Triton's rule), halved until the programs cover the card.
     block_k = k & -k
     while (n // block_n) * (k // block_k) < splits_target and block_k >= 32:
         block_k //= 2
     splits = k // block_k
+    if stacked:
+        w, w_spec = weights, pl.BlockSpec((pl.squeezed, block_k, block_n), lambda j, s: (layer, s, j))
+    else:
+        w, w_spec = weights[layer], pl.BlockSpec((block_k, block_n), lambda j, s: (s, j))
     partial_sums = pl.pallas_call(
         _partial_sums_kernel,
         out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
         grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec((block_k,), lambda j, s: (s,)),
-                  pl.BlockSpec((pl.squeezed, block_k, block_n), lambda j, s: (layer, s, j))],
+        in_specs=[pl.BlockSpec((block_k,), lambda j, s: (s,)), w_spec],
         out_specs=pl.BlockSpec((1, block_n), lambda j, s: (s, j)),
-        compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pallas_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(x, stacked_w)
+    )(x, w)
     return partial_sums.sum(axis=0)
 
 

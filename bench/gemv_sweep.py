@@ -5,8 +5,9 @@ with each layer's weights as its own array so that a kernel compiles once per sh
 
     xla_rows_stacked    bench_gemv's `xla_rows` on the stacked [layers, K, N] weights (the library's reads)
     xla_rows            the same two-row GEMM on per-layer arrays (first and last: the run's drift)
-    single_bn*_t*_w*    one [block_k, block_n] weight block per program, float32 partial sums over
-                        K splits that XLA adds up; block_n, the programs to aim for, and num_warps
+    single_bn*_t*_w*    bench_gemv's `pallas_gemv`: one [block_k, block_n] weight block per program,
+                        float32 partial sums over K splits that XLA adds up; block_n, the programs
+                        to aim for, and num_warps
     loop_bn*_s*_c*_w*_st*   programs of block_n columns and K / splits rows, looping over chunks of
                         rows (Triton pipelines the loads over num_stages)
 
@@ -35,25 +36,6 @@ from jax.experimental.pallas import triton as pallas_triton  # noqa: E402
 
 import bench_gemv as bg  # noqa: E402
 import common  # noqa: E402
-
-
-def gemv_single(x, ws, layer, *, block_n, splits_target, num_warps, interpret):
-    """x [K] @ ws[layer] ([K, N]) -> float32 [N]: bench_gemv's kernel with its settings open."""
-    w = ws[layer]
-    k, n = w.shape
-    block_n = min(block_n, n)
-    block_k = k & -k
-    while (n // block_n) * (k // block_k) < splits_target and block_k >= 32:
-        block_k //= 2
-    splits = k // block_k
-    ps = pl.pallas_call(bg._partial_sums_kernel, out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32),
-        grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec((block_k,), lambda j, s: (s,)),
-                  pl.BlockSpec((block_k, block_n), lambda j, s: (s, j))],
-        out_specs=pl.BlockSpec((1, block_n), lambda j, s: (s, j)),
-        compiler_params=pallas_triton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret)(x, w)
-    return ps.sum(axis=0)
 
 
 def gemv_loop(x, ws, layer, *, block_n, splits, chunk, num_warps, num_stages, interpret):
@@ -101,7 +83,8 @@ def main():
         grid_loop = [(bn, sp, ch, nw, ns) for bn in (64, 128) for sp in (4, 8) for ch in (32, 64)
                      for nw in (4,) for ns in (2, 4)]
     for bn, st, nw in grid_single:
-        product = functools.partial(gemv_single, block_n=bn, splits_target=st, num_warps=nw, interpret=interp)
+        product = functools.partial(bg.pallas_gemv, splits_target=st, interpret=interp, block_n=bn, num_warps=nw,
+                                    num_stages=1)
         ways.append((f"single_bn{bn}_t{st}_w{nw}", product, lists))
     for bn, sp, ch, nw, ns in grid_loop:
         product = functools.partial(gemv_loop, block_n=bn, splits=sp, chunk=ch, num_warps=nw, num_stages=ns,

@@ -91,8 +91,8 @@ def test_ttft_program_variants_agree(tmp_path):
                 "c2c_ttft_three_programs,c2c_ttft_two_programs_pair_suffix,c2c_ttft_small_first_program,"
                 "c2c_ttft_small_first_pair_suffix,c2c_ttft_overlapped,c2c_ttft_small_first_overlapped,"
                 "c2c_ttft_donated_output,c2c_ttft_two_programs_masked,c2c_ttft_two_programs_slice_write,"
-                "c2c_ttft_two_programs_xla_attention,receiver_ttft,"
-                "receiver_ttft_two_programs,receiver_ttft_two_programs_masked,receiver_ttft_two_programs_slice_write,"
+                "c2c_ttft_two_programs_xla_attention,receiver_ttft,receiver_ttft_two_programs,"
+                "receiver_ttft_two_programs_masked,receiver_ttft_two_programs_slice_write,"
                 "receiver_ttft_two_programs_xla_attention")
     run_script("ttft_programs.py", "--rounds", "1", "--pipelined", "2", "--first-layers", "1", "--fuse-chunk", "2",
                "--variants", variants,
