@@ -114,7 +114,7 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return torch.tensor(factors, dtype=torch.float32).numpy()
 
 
-def add_tokenizer(writer, tok):
+def add_tokenizer(writer, tok, pre="gpt-2", add_bos=False):
     # llama.cpp's _set_vocab_gpt2 + SpecialVocab: byte-level token strings, special tokens as CONTROL.
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
@@ -122,14 +122,14 @@ def add_tokenizer(writer, tok):
     special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_bos_token_id(tok.bos_token_id)
     writer.add_eos_token_id(tok.eos_token_id)
     writer.add_pad_token_id(tok.pad_token_id)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(tok.chat_template)
 
 
@@ -273,6 +273,64 @@ def test_tokenizer_from_gguf_metadata(bpe, tmp_path):
     assert tok.encode(prompt) == bpe.encode(prompt)
 
 
+# The split patterns of Qwen2's and Llama 3's own tokenizer.json files (their "Split" pre-tokenizer).
+SOURCE_SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+",
+}
+
+
+@pytest.mark.parametrize("pre,add_bos", [("qwen2", False), ("llama-bpe", True), ("smollm", False)])
+def test_gguf_tokenizer_matches_the_source_and_transformers(pre, add_bos, tmp_path):
+    """Each pre-tokenizer llama.cpp names is rebuilt as the source tokenizer splits text (checked against
+    that tokenizer and against transformers' own GGUF route, which reads the file with torch)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if pre == "smollm":  # SmolLM2's tokenizer.json: single digits, then GPT-2's byte-level split
+        split = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SOURCE_SPLITS[pre]), behavior="isolated"),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    # Text where the splits differ: punctuation glued to a word (Qwen2, Llama 3), digit runs (all three).
+    split_texts = ["(hello) .world ,the 'S 1234567 and 89, 2024 or 3.14\n\n\n  x"]
+    tok = Tokenizer(models.BPE())
+    # Merges learned under GPT-2's split include multi-digit ones, which only a digit-splitting
+    # pre-tokenizer keeps apart; then the source splits as the model's tokenizer does.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if pre == "smollm" else split
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS + split_texts * 16, trainers.BpeTrainer(
+        vocab_size=360, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.pre_tokenizer = split
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+            ("<|endoftext|>", tok.token_to_id("<|endoftext|>"))])
+    source = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    source.chat_template = CHAT_TEMPLATE
+    w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "qwen2")
+    add_tokenizer(w, source, pre=pre, add_bos=add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours = load_tokenizer(tmp_path / "tok.gguf")
+    via_torch = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    for text in TEXTS + split_texts + ["it's THEY'RE\r\n\n  x"]:
+        ids = ours.encode(text)
+        assert ids == source.encode(text), text
+        assert (ids[0] == source.bos_token_id) == add_bos
+        assert ours.decode(ids, skip_special_tokens=True) == text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        if pre != "smollm":  # transformers splits "smollm" files as plain GPT-2 (multi-digit numbers stay whole)
+            assert ids == via_torch.encode(text), text
+    messages = [{"role": "user", "content": "Which planet is red?"}]
+    assert (ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            == source.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
 @pytest.mark.parametrize("scaling", ["llama3", "linear"])
 def test_rope_scaling_from_gguf(scaling, bpe, tmp_path):
     if scaling == "llama3":  # Llama 3.1+: llama.cpp writes a rope_freqs.weight tensor of divisors
@@ -398,6 +456,11 @@ def test_smollm2_gguf_matches_transformers(monkeypatch):
                                dequantize_q4_1(tensors["blk.3.ffn_down.weight"].data), atol=1e-6, rtol=0)
 
     tok = load_tokenizer(path)
+    # The tokenizer we build from the metadata (no torch) is transformers' own GGUF tokenizer, token for token.
+    via_torch = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert len(tok) == len(via_torch) and tok.all_special_tokens == via_torch.all_special_tokens
+    for text in TEXTS:
+        assert tok.encode(text) == via_torch.encode(text), text
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, tokenize=False)
     tokens = np.asarray([tok.encode(prompt, add_special_tokens=False)])

@@ -271,7 +271,9 @@ def load_tokenizer(path_or_id: str | os.PathLike):
         return byte_tokenizer()
     path = resolve_checkpoint(path_or_id)
     if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        from c2c_jax.models.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(str(path))
 
 
