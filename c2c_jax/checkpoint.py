@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from c2c_jax.fuser import ABLATIONS, BRANCHES, Fuser, FuserConfig
 from c2c_jax.models.config import ModelConfig
 from c2c_jax.models.loading import path_names
 from c2c_jax.torch_pickle import load_state_dict
+
+log = logging.getLogger(__name__)
 
 FUSER_CONFIG_FILE = "fuser.json"
 FUSER_PARAMS_FILE = "fuser.safetensors"
@@ -376,12 +379,54 @@ class TrainCheckpointer:
                 meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
             raise FuserCheckpointError(
-                f"cannot restore training checkpoint {self.directory / str(step)} ({type(e).__name__}: {e}); "
-                "it is damaged or was written by a run with another fuser/optimizer config. Move it away to "
-                "start over; nothing was deleted.") from e
+                f"cannot restore training checkpoint {self.directory / str(step)} ({type(e).__name__}: "
+                f"{_first_line(e)}); it is damaged or was written by a run with another fuser/optimizer config"
+            ) from e
         state = dataclasses.replace(template, step=jnp.asarray(step, jnp.int32), params=restored.params,
                                     opt_state=restored.opt_state)
         return state, restored.meta
 
+    def restore_newest_intact(self, template):
+        """(state, meta, skipped steps) from the newest checkpoint that restores, or None if there is none.
+
+        A damaged checkpoint (a half-written or truncated file, say) is moved to `damaged/<step>` beside
+        the others, never deleted, so the run resumes from the one before it and can save that step again.
+        Raises FuserCheckpointError when checkpoints exist and none of them restores.
+        """
+        skipped, errors = [], []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(template, step)
+            except FuserCheckpointError as e:
+                errors.append(str(e))
+                log.warning("%s; moving it to %s and trying the one before", e, self.directory / "damaged" / str(step))
+                if jax.process_index() == 0:  # one process moves it; every process skips it
+                    (self.directory / "damaged").mkdir(exist_ok=True)
+                    os.replace(self.directory / str(step), _unused(self.directory / "damaged" / str(step)))
+                self.manager.reload()
+                skipped.append(step)
+                continue
+            return state, meta, skipped
+        if errors:
+            raise FuserCheckpointError(
+                f"no training checkpoint under {self.directory} restores (moved to {self.directory / 'damaged'}); "
+                f"the newest said: {errors[0]}. Use another --workdir, or move the damaged ones back to retry.")
+        return None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 160 else line[:160] + "..."
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... whichever does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate

@@ -372,8 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     is_main = jax.process_index() == 0
     checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
                                      async_save=config.ckpt.async_save)
-    if checkpointer.latest_step() is not None:
-        run.state, meta = checkpointer.restore(run.state)
+    resumed = checkpointer.restore_newest_intact(run.state)
+    if resumed is not None:
+        run.state, meta, _ = resumed
         run.train_iter.restore(meta["data"])
         log.info("resumed from step %d", int(run.state.step))
     elif is_main:

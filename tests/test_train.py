@@ -227,6 +227,27 @@ def test_killed_run_resumes_exactly(tmp_path):
         assert h["loss"] == pytest.approx(losses[h["step"]], rel=1e-6, abs=1e-7), h["step"]
 
 
+def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, caplog):
+    overrides = {"train.log_every": 1, "train.eval_every": 100000, "ckpt.every": 3, "ckpt.async_save": False}
+    first = trainer.train_and_evaluate(tiny_config(**{**overrides, "train.max_steps": 6}), tmp_path)
+    losses = {h["step"]: h["loss"] for h in first["history"]}
+    # Truncate the largest array file of the newest checkpoint, as a crash mid-write or a full disk leaves it.
+    files = [p for p in (tmp_path / "checkpoints" / "6" / "params").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+    with caplog.at_level("WARNING"):
+        resumed = trainer.train_and_evaluate(tiny_config(**{**overrides, "train.max_steps": 6}), tmp_path)
+    assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
+    for h in resumed["history"]:  # steps 4-6 again, from step 3's checkpoint: the same losses
+        assert h["loss"] == pytest.approx(losses[h["step"]], rel=1e-6, abs=1e-7), h["step"]
+    warning = next(r.getMessage() for r in caplog.records if "damaged" in r.getMessage())
+    assert "checkpoints/6" in warning and len(warning.splitlines()) == 1
+    # Nothing is lost: the damaged checkpoint is kept aside, and step 6 was saved again.
+    assert (tmp_path / "checkpoints" / "damaged" / "6" / "params").is_dir()
+    assert sorted(ocp.CheckpointManager(tmp_path / "checkpoints").all_steps()) == [3, 6]
+
+
 def test_tiny_fuser_overfits_a_small_set(tmp_path):
     config = tiny_config(**{
         "data.max_rows": 8, "data.eval_fraction": 0.0, "train.max_steps": 150, "train.micro_batch_size": 8,
