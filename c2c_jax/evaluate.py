@@ -739,6 +739,9 @@ def _plots(summary: dict, output_dir: Path) -> None:
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> dict:
     """Runs `config.eval` and writes its outputs; returns the summary (also in `summary.json`)."""
     settings = parse_settings(config, workdir)
+    from c2c_jax.build import check_before_loading
+
+    check_before_loading(config, list(zip(settings.fusers, settings.sharers)) if "c2c" in settings.methods else [])
     benches = [load_benchmark(name, source=source, limit=settings.limit)
                for name, source in zip(settings.benchmarks, settings.sources)]
     runners, models = _build_methods(config, settings)
@@ -762,10 +765,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
 
 
 def main() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from c2c_jax.config import parse_flags, use_inference_xla_flags
+    from c2c_jax import cli
+    from c2c_jax.config import use_inference_xla_flags
 
     use_inference_xla_flags()
 
@@ -774,15 +778,14 @@ def main() -> None:
                                        "eval.output_dir is set.")
     flags.mark_flags_as_required(["config"])
 
-    def run(argv):
-        del argv
+    def run():
         from c2c_jax import sharding
 
         sharding.maybe_initialize_distributed()
         summary = evaluate(config_flag.value, workdir_flag.value)
         print(results_markdown(summary))
 
-    app.run(run, flags_parser=parse_flags)
+    cli.run(run)
 
 
 if __name__ == "__main__":

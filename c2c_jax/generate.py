@@ -51,10 +51,13 @@ def chat_loop(generator, sampling, read=input, write=print) -> None:
 
 
 def main() -> None:
+    from c2c_jax import cli
+
+    cli.starting("generate")
     from absl import app, flags
     from ml_collections import config_flags
 
-    from c2c_jax.config import parse_flags, use_inference_xla_flags
+    from c2c_jax.config import use_inference_xla_flags
 
     use_inference_xla_flags()
 
@@ -63,8 +66,7 @@ def main() -> None:
     chat_flag = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat, both answers at every turn.")
     flags.mark_flags_as_required(["config"])
 
-    def run(argv):
-        del argv
+    def run():
         from c2c_jax import build, sharding
         from c2c_jax.pipeline import SamplingConfig
 
@@ -74,6 +76,7 @@ def main() -> None:
             raise app.UsageError("set --config.generate.fuser to a fuser directory (ours or the upstream layout)")
         if not prompt_flag.value and not chat_flag.value:
             raise app.UsageError("give --prompt=... (repeatable) or --chat")
+        build.check_before_loading(config_flag.value, [(g.fuser, config_flag.value.sharer.path)])
         generator = build.load_generator(config_flag.value, g.fuser)
         sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                                   top_p=g.top_p)
@@ -82,7 +85,7 @@ def main() -> None:
         if chat_flag.value:
             chat_loop(generator, sampling)
 
-    app.run(run, flags_parser=parse_flags)
+    cli.run(run)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,19 @@ Rerunning with the same workdir resumes from the last checkpoint.
 
 
 def main() -> None:
+    from c2c_jax import cli
+
+    cli.starting("train")
     import logging as py_logging
 
-    from absl import app, flags, logging
+    from absl import flags, logging
     from ml_collections import config_flags
-
-    from c2c_jax.config import parse_flags
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", "runs/c2c", "Checkpoints, logs and the final fuser go here.")
     flags.mark_flags_as_required(["config"])
 
-    def run(argv):
-        del argv
+    def run():
         from c2c_jax import sharding
 
         sharding.maybe_initialize_distributed()  # before anything touches a device
@@ -31,7 +31,7 @@ def main() -> None:
             last = summary["history"][-1]
             print(f"done: step {last['step']}, loss {last['loss']:.4f}; fuser in {workdir_flag.value}/final")
 
-    app.run(run, flags_parser=parse_flags)
+    cli.run(run)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from c2c_jax import build, sharding
+from c2c_jax import build, cli, sharding
 from c2c_jax.alignment import pad_id_of
 from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
 from c2c_jax.fuser import Fuser, FuserNoise, gate_temperature
@@ -280,11 +280,14 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         raise ValueError(f"train.batch_size {batch_size} is not a multiple of train.micro_batch_size {micro}")
     if micro % n_devices:
         raise ValueError(f"train.micro_batch_size {micro} must be divisible by the {n_devices} devices")
+    data_lib.check_source(config.data.source)
+    build.check_before_loading(config, [(config.fuser.init_from, config.sharer.path)] if config.fuser.init_from else [])
     param_sharding = sharding.param_sharding_fn(mesh, config.mesh.shard_frozen)
     receiver, receiver_tok, sharer, sharer_tok = build.load_pair(
         config, param_sharding=param_sharding, remat=config.train.remat)
     fuser = build.new_fuser(config, receiver, sharer)
 
+    cli.phase(f"reading and tokenizing the training data ({config.data.source})")
     train_examples, eval_examples, stats = data_lib.load_train_data(
         config, receiver_tok, sharer_tok, receiver.config.vocab_size, sharer.config.vocab_size)
     train_iter = data_lib.batch_iterator(
@@ -376,32 +379,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if resumed is not None:
         run.state, meta, _ = resumed
         run.train_iter.restore(meta["data"])
-        log.info("resumed from step %d", int(run.state.step))
+        cli.phase(f"resuming from the checkpoint of step {int(run.state.step)}")
     elif is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = _summary_writer(workdir) if is_main else None
+    start = int(run.state.step)
     if is_main:
-        log.info("data: %s", json.dumps(run.data_stats))
-        log.info("fuser: %d parameters; %d steps", run.fuser_template.config.num_params(), run.total_steps)
+        stats, buckets = run.data_stats, run.train_iter.bucket_counts
+        cli.phase(f"data {config.data.source!r}: {stats['train']} training and {stats['eval']} held-out examples "
+                  f"of {stats['rows']} rows; {len(buckets)} batch shape(s) (prompt x answer tokens: "
+                  + ", ".join(f"{p}x{a}" for p, a in sorted(buckets)) + ")")
+        cli.phase(f"fuser: {run.fuser_template.config.num_params():,} parameters; steps {start + 1}-{run.total_steps}")
 
     base_key = jax.random.key(config.seed)
-    start = int(run.state.step)
     summary_file = workdir / "train_summary.json"
     if start >= run.total_steps and summary_file.exists():
         log.info("%s already finished all %d steps; nothing to do", workdir, run.total_steps)
         return json.loads(summary_file.read_text())
-    bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
-    history, shapes = [], set()
+    bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train",
+               smoothing=0.1)
+    history, compiled = [], {}
     tokens_since, time_since = 0, time.perf_counter()
-    metrics = None
+
+    def pause(seconds: float) -> None:  # compiling and held-out evaluation stay out of the reported rates
+        nonlocal time_since
+        time_since += seconds
+        if not bar.disable:
+            bar.unpause()
+
+    def step_program(batch):
+        """The train step compiled for this batch shape, announced, and kept out of the bar's rate."""
+        shape = (batch.prefix_tokens.shape[-1], batch.suffix_tokens.shape[-1])
+        if shape not in compiled:
+            cli.phase(f"compiling the train step for {shape[0]} prompt + {shape[1]} answer tokens "
+                      f"(once per batch shape; {len(compiled)} compiled so far)")
+            began = time.perf_counter()
+            compiled[shape] = run.step_fn.lower(run.state, run.frozen, batch, base_key).compile()
+            took = time.perf_counter() - began
+            cli.phase(f"compiled in {took:.0f} s")
+            pause(took)
+        return compiled[shape]
+
     for step in range(start, run.total_steps):
         host_batch = next(run.train_iter)
-        shapes.add((host_batch.prefix_tokens.shape[-1], host_batch.suffix_tokens.shape[-1]))
         tokens_since += _batch_tokens(host_batch) * jax.process_count()
         batch = sharding.place_batch(host_batch, run.mesh, batch_axis=1)
-        run.state, metrics = run.step_fn(run.state, run.frozen, batch, base_key)
+        run.state, metrics = step_program(batch)(run.state, run.frozen, batch, base_key)
         done = step + 1
+        jax.block_until_ready(metrics["loss"])  # the bar counts finished steps, not queued ones
+        bar.update(1)
         if done % config.train.log_every == 0 or done == run.total_steps:
             m = jax.device_get(metrics)
             elapsed = time.perf_counter() - time_since
@@ -410,27 +437,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             record = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                       "lr": float(m["lr"]), "temperature": float(m["temperature"]), "tokens_per_s": tokens_per_s}
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", shapes=len(shapes))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if writer:
                 for key in ("loss", "grad_norm", "lr", "temperature", "tokens_per_s"):
                     writer.add_scalar(f"train/{key}", record[key], done)
                 for (layer, branch), logit in np.ndenumerate(np.asarray(m["gate_logits"]).reshape(-1, 2)):
                     writer.add_scalar(f"gates/layer{layer:02d}_{'kv'[branch]}", float(logit), done)
-        if done % config.train.eval_every == 0 or done == run.total_steps:
+        if (done % config.train.eval_every == 0 or done == run.total_steps) and run.eval_examples:
+            began = time.perf_counter()
             eval_loss = evaluate_loss(run, run.state.params)
-            if history and run.eval_examples:
+            pause(time.perf_counter() - began)
+            if is_main:
+                cli.phase(f"step {done}: held-out loss {eval_loss:.4f} (train loss {history[-1]['loss']:.4f})"
+                          if history else f"step {done}: held-out loss {eval_loss:.4f}")
+            if history:
                 history[-1]["eval_loss"] = eval_loss
-            if writer and run.eval_examples:
+            if writer:
                 writer.add_scalar("eval/loss", eval_loss, done)
         if done % config.ckpt.every == 0 or done == run.total_steps:
             checkpointer.save(done, run.state, {"data": run.train_iter.state(), "step": done})
-        bar.update(1)
     bar.close()
     checkpointer.wait()
-    log.info("compiled %d distinct batch shapes: %s", len(shapes), sorted(shapes))
+    shapes = sorted(compiled)
+    log.info("compiled %d distinct batch shapes: %s", len(shapes), shapes)
 
     fuser = nnx.merge(run.graphdefs[2], jax.device_get(run.state.params))
-    summary = {"steps": run.total_steps, "history": history, "batch_shapes": sorted(shapes)}
+    summary = {"steps": run.total_steps, "history": history, "batch_shapes": shapes}
     if is_main:
         save_fuser(fuser, workdir / "final")
         if config.ckpt.export_upstream:

@@ -74,5 +74,5 @@ def test_inference_xla_flags_are_known_to_the_installed_jaxlib():
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(GPU_INFERENCE_XLA_FLAGS))
     result = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True)
     assert result.returncode == 0 and "2.0" in result.stdout, result.stderr[-2000:]

@@ -38,7 +38,7 @@ def script_env(**extra) -> dict:
 
 def launch(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
-                          env=script_env() if env is None else env, timeout=60)
+                          env=script_env() if env is None else env)
 
 
 def dry_run(script: str, *args: str, env: dict | None = None) -> list[list[str]]:
@@ -254,7 +254,7 @@ def test_gpu_xla_flags_are_known_to_the_installed_jaxlib():
     (_, train, _) = dry_run("gpu_single.sh")
     env = script_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(train))
     result = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices())"], env=env,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -314,7 +314,7 @@ def test_gpu_multinode_really_trains_with_two_processes_on_cpu(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        outputs = [p.communicate()[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -340,7 +340,7 @@ def run_notebook(name: str, params: dict, cwd: Path):
     nb.cells.insert(index + 1, injected)
     env = script_env(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("MPLBACKEND", None)  # the kernel's inline backend draws the plots into the outputs
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    client = NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell and traceback, if any cell fails
     return nb
 

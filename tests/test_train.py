@@ -210,7 +210,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(_train_args(workdir, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    deadline = time.time() + 1800  # a guard against a hang, not a speed limit
     while not (workdir / "checkpoints" / "3").exists():
         assert proc.poll() is None and time.time() < deadline, "training died before its first checkpoint"
         time.sleep(0.02)
@@ -278,7 +278,7 @@ def test_unknown_config_override_is_a_clear_error(tmp_path, module):
     result = subprocess.run(
         [sys.executable, "-m", f"c2c_jax.{module}", "--config=configs/tiny.py", "--config.fuser.hiden_dim=8",
          f"--workdir={tmp_path}" if module == "train" else "--config.eval.limit=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: --config.fuser.hiden_dim: the config has no field 'fuser.hiden_dim'"), message

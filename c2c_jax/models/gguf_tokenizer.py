@@ -36,14 +36,9 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def _metadata(path: Path) -> dict:
-    import gguf
+    from c2c_jax.models.loading import _gguf_reader
 
-    from c2c_jax.models.loading import CheckpointError
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader fails with a bare reshape/view error on a truncated file
-        raise CheckpointError(f"{path} is not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+    reader = _gguf_reader(path)
     return {key: field.contents() for key, field in reader.fields.items()
             if key.startswith("tokenizer.") or key == "general.architecture"}
 

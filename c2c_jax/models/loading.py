@@ -224,6 +224,26 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
             f"the local directory DIR, or a .gguf file, instead of the hub id.") from e
 
 
+def read_config(path_or_id: str | os.PathLike) -> ModelConfig | None:
+    """A checkpoint's architecture without reading its weights (config.json, GGUF metadata, a tiny family).
+
+    None for a hub id that is not on disk: its config is known only once it is fetched.
+    """
+    text = os.fspath(path_or_id)
+    if text.startswith(RANDOM_PREFIX):
+        from c2c_jax.models.tiny import tiny_config
+
+        return tiny_config(text[len(RANDOM_PREFIX):])
+    path = Path(text).expanduser()
+    if not path.exists():
+        if text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(".gguf"):
+            raise FileNotFoundError(f"checkpoint {text!r} does not exist")
+        return None
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_config(_gguf_reader(path))
+    return ModelConfig.from_pretrained(path)
+
+
 def load_model(path_or_id: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
                param_sharding: ParamSharding | None = None, **decoder_kwargs) -> Decoder:
     """Loads a decoder from a local HF directory, a hub id, a `.gguf` file, or "random:<family>".
@@ -394,19 +414,25 @@ def _gguf_array(tensor) -> np.ndarray:
             f"GGUF tensor {tensor.name} is stored as {tensor.tensor_type.name}, which gguf cannot dequantize") from None
 
 
+def _gguf_reader(path: Path):
+    import gguf
+
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader fails with a bare reshape/view error on a truncated file
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+
+
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
               param_sharding: ParamSharding | None = None, **decoder_kwargs) -> Decoder:
     """Loads a (possibly quantized) GGUF file; tensors are dequantized one at a time."""
     import gguf
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader fails with a bare reshape/view error on a truncated file
-        raise CheckpointError(
-            f"{path} is not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+    reader = _gguf_reader(path)
     config = gguf_config(reader)
     tensors = {}
     for t in reader.tensors:
