@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
         decay_gates=True,  # upstream decays the gate logits too (toward 0 = closed at inference)
+        gate_lr_multiplier=1.0,  # the gate logits' learning rate is lr times this (upstream: 1)
         clip_norm=1.0,
     ))
 

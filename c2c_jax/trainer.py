@@ -168,14 +168,21 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: optim.decay_gates or "gate_logit" not in jax.tree_util.keystr(path), params)
+    def is_gate(path) -> bool:
+        return "gate_logit" in jax.tree_util.keystr(path)
 
-    return optax.chain(
-        optax.clip_by_global_norm(optim.clip_norm),
-        optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay, mask=decay_mask))
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: optim.decay_gates or not is_gate(path), params)
+
+    stages = [optax.clip_by_global_norm(optim.clip_norm),
+              optax.adamw(make_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                          weight_decay=optim.weight_decay, mask=decay_mask)]
+    if optim.gate_lr_multiplier != 1:
+        # The gates' own learning rate, as a parameter group of their own would have (decay included).
+        # Left out at 1, so the optimizer state keeps the structure older checkpoints have.
+        gates = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_gate(path), params)  # noqa: E731
+        stages.append(optax.masked(optax.scale(optim.gate_lr_multiplier), gates))
+    return optax.chain(*stages)
 
 
 def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fuser_config, normalization,
@@ -494,12 +501,17 @@ def plot_gates(fuser: Fuser, path: Path) -> None:
     fig = Figure(figsize=(max(6, 0.3 * len(layers)), 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for branch, (name, offset) in enumerate((("K", -0.2), ("V", 0.2))):
-        colors = ["tab:green" if v > 0 else "tab:gray" for v in logits[:, branch]]
-        ax.bar(layers + offset, logits[:, branch], width=0.4, color=colors, edgecolor="black", label=name)
+    for branch, (name, offset, marker) in enumerate((("K", -0.2, "o"), ("V", 0.2, "s"))):
+        values = logits[:, branch]
+        colors = ["tab:green" if v > 0 else "tab:gray" for v in values]
+        ax.bar(layers + offset, values, width=0.4, color=colors, edgecolor="black")
+        # A marker at each value, so a logit at (or near) 0 is still seen.
+        ax.scatter(layers + offset, values, c=colors, marker=marker, edgecolors="black", zorder=3, label=name)
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(layers[:: max(1, len(layers) // 16)])  # whole layer numbers only
+    ax.legend(loc="best", fontsize="small")
     ax.set_xlabel("receiver layer")
     ax.set_ylabel("gate logit (open if > 0)")
-    ax.set_title(f"fuser gates: {int((logits > 0).sum())} of {logits.size} open (left bar K, right bar V)")
+    ax.set_title(f"fuser gates: {int((logits > 0).sum())} of {logits.size} open at inference (green: logit > 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -283,3 +283,29 @@ def test_unknown_config_override_is_a_clear_error(tmp_path, module):
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: --config.fuser.hiden_dim: the config has no field 'fuser.hiden_dim'"), message
     assert "did you mean 'hidden_dim'?" in message and "config.fuser has: " in message and "intermediate_dim" in message
+
+
+def test_gate_lr_multiplier_scales_only_the_gate_updates_decay_included():
+    import ml_collections
+
+    from c2c_jax.config import default_config
+
+    params = {"projectors": {"gate_logit": jnp.asarray([0.5, -0.2]), "kernel": jnp.ones((2, 3))}}
+    grads = jax.tree.map(lambda p: 0.01 * jnp.arange(1, p.size + 1, dtype=jnp.float32).reshape(p.shape), params)
+    updates = {}
+    for multiplier in (1.0, 10.0):
+        optim = ml_collections.ConfigDict(default_config().optim.to_dict())
+        optim.update(gate_lr_multiplier=multiplier, warmup_fraction=0.0)
+        tx = trainer.make_optimizer(optim, total_steps=10)
+        updates[multiplier], _ = tx.update(grads, tx.init(params), params)
+    base, scaled = updates[1.0]["projectors"], updates[10.0]["projectors"]
+    np.testing.assert_allclose(scaled["gate_logit"], 10 * base["gate_logit"], rtol=1e-6)
+    np.testing.assert_array_equal(scaled["kernel"], base["kernel"])
+    # The decoupled weight decay (lr * wd * param) is part of the gates' update, as in a torch param group.
+    optim.update(gate_lr_multiplier=10.0, weight_decay=0.5)
+    tx = trainer.make_optimizer(optim, total_steps=10)
+    zero = jax.tree.map(jnp.zeros_like, grads)
+    decayed, _ = tx.update(zero, tx.init(params), params)
+    # (step 0 with no warmup runs at the full lr)
+    np.testing.assert_allclose(decayed["projectors"]["gate_logit"],
+                               -10 * optim.lr * 0.5 * params["projectors"]["gate_logit"], rtol=1e-5)
