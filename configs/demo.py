@@ -18,9 +18,12 @@ def get_config():
     c.sharer.path = "smollm2"
     c.sharer.dtype = "float32"
     c.fuser.update(hidden_dim=256, intermediate_dim=256, dtype="float32", anneal_steps=100, zero_init=False)
-    c.data.update(source="mc_train", max_rows=2000, max_length=384, eval_fraction=0.02,
-                  prefix_buckets=(128, 256, 384), suffix_buckets=(16,))
+    # One batch shape, so the train step compiles once: prompts up to 192 tokens (89% of these chats;
+    # the median is 152) and answers up to 16 ("The correct answer is B" is 5).
+    c.data.update(source="mc_train", max_rows=2000, max_length=208, eval_fraction=0.02,
+                  prefix_buckets=(192,), suffix_buckets=(16,))
     c.optim.lr = 3e-4
+    c.optim.gate_lr_multiplier = 100.0  # 40 steps at lr 3e-4 cannot move a gate logit visibly from 0
     c.train.update(batch_size=8, micro_batch_size=8, max_steps=40, log_every=5, eval_every=20, eval_batches=4)
     c.ckpt.update(every=20, keep=2)
     # Receiver and sharer are the same model here, so "sharer alone" would repeat "receiver alone".

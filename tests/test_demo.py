@@ -9,7 +9,7 @@ from configs import demo
 def test_offline_demo_trains_and_evaluates(tmp_path):
     config = demo.get_config()
     config.mesh.data = 1
-    config.data.update(max_rows=64, max_length=256, prefix_buckets=(256,))
+    config.data.update(max_rows=64)
     config.fuser.update(hidden_dim=64, intermediate_dim=64)
     config.train.update(batch_size=2, micro_batch_size=2, max_steps=2, log_every=1, eval_every=2, eval_batches=1)
     config.ckpt.every = 2
