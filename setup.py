@@ -7,7 +7,8 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.12.4",
-    "transformers>=5.0",
+    # Tested with 5.17 and 5.25; 5.40 removes the `past_key_values` keyword the parity tests use.
+    "transformers>=5.17,<5.40",
     "ml-collections>=1.0",
     "absl-py",
     "numpy",
@@ -22,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # CPU parity tests compare against PyTorch; install torch==2.13.0 (CPU build) first.
+    # The parity tests compare against PyTorch: `bash tests/run.sh` installs its CPU build first.
     "test": [
         "pytest",
         "pytest-xdist",
@@ -36,6 +37,7 @@ EXTRAS = {
     "gpu": ["jax[cuda13]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "tfds": ["tensorflow-datasets"],
+    "tensorboard": ["tensorboard"],  # the viewer for WORKDIR/tensorboard
 }
 
 setup(
@@ -45,7 +47,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["c2c_jax", "c2c_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.10 has no wheels for older Pythons
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license="Apache-2.0",
