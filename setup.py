@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "huggingface_hub",
     "datasets",
     "tqdm",
+    "jinja2",  # chat templates (transformers renders them with it but does not require it)
     "tensorboardX",
     "matplotlib",
 ]

@@ -105,6 +105,11 @@ def run(main: Callable[[], None]) -> None:
             fail(error)
 
     def guarded(argv_left: list[str]) -> None:
+        import logging
+
+        # jax reports at INFO level every platform it could not start ("Unable to initialize backend
+        # 'tpu'" on every CPU machine); the commands' own INFO lines stay.
+        logging.getLogger("jax").setLevel(logging.WARNING)
         if len(argv_left) > 1:
             fail(app.UsageError(f"unexpected argument(s): {' '.join(argv_left[1:])} (flags look like --name=value)"))
         try:

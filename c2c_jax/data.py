@@ -427,6 +427,8 @@ class ChatEncoder:
                                         *(() if self.aligned else (self._render(list(chats), False),)))]
             if len(out) == len(chats) and all(isinstance(x, str) for t in out for x in t):
                 return out
+        except ImportError:  # the template engine itself is missing: no chat can be rendered
+            raise
         except Exception:  # noqa: BLE001
             pass
         out = []
@@ -436,6 +438,8 @@ class ChatEncoder:
                 if not self.aligned:
                     rendered.append(self._render(messages, False))
                 out.append(rendered)
+            except ImportError:
+                raise
             except Exception:  # noqa: BLE001 - a template that rejects this chat: skip it
                 out.append(None)
         return out
