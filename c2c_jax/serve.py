@@ -19,6 +19,9 @@ import time
 import uuid
 from typing import Literal
 
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from c2c_jax.engine import Engine, InvalidRequest, Metrics, QueueFull, Request, Sampling
@@ -223,10 +226,6 @@ class APIError(Exception):
 def create_app(engine: Engine, tokenizer, *, defaults: Sampling, metrics: PrometheusMetrics | None = None,
                start_engine: bool = True):
     """The FastAPI app over `engine`; `defaults` fill the sampling fields a request leaves out."""
-    from fastapi import FastAPI, Request as HTTPRequest
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-
     metrics = metrics or PrometheusMetrics()
     metrics.slots.set(engine.limits.slots)
     engine.metrics = metrics
