@@ -301,6 +301,7 @@ class Engine:
         self.rows: list[Request | None] = [None] * limits.slots
         self.row_start = [0] * limits.slots  # first column of each row's tokens
         self.waiting: collections.deque[Request] = collections.deque()
+        self.pending = None  # the last step's (tokens, [(row, request)]), read after the next dispatch
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -356,7 +357,7 @@ class Engine:
     def run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.waiting and not any(self.rows):
+                while not (self._stopping or self.waiting or any(self.rows) or self.pending is not None):
                     self._lock.wait()
                 if self._stopping:
                     break
@@ -366,28 +367,35 @@ class Engine:
                 self._fail_all(error)
 
     def iteration(self) -> None:
-        """Frees cancelled rows, admits one prefill chunk, runs one decode step, hands out the tokens."""
+        """Frees cancelled rows, admits one prefill chunk, dispatches one decode step, then hands out
+        the previous step's tokens and the new requests' first tokens.
+
+        The host reads a step's tokens only after dispatching the next one, so its per-token work
+        (stop checks, delivery) overlaps the device's step. A row that finished at step k still
+        computes in step k + 1, unseen: its token is dropped, as is any token of a request no
+        longer in its row.
+        """
         self._free_cancelled()
         admitted, first = self._admit_chunk()
-        active_rows = [r for r, req in enumerate(self.rows) if req is not None]
-        step_tokens = None
-        if active_rows:
+        live = [(row, request) for row, request in enumerate(self.rows) if request is not None]
+        step = None
+        if live:
             if self.end >= self.capacity:
                 self._compact()
             active = np.zeros((self.limits.slots,), bool)
-            active[active_rows] = True
-            self.slots, step_tokens = self.decode.step(self.receiver_state, self.slots, active)
+            active[[row for row, _ in live]] = True
+            self.slots, tokens = self.decode.step(self.receiver_state, self.slots, active)
             self.end += 1
-        if admitted:  # ready before the step (same stream): its first tokens go out while the step runs
-            first = np.asarray(first)
-            for (row, request), token in zip(admitted, first):
+            step = (tokens, live)
+        previous, self.pending = self.pending, step
+        if previous is not None:
+            tokens, rows = previous
+            tokens = np.asarray(tokens)
+            for row, request in rows:
+                self._emit(row, request, int(tokens[row]))
+        if admitted:  # the admission ran before the new step: its first tokens are ready
+            for (row, request), token in zip(admitted, np.asarray(first)):
                 self._emit(row, request, int(token))
-        if step_tokens is not None:
-            step_tokens = np.asarray(step_tokens)
-            for row in active_rows:
-                request = self.rows[row]
-                if request is not None and request.generated > 0:
-                    self._emit(row, request, int(step_tokens[row]))
         self.metrics.slots_busy(self.busy_rows)
 
     def _emit(self, row: int, request: Request, token: int) -> None:
@@ -465,5 +473,6 @@ class Engine:
                 self.rows[row] = None
                 request.on_tokens([], f"error: {type(error).__name__}: {error}")
         # The slots may have been donated to the failed program: start over from empty ones.
+        self.pending = None
         self.slots = Slots.empty(self.receiver, self.limits.slots, self.capacity, self.prompt_width)
         self.end = self.prompt_width

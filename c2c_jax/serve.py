@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from typing import Literal
@@ -97,6 +98,31 @@ class CompletionRequest(SamplingFields):
 # Text out: incremental detokenization and stop strings.
 
 
+class LoopDelivery:
+    """Hands the engine thread's tokens to asyncio queues on one event loop: a batch of deliveries
+    costs one wake-up of the loop, not one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list = []
+
+    def sink(self, queue: asyncio.Queue):
+        def put(ids, finish):
+            with self.lock:
+                self.items.append((queue, (ids, finish)))
+                first = len(self.items) == 1
+            if first:
+                self.loop.call_soon_threadsafe(self.flush)
+        return put
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class TextAssembler:
     """Token ids in, text out in whole characters, cut at the first stop string.
 
@@ -106,9 +132,11 @@ class TextAssembler:
     string is held back.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], incremental: bool = True):
+        """incremental=False: text only at the end, one decode (for a whole answer without stop strings)."""
         self.tokenizer = tokenizer
         self.stop = stop
+        self.incremental = incremental or bool(stop)
         self.ids: list[int] = []
         self.prefix = self.read = 0  # window [prefix, read) is already text
         self.text = ""
@@ -119,6 +147,11 @@ class TextAssembler:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, ids: list[int], final: bool = False) -> None:
+        if not self.incremental:
+            self.ids += ids
+            if final:
+                self.text = self._decode(self.ids)
+            return
         for token in ids:
             self.ids.append(token)
             self._advance(final=False)
@@ -230,8 +263,12 @@ def create_app(engine: Engine, tokenizer, *, defaults: Sampling, metrics: Promet
     metrics.slots.set(engine.limits.slots)
     engine.metrics = metrics
 
+    delivery: LoopDelivery | None = None  # set on the server's event loop
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal delivery
+        delivery = LoopDelivery(asyncio.get_running_loop())
         if start_engine:
             engine.start()
         yield
@@ -301,9 +338,7 @@ def create_app(engine: Engine, tokenizer, *, defaults: Sampling, metrics: Promet
             raise APIError(400, f"cannot encode the prompt: {error}", param="messages" if chat else "prompt")
         sampling = sampling_of(body)
         events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        request = Request(route, prompt, sampling, lambda ids, finish: loop.call_soon_threadsafe(
-            events.put_nowait, (ids, finish)))
+        request = Request(route, prompt, sampling, delivery.sink(events))
         try:
             engine.submit(request)
         except InvalidRequest as error:
@@ -312,7 +347,7 @@ def create_app(engine: Engine, tokenizer, *, defaults: Sampling, metrics: Promet
         except QueueFull as error:
             raise APIError(429, f"the server is busy: {error}; try again later", type="rate_limit_error")
         name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        chunks = pieces(request, events, body.stop)
+        chunks = pieces(request, events, body.stop, incremental=body.stream or bool(body.stop))
         if body.stream:
             metrics.requests.labels(model=body.model, status="200").inc()
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -320,9 +355,9 @@ def create_app(engine: Engine, tokenizer, *, defaults: Sampling, metrics: Promet
                                      media_type="text/event-stream")
         return await complete(http, chunks, request, name, body.model, chat)
 
-    async def pieces(request: Request, events: asyncio.Queue, stop: list[str]):
+    async def pieces(request: Request, events: asyncio.Queue, stop: list[str], incremental: bool):
         """(text, finish reason or None) as tokens arrive; cancels the request if abandoned."""
-        text = TextAssembler(tokenizer, stop)
+        text = TextAssembler(tokenizer, stop, incremental=incremental)
         finish = None
         try:
             while finish is None:

@@ -269,16 +269,16 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
     other = Request(route, route.encoder.encode_chat([{"role": "user", "content": "yo"}]), Sampling(max_tokens=3),
                     lambda ids, finish: seen["other"].append((ids, finish)))
     local.submit(long)
-    local.iteration()
-    local.iteration()
-    assert local.busy_rows == 1 and len(seen["long"]) == 3  # the first token, then one per step
+    local.iteration()  # admits it (first token) and dispatches a step
+    local.iteration()  # the step's token is read after the next step's dispatch
+    assert local.busy_rows == 1 and len(seen["long"]) == 2
     local.cancel(long)
     local.submit(other)
-    local.iteration()  # frees the row, admits the other request into it
-    assert local.rows.count(other) == 1 and long not in local.rows and len(seen["long"]) == 3
-    while local.busy_rows:
+    local.iteration()  # frees the row, admits the other request into it; the old row's token is dropped
+    assert local.rows.count(other) == 1 and long not in local.rows and len(seen["long"]) == 2
+    while local.busy_rows or local.pending is not None:
         local.iteration()
-    assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 3
+    assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
 
 
 def test_bounded_load_no_error_no_mixup(served, expected):
