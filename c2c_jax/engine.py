@@ -156,24 +156,49 @@ def compact(slots: Slots, shift: jax.Array) -> Slots:
         valid=jnp.roll(cache.valid, -shift, axis=1) & kept, end=cache.end - shift))
 
 
+class Executables:
+    """A jitted function compiled once per input-shape key: on its first call with that key, or
+    ahead of time by `prepare` (from any thread: `Engine.warm_up` compiles them side by side).
+    The key names what varies between calls (a prompt width and batch size), so a call hashes no
+    pytree of shapes."""
+
+    def __init__(self, fn, **jit_kwargs):
+        self.jitted = jax.jit(fn, **jit_kwargs)
+        self.compiled = {}
+
+    def prepare(self, key, *args):
+        """args: arrays or `jax.ShapeDtypeStruct`s of the shapes and dtypes the calls will pass."""
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(*args).compile()
+        return self.compiled[key]
+
+    def __call__(self, key, *args):
+        executable = self.compiled.get(key)
+        return (executable or self.prepare(key, *args))(*args)
+
+
 class DecodePrograms:
-    """The jitted decode-side programs; they close over the receiver's graphdef (see
+    """The decode-side programs; they close over the receiver's graphdef (see
     `pipeline.InferencePrograms` for why) and donate the slots, which are updated in place."""
 
     def __init__(self, graphdef: nnx.GraphDef):
-        self.graphdef = graphdef
-        self.step = jax.jit(lambda state, slots, active: decode_step(nnx.merge(graphdef, state), slots, active),
-                            donate_argnums=1)
-        self.compact = jax.jit(compact, donate_argnums=0)
+        self.step = Executables(lambda state, slots, active: decode_step(nnx.merge(graphdef, state), slots, active),
+                                donate_argnums=1)
+        self.compact = Executables(compact, donate_argnums=0)
 
 
 class PrefillPrograms:
-    """One route's jitted prefill: the (fused) prompt cache, then `admit` into the slots."""
+    """One route's prefill: the (fused) prompt cache, then `admit` into the slots; keyed by (width, batch)."""
 
     def __init__(self, graphdef: nnx.GraphDef, fuse: bool):
-        self.prompt_cache = jax.jit(lambda state, batch: nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse))
-        self.admit = jax.jit(lambda state, slots, batch, cache, rows, sampling: admit(
+        self.prompt_cache = Executables(lambda state, batch: nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse))
+        self.admit = Executables(lambda state, slots, batch, cache, rows, sampling: admit(
             nnx.merge(graphdef, state), slots, batch, cache, rows, sampling), donate_argnums=1)
+
+    def run(self, state, slots: Slots, batch: PromptBatch, rows, sampling: RowSampling) -> tuple[Slots, jax.Array]:
+        key = batch.tokens.shape
+        cache = self.prompt_cache(key, state, batch)
+        return self.admit(key, state, slots, batch, cache, rows, sampling)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +279,16 @@ class Metrics:
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def tokens(self, n: int) -> None: ...
+
+
+def row_sampling(settings: Sequence[Sampling]) -> RowSampling:
+    """Host arrays of the requests' settings; a seed's 64 bits are its PRNG key's data."""
+    seeds = np.array([s.seed for s in settings], np.uint64)
+    return RowSampling(
+        temperature=np.array([s.temperature for s in settings], np.float32),
+        top_k=np.array([s.top_k for s in settings], np.int32),
+        top_p=np.array([s.top_p for s in settings], np.float32),
+        keys=np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32))
 
 
 def stop_token_ids(receiver: Decoder, tokenizer) -> tuple[int, ...]:
@@ -352,6 +387,36 @@ class Engine:
     def busy_rows(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    def prefill_sizes(self) -> list[int]:
+        """The batch sizes a prefill chunk is padded to."""
+        return [1 << i for i in range((self.limits.max_prefill_batch - 1).bit_length() + 1)]
+
+    def warm_up(self, widths: Sequence[int], threads: int = 16) -> None:
+        """Compiles, side by side, the decode step, the compaction and every route's prefill at each
+        prompt width in `widths` (rounded up to the bucket) and each prefill batch size, so that no
+        request waits for a compilation. Call before `start`."""
+        import concurrent.futures
+
+        widths = sorted({-(-w // self.pad_to) * self.pad_to for w in widths})
+        if widths and widths[-1] > self.prompt_width:
+            raise ValueError(f"width {widths[-1]} exceeds the longest prompt bucket {self.prompt_width}")
+        jobs = [(self.decode.step, (), self.receiver_state, self.slots, np.zeros((self.limits.slots,), bool)),
+                (self.decode.compact, (), self.slots, np.int32(0))]
+        for route in self.routes.values():
+            for width in widths:
+                for size in self.prefill_sizes():
+                    prompt = route.encoder.encode_ids(np.full((width,), self.pad_id, np.int32))
+                    batch = route.encoder.batch([prompt] * size, width=width)
+                    cache = jax.eval_shape(route.programs.prompt_cache.jitted, route.state, batch)
+                    sampling = row_sampling([Sampling(max_tokens=1)] * size)
+                    rows = np.zeros((size,), np.int32)
+                    jobs.append((route.programs.prompt_cache, batch.tokens.shape, route.state, batch))
+                    jobs.append((route.programs.admit, batch.tokens.shape, route.state, self.slots, batch, cache,
+                                 rows, sampling))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
+                done.result()
+
     # -- the engine thread -------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -384,7 +449,7 @@ class Engine:
                 self._compact()
             active = np.zeros((self.limits.slots,), bool)
             active[[row for row, _ in live]] = True
-            self.slots, tokens = self.decode.step(self.receiver_state, self.slots, active)
+            self.slots, tokens = self.decode.step((), self.receiver_state, self.slots, active)
             self.end += 1
             step = (tokens, live)
         previous, self.pending = self.pending, step
@@ -443,15 +508,9 @@ class Engine:
         requests = chunk + [chunk[0]] * (padded - len(chunk))
         batch = route.encoder.batch([r.prompt for r in requests])
         width = batch.tokens.shape[1]
-        seeds = np.array([r.sampling.seed for r in requests], np.uint64)
-        sampling = RowSampling(
-            temperature=np.array([r.sampling.temperature for r in requests], np.float32),
-            top_k=np.array([r.sampling.top_k for r in requests], np.int32),
-            top_p=np.array([r.sampling.top_p for r in requests], np.float32),
-            keys=np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32))
-        cache = route.programs.prompt_cache(route.state, batch)
-        self.slots, first = route.programs.admit(route.state, self.slots, batch, cache,
-                                                 np.asarray(chunk_rows, np.int32), sampling)
+        sampling = row_sampling([r.sampling for r in requests])
+        self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
+                                               sampling)
         for row, request in zip(rows, chunk):
             self.rows[row] = request
             self.row_start[row] = self.end - width
@@ -462,7 +521,7 @@ class Engine:
         shift = min(min(live, default=self.end), self.end - self.prompt_width)
         if shift <= 0:  # cannot happen: rows span at most prompt_width + max_tokens columns
             raise RuntimeError(f"no free columns to compact (end {self.end}, capacity {self.capacity})")
-        self.slots = self.decode.compact(self.slots, np.int32(shift))
+        self.slots = self.decode.compact((), self.slots, np.int32(shift))
         self.end -= shift
         self.row_start = [s - shift for s in self.row_start]
 

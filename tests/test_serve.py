@@ -260,9 +260,12 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
     _, engine, _ = served
     from c2c_jax.engine import Engine, Request
 
-    local = Engine(engine.receiver, list(engine.routes.values()), EngineLimits(slots=2, max_tokens=12),
+    local = Engine(engine.receiver, list(engine.routes.values()),
+                   EngineLimits(slots=2, max_tokens=12, max_prompt_tokens=64, max_prefill_batch=1),
                    eos_ids=(), pad_id=engine.pad_id)
     route = local.routes["c2c"]
+    local.warm_up([64])  # every program this test runs, compiled ahead
+    compiled = [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)]
     seen = {"long": [], "other": []}
     long = Request(route, route.encoder.encode_chat([{"role": "user", "content": "hi"}]), Sampling(max_tokens=12),
                    lambda ids, finish: seen["long"].append((ids, finish)))
@@ -279,6 +282,7 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
     while local.busy_rows or local.pending is not None:
         local.iteration()
     assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
+    assert [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)] == compiled
 
 
 def test_bounded_load_no_error_no_mixup(served, expected):
