@@ -76,7 +76,7 @@ def serve(args) -> None:
     engine.warm_up([args.prompt_tokens])
     settings = dict(device=common.device_name(), library=common.library_digest(), capacity=engine.capacity,
                     warm_up_s=round(time.perf_counter() - start, 1), scan_unroll=receiver.scan_unroll,
-                    backend=jax.default_backend())
+                    backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     print("SETTINGS " + json.dumps(settings), flush=True)
     app = create_app(engine, tokenizer, defaults=Sampling(max_tokens=args.max_tokens))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

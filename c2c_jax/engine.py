@@ -195,10 +195,15 @@ class PrefillPrograms:
         self.admit = Executables(lambda state, slots, batch, cache, rows, sampling: admit(
             nnx.merge(graphdef, state), slots, batch, cache, rows, sampling), donate_argnums=1)
 
+    @staticmethod
+    def keys(slots: Slots, batch_shape: tuple[int, int]) -> tuple[tuple, tuple]:
+        """The `Executables` keys of `prompt_cache` and `admit` for a [B, W] prompt batch."""
+        return batch_shape, (batch_shape, slots.cache.k.shape)
+
     def run(self, state, slots: Slots, batch: PromptBatch, rows, sampling: RowSampling) -> tuple[Slots, jax.Array]:
-        key = batch.tokens.shape
-        cache = self.prompt_cache(key, state, batch)
-        return self.admit(key, state, slots, batch, cache, rows, sampling)
+        cache_key, admit_key = self.keys(slots, batch.tokens.shape)
+        cache = self.prompt_cache(cache_key, state, batch)
+        return self.admit(admit_key, state, slots, batch, cache, rows, sampling)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,9 +415,9 @@ class Engine:
                     cache = jax.eval_shape(route.programs.prompt_cache.jitted, route.state, batch)
                     sampling = row_sampling([Sampling(max_tokens=1)] * size)
                     rows = np.zeros((size,), np.int32)
-                    jobs.append((route.programs.prompt_cache, batch.tokens.shape, route.state, batch))
-                    jobs.append((route.programs.admit, batch.tokens.shape, route.state, self.slots, batch, cache,
-                                 rows, sampling))
+                    cache_key, admit_key = route.programs.keys(self.slots, batch.tokens.shape)
+                    jobs.append((route.programs.prompt_cache, cache_key, route.state, batch))
+                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows, sampling))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
                 done.result()

@@ -514,6 +514,8 @@ def main() -> None:
     route_flag = flags.DEFINE_multi_string("route", [], "Another C2C route: NAME=FUSER_DIR[@SHARER_MODEL].")
     receiver_name = flags.DEFINE_string("receiver_name", "receiver", "The receiver-alone route's model name.")
     c2c_name = flags.DEFINE_string("c2c_name", "c2c", "The model name of --config.generate.fuser's route.")
+    warm_up = flags.DEFINE_list("warm_up", [], "Prompt lengths (tokens) whose programs are compiled before the "
+                                "server listens, e.g. 256,1024; other lengths compile on their first request.")
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
@@ -528,6 +530,7 @@ def main() -> None:
         try:
             engine, tokenizer = build_engine(config_flag.value, limits, routes=route_flag.value,
                                              receiver_name=receiver_name.value, c2c_name=c2c_name.value)
+            engine.warm_up([int(w) for w in warm_up.value])
         except ValueError as error:
             raise app.UsageError(str(error))
         defaults = Sampling(max_tokens=min(g.max_new_tokens, limits.max_tokens), temperature=g.temperature,
