@@ -73,7 +73,8 @@ def serve(args) -> None:
                           max_queue=4 * max(args.clients_list), max_prefill_batch=args.prefill_batch)
     engine = Engine(receiver, routes, limits, eos_ids=(), pad_id=0)  # no end of sequence: fixed lengths
     start = time.perf_counter()
-    engine.warm_up([args.prompt_tokens])
+    if not args.smoke:  # the smoke run compiles on first use instead: fewer programs, sooner done
+        engine.warm_up([args.prompt_tokens])
     settings = dict(device=common.device_name(), library=common.library_digest(), capacity=engine.capacity,
                     warm_up_s=round(time.perf_counter() - start, 1), scan_unroll=receiver.scan_unroll,
                     backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""))
