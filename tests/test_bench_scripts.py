@@ -171,3 +171,12 @@ def test_gemv_sweep_settings_compute_the_same_layer_chain(tmp_path):
         assert row["us_per_product"] > 0
         assert row["max_abs_diff"] < 0.03 * row["reference_max_abs"], row
 
+
+
+def test_serving_benchmark_reports_both_routes(tmp_path):
+    run_script("bench_serve.py", "--clients", "2", "--seconds", "1", "--processes", "1", out_dir=tmp_path)
+    measured = [r for r in rows(tmp_path / "serve.jsonl") if r.get("model")]
+    assert [(r["model"], r["clients"]) for r in measured] == [("receiver", 2), ("c2c", 2)]
+    for row in measured:
+        assert row["requests"] > 0 and row["failed"] == 0 and row["output_tokens_per_s"] > 0, row
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"], row

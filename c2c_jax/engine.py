@@ -1,0 +1,542 @@
+"""Continuous batching: a fixed set of decode slots over one jitted decode step.
+
+The server's engine. `Slots` is the decode batch as a device pytree: one receiver KV cache of `slots`
+rows and each row's last token, position and sampling settings. Only the receiver decodes, so
+receiver-only and C2C requests share the slots; they differ in their prefill.
+
+Cache layout. `KVCache` has one write column `end` for all rows (`models/kv_cache.py`), and every
+decode step writes column `end` of every row. A request is prefilled alone or with others in a
+length bucket of W columns (`C2CModel.prompt_cache`, then `finish_prompt`, which gives the first
+token) and its W columns are copied into a free row at [end - W, end): its next token then lands at
+`end` with everyone else's. Rows hold their tokens at different columns; `valid` hides the rest.
+When `end` reaches the capacity, `compact` shifts every row left by the space no live row uses.
+Positions are per row, so a row's columns never change what it computes (attention sees keys by
+`valid`, RoPE by position), and a request's greedy tokens are those of `Generator` on the prompt alone.
+
+The host loop (`Engine.run`) alternates one prefill chunk (up to `max_prefill_batch` waiting
+requests of one route, padded to a power-of-two batch) with one decode step over all slots, and
+reads back only the sampled tokens. End of sequence and `max_tokens` are checked there; a
+finished or cancelled row is freed before the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from c2c_jax.models import Decoder, KVCache
+from c2c_jax.models.kv_cache import decode_capacity
+from c2c_jax.pipeline import C2CModel, EncodedPrompt, PromptBatch, PromptEncoder
+
+
+# ------------------------------------------------------------------------------------------------
+# Device state and the pure functions over it.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """The decode batch: row r of every field belongs to slot r. All leading axes [S]."""
+
+    cache: KVCache  # the receiver's cache, [layers, S, capacity, ...]
+    tokens: jax.Array  # int32: the row's last sampled token, the next step's input
+    positions: jax.Array  # int32: that token's position
+    temperature: jax.Array  # float32; <= 0: greedy
+    top_k: jax.Array  # int32; 0: off
+    top_p: jax.Array  # float32; 1: off
+    keys: jax.Array  # uint32 [S, 2]: the request's PRNG key data (from its seed)
+    steps: jax.Array  # int32: tokens sampled so far (folded into the key)
+
+    @classmethod
+    def empty(cls, receiver: Decoder, num_slots: int, capacity: int, end: int) -> "Slots":
+        cache = dataclasses.replace(receiver.init_cache(num_slots, capacity), end=jnp.asarray(end, jnp.int32))
+        zeros = lambda dtype=jnp.int32: jnp.zeros((num_slots,), dtype)  # noqa: E731 - distinct buffers (donated)
+        return cls(cache, zeros(), zeros(), zeros(jnp.float32), zeros(), jnp.ones((num_slots,), jnp.float32),
+                   jnp.zeros((num_slots, 2), jnp.uint32), zeros())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Per-row sampling settings, [B] each (keys [B, 2])."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    keys: jax.Array
+
+
+def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """float32 [B, vocab]: logits / temperature with everything outside each row's top-k and top-p
+    nucleus at -inf, as `pipeline.sample_tokens` filters them, but with per-row settings."""
+    vocab = logits.shape[-1]
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    descending = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(descending, k[:, None] - 1, axis=-1)
+    descending = jnp.where(descending < kth, -jnp.inf, descending)
+    # Keep the sorted prefix whose cumulative probability is <= top_p, and always the top token.
+    cumulative = jnp.cumsum(jax.nn.softmax(descending, axis=-1), axis=-1)
+    keep = ((cumulative <= top_p[:, None]) | (top_p[:, None] >= 1.0)).at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled < jnp.maximum(threshold, kth), -jnp.inf, scaled)
+
+
+def sample_rows(logits: jax.Array, sampling: RowSampling, steps: jax.Array) -> jax.Array:
+    """int32 [B] from float32 logits [B, vocab], each row with its own settings and key.
+
+    Greedy rows take the argmax, exactly as `pipeline.sample_tokens`; the sort that sampling needs
+    runs only when some row samples.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        filtered = filtered_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sampling.keys), steps)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(sampling.temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(sampling.temperature > 0), sampled, lambda _: greedy, None)
+
+
+def decode_step(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slots, jax.Array]:
+    """One token for every row (inactive rows compute, unseen, and write nothing valid).
+    Returns the new slots and the sampled tokens int32 [S]."""
+    logits, cache = receiver(slots.tokens[:, None], slots.positions[:, None], slots.cache, active[:, None])
+    sampling = RowSampling(slots.temperature, slots.top_k, slots.top_p, slots.keys)
+    tokens = sample_rows(logits[:, 0], sampling, slots.steps)
+    return dataclasses.replace(slots, cache=cache, tokens=tokens, positions=slots.positions + 1,
+                               steps=slots.steps + 1), tokens
+
+
+def admit(model: C2CModel, slots: Slots, batch: PromptBatch, prompt_cache: KVCache, rows: jax.Array,
+          sampling: RowSampling) -> tuple[Slots, jax.Array]:
+    """The prompts' last token on their (fused) `prompt_cache`, their first tokens, and their caches
+    copied into slots `rows` [B] at columns [end - W, end). Rows may repeat with identical inputs
+    (batch padding). Returns the new slots and the first tokens int32 [B]."""
+    width = batch.tokens.shape[1]
+    logits, cache = model.finish_prompt(batch, prompt_cache, width)
+    first = sample_rows(logits, sampling, jnp.zeros_like(rows))
+    target = slots.cache
+    start = target.end - width
+    k, v, valid = target.k, target.v, target.valid
+    for i in range(rows.shape[0]):
+        k = jax.lax.dynamic_update_slice(k, cache.k[:, i:i + 1].astype(k.dtype), (0, rows[i], start, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, cache.v[:, i:i + 1].astype(v.dtype), (0, rows[i], start, 0, 0))
+        row_valid = jax.lax.dynamic_update_slice(jnp.zeros((target.capacity,), bool), cache.valid[i], (start,))
+        valid = valid.at[rows[i]].set(row_valid)
+    return Slots(
+        cache=dataclasses.replace(target, k=k, v=v, valid=valid),
+        tokens=slots.tokens.at[rows].set(first),
+        positions=slots.positions.at[rows].set(batch.positions[:, -1] + 1),
+        temperature=slots.temperature.at[rows].set(sampling.temperature),
+        top_k=slots.top_k.at[rows].set(sampling.top_k),
+        top_p=slots.top_p.at[rows].set(sampling.top_p),
+        keys=slots.keys.at[rows].set(sampling.keys),
+        steps=slots.steps.at[rows].set(1),
+    ), first
+
+
+def compact(slots: Slots, shift: jax.Array) -> Slots:
+    """Every row's columns moved `shift` to the left (the first `shift` must be free), end with them."""
+    cache = slots.cache
+    capacity = cache.capacity
+    kept = jnp.arange(capacity) < capacity - shift
+    return dataclasses.replace(slots, cache=dataclasses.replace(
+        cache, k=jnp.roll(cache.k, -shift, axis=2), v=jnp.roll(cache.v, -shift, axis=2),
+        valid=jnp.roll(cache.valid, -shift, axis=1) & kept, end=cache.end - shift))
+
+
+class Executables:
+    """A jitted function compiled once per input-shape key: on its first call with that key, or
+    ahead of time by `prepare` (from any thread: `Engine.warm_up` compiles them side by side).
+    The key names what varies between calls (a prompt width and batch size), so a call hashes no
+    pytree of shapes."""
+
+    def __init__(self, fn, **jit_kwargs):
+        self.jitted = jax.jit(fn, **jit_kwargs)
+        self.compiled = {}
+
+    def prepare(self, key, *args):
+        """args: arrays or `jax.ShapeDtypeStruct`s of the shapes and dtypes the calls will pass."""
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(*args).compile()
+        return self.compiled[key]
+
+    def __call__(self, key, *args):
+        executable = self.compiled.get(key)
+        return (executable or self.prepare(key, *args))(*args)
+
+
+class DecodePrograms:
+    """The decode-side programs; they close over the receiver's graphdef (see
+    `pipeline.InferencePrograms` for why) and donate the slots, which are updated in place."""
+
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.step = Executables(lambda state, slots, active: decode_step(nnx.merge(graphdef, state), slots, active),
+                                donate_argnums=1)
+        self.compact = Executables(compact, donate_argnums=0)
+
+
+class PrefillPrograms:
+    """One route's prefill: the (fused) prompt cache, then `admit` into the slots; keyed by (width, batch)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, fuse: bool):
+        self.prompt_cache = Executables(lambda state, batch: nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse))
+        self.admit = Executables(lambda state, slots, batch, cache, rows, sampling: admit(
+            nnx.merge(graphdef, state), slots, batch, cache, rows, sampling), donate_argnums=1)
+
+    @staticmethod
+    def keys(slots: Slots, batch_shape: tuple[int, int]) -> tuple[tuple, tuple]:
+        """The `Executables` keys of `prompt_cache` and `admit` for a [B, W] prompt batch."""
+        return batch_shape, (batch_shape, slots.cache.k.shape)
+
+    def run(self, state, slots: Slots, batch: PromptBatch, rows, sampling: RowSampling) -> tuple[Slots, jax.Array]:
+        cache_key, admit_key = self.keys(slots, batch.tokens.shape)
+        cache = self.prompt_cache(cache_key, state, batch)
+        return self.admit(admit_key, state, slots, batch, cache, rows, sampling)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side: requests, routes, the scheduler.
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its limit."""
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve (its message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    slots: int = 16  # rows of the decode batch
+    max_prompt_tokens: int = 1024  # receiver tokens of a prompt, chat template included
+    max_tokens: int = 512  # new tokens of one request
+    max_queue: int = 256  # requests waiting for a slot; more are refused (QueueFull)
+    max_prefill_batch: int = 8  # requests prefilled together
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """One request's settings (OpenAI's names)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Route:
+    """A way to answer: the receiver alone, or C2C with a sharer and its fuser."""
+
+    name: str
+    model: C2CModel
+    encoder: PromptEncoder
+    fuse: bool
+    programs: PrefillPrograms = dataclasses.field(init=False)
+    state: nnx.State = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        graphdef, self.state = nnx.split(self.model)
+        self.programs = PrefillPrograms(graphdef, self.fuse)
+
+
+# on_tokens(new token ids, finish reason or None), called on the engine thread in order. The finish
+# reason is "stop" (an end-of-sequence id, not passed on), "length" (max_tokens) or "error: ...".
+TokenSink = Callable[[list, "str | None"], None]
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    route: Route
+    prompt: EncodedPrompt
+    sampling: Sampling
+    on_tokens: TokenSink
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    id: int = dataclasses.field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    generated: int = 0
+    last_token_time: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(np.sum(self.prompt.valid))
+
+
+class Metrics:
+    """What the engine reports; the server passes one that feeds Prometheus."""
+
+    def queue_depth(self, n: int) -> None: ...
+    def slots_busy(self, n: int) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, n: int) -> None: ...
+
+
+def row_sampling(settings: Sequence[Sampling]) -> RowSampling:
+    """Host arrays of the requests' settings; a seed's 64 bits are its PRNG key's data."""
+    seeds = np.array([s.seed for s in settings], np.uint64)
+    return RowSampling(
+        temperature=np.array([s.temperature for s in settings], np.float32),
+        top_k=np.array([s.top_k for s in settings], np.int32),
+        top_p=np.array([s.top_p for s in settings], np.float32),
+        keys=np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.uint32))
+
+
+def stop_token_ids(receiver: Decoder, tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids: the model config's, the tokenizer's, and ChatML's <|im_end|>."""
+    ids = set(receiver.config.eos_token_ids)
+    ids.update(i for i in (tokenizer.eos_token_id,) if i is not None)
+    if "<|im_end|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return tuple(sorted(int(i) for i in ids))
+
+
+class Engine:
+    """Continuous batching over `limits.slots` decode rows for a receiver and its routes.
+
+    `submit` (any thread) queues a request; `run` (one thread, `start` makes it) serves them; each
+    request's tokens go to its `on_tokens`. All jitted work happens on the engine thread.
+    """
+
+    def __init__(self, receiver: Decoder, routes: Sequence[Route], limits: EngineLimits = EngineLimits(), *,
+                 eos_ids: Sequence[int], pad_id: int, metrics: Metrics | None = None):
+        if not routes:
+            raise ValueError("the engine needs at least one route")
+        for route in routes:
+            if route.model.receiver is not receiver:
+                raise ValueError(f"route {route.name!r} decodes with another receiver than the engine's")
+        pad_to = {route.encoder.pad_to for route in routes}
+        if len(pad_to) != 1:
+            raise ValueError(f"routes bucket prompts differently ({sorted(pad_to)}): give them one pad_to")
+        self.pad_to = pad_to.pop()
+        self.receiver = receiver
+        self.routes = {route.name: route for route in routes}
+        self.limits = limits
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.pad_id = pad_id
+        self.metrics = metrics or Metrics()
+        # A prompt's bucket is at most `prompt_width`; a row spans at most prompt_width + max_tokens
+        # columns, so after `compact` at least `prompt_width` columns are free.
+        self.prompt_width = -(-limits.max_prompt_tokens // self.pad_to) * self.pad_to
+        self.capacity = decode_capacity(2 * self.prompt_width + limits.max_tokens)
+        self.context = receiver.config.max_position_embeddings
+        graphdef, self.receiver_state = nnx.split(receiver)
+        self.decode = DecodePrograms(graphdef)
+        self.slots = Slots.empty(receiver, limits.slots, self.capacity, self.prompt_width)
+        self.end = self.prompt_width  # host copy of slots.cache.end
+        self.rows: list[Request | None] = [None] * limits.slots
+        self.row_start = [0] * limits.slots  # first column of each row's tokens
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.pending = None  # the last step's (tokens, [(row, request)]), read after the next dispatch
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- any thread --------------------------------------------------------------------------------
+
+    def check(self, route: Route, prompt: EncodedPrompt, sampling: Sampling) -> None:
+        """Raises InvalidRequest for a request the engine cannot serve."""
+        n = len(prompt.tokens)
+        if n > self.limits.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has {n} tokens; this server takes at most "
+                                 f"{self.limits.max_prompt_tokens} (--max_prompt_tokens)")
+        if not 1 <= sampling.max_tokens <= self.limits.max_tokens:
+            raise InvalidRequest(f"max_tokens must be between 1 and {self.limits.max_tokens}, "
+                                 f"not {sampling.max_tokens}")
+        width = -(-n // self.pad_to) * self.pad_to
+        if width + sampling.max_tokens > self.context:
+            raise InvalidRequest(f"the prompt ({n} tokens, {width} padded) and max_tokens {sampling.max_tokens} "
+                                 f"exceed the model's context of {self.context} tokens")
+
+    def submit(self, request: Request) -> None:
+        self.check(request.route, request.prompt, request.sampling)
+        with self._lock:
+            if len(self.waiting) >= self.limits.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max_queue)")
+            self.waiting.append(request)
+            self.metrics.queue_depth(len(self.waiting))
+            self._lock.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request (its client left, or a stop string matched): its row is freed before the next step."""
+        request.cancelled = True
+        with self._lock:
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="c2c-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def busy_rows(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def prefill_sizes(self) -> list[int]:
+        """The batch sizes a prefill chunk is padded to."""
+        return [1 << i for i in range((self.limits.max_prefill_batch - 1).bit_length() + 1)]
+
+    def warm_up(self, widths: Sequence[int], threads: int = 16) -> None:
+        """Compiles, side by side, the decode step, the compaction and every route's prefill at each
+        prompt width in `widths` (rounded up to the bucket) and each prefill batch size, so that no
+        request waits for a compilation. Call before `start`."""
+        import concurrent.futures
+
+        widths = sorted({-(-w // self.pad_to) * self.pad_to for w in widths})
+        if widths and widths[-1] > self.prompt_width:
+            raise ValueError(f"width {widths[-1]} exceeds the longest prompt bucket {self.prompt_width}")
+        jobs = [(self.decode.step, (), self.receiver_state, self.slots, np.zeros((self.limits.slots,), bool)),
+                (self.decode.compact, (), self.slots, np.int32(0))]
+        for route in self.routes.values():
+            for width in widths:
+                for size in self.prefill_sizes():
+                    prompt = route.encoder.encode_ids(np.full((width,), self.pad_id, np.int32))
+                    batch = route.encoder.batch([prompt] * size, width=width)
+                    cache = jax.eval_shape(route.programs.prompt_cache.jitted, route.state, batch)
+                    sampling = row_sampling([Sampling(max_tokens=1)] * size)
+                    rows = np.zeros((size,), np.int32)
+                    cache_key, admit_key = route.programs.keys(self.slots, batch.tokens.shape)
+                    jobs.append((route.programs.prompt_cache, cache_key, route.state, batch))
+                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows, sampling))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
+                done.result()
+
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self.waiting or any(self.rows) or self.pending is not None):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+            try:
+                self.iteration()
+            except Exception as error:  # noqa: BLE001 - fail the requests in flight, keep serving
+                self._fail_all(error)
+
+    def iteration(self) -> None:
+        """Frees cancelled rows, admits one prefill chunk, dispatches one decode step, then hands out
+        the previous step's tokens and the new requests' first tokens.
+
+        The host reads a step's tokens only after dispatching the next one, so its per-token work
+        (stop checks, delivery) overlaps the device's step. A row that finished at step k still
+        computes in step k + 1, unseen: its token is dropped, as is any token of a request no
+        longer in its row.
+        """
+        self._free_cancelled()
+        admitted, first = self._admit_chunk()
+        live = [(row, request) for row, request in enumerate(self.rows) if request is not None]
+        step = None
+        if live:
+            if self.end >= self.capacity:
+                self._compact()
+            active = np.zeros((self.limits.slots,), bool)
+            active[[row for row, _ in live]] = True
+            self.slots, tokens = self.decode.step((), self.receiver_state, self.slots, active)
+            self.end += 1
+            step = (tokens, live)
+        previous, self.pending = self.pending, step
+        if previous is not None:
+            tokens, rows = previous
+            tokens = np.asarray(tokens)
+            for row, request in rows:
+                self._emit(row, request, int(tokens[row]))
+        if admitted:  # the admission ran before the new step: its first tokens are ready
+            for (row, request), token in zip(admitted, np.asarray(first)):
+                self._emit(row, request, int(token))
+        self.metrics.slots_busy(self.busy_rows)
+
+    def _emit(self, row: int, request: Request, token: int) -> None:
+        if self.rows[row] is not request or request.cancelled:
+            return
+        now = time.perf_counter()
+        if request.generated == 0:
+            self.metrics.first_token(now - request.arrival)
+        else:
+            self.metrics.inter_token(now - request.last_token_time)
+        request.last_token_time = now
+        request.generated += 1
+        self.metrics.tokens(1)
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        elif request.generated >= request.sampling.max_tokens:
+            finish = "length"
+        if finish is not None:
+            self.rows[row] = None
+        request.on_tokens([] if token in self.eos_ids else [token], finish)
+
+    def _free_cancelled(self) -> None:
+        for row, request in enumerate(self.rows):
+            if request is not None and request.cancelled:
+                self.rows[row] = None
+        with self._lock:
+            if any(r.cancelled for r in self.waiting):
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+                self.metrics.queue_depth(len(self.waiting))
+
+    def _admit_chunk(self):
+        free = [r for r, req in enumerate(self.rows) if req is None]
+        with self._lock:
+            if not free or not self.waiting:
+                return [], None
+            route = self.waiting[0].route
+            chunk = [r for r in self.waiting if r.route is route][: min(len(free), self.limits.max_prefill_batch)]
+            for request in chunk:
+                self.waiting.remove(request)
+            self.metrics.queue_depth(len(self.waiting))
+        rows = free[: len(chunk)]
+        padded = 1 << (len(chunk) - 1).bit_length()  # power-of-two batches: few compiled shapes
+        chunk_rows = rows + [rows[0]] * (padded - len(chunk))
+        requests = chunk + [chunk[0]] * (padded - len(chunk))
+        batch = route.encoder.batch([r.prompt for r in requests])
+        width = batch.tokens.shape[1]
+        sampling = row_sampling([r.sampling for r in requests])
+        self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
+                                               sampling)
+        for row, request in zip(rows, chunk):
+            self.rows[row] = request
+            self.row_start[row] = self.end - width
+        return list(zip(rows, chunk)), first
+
+    def _compact(self) -> None:
+        live = [self.row_start[r] for r, req in enumerate(self.rows) if req is not None]
+        shift = min(min(live, default=self.end), self.end - self.prompt_width)
+        if shift <= 0:  # cannot happen: rows span at most prompt_width + max_tokens columns
+            raise RuntimeError(f"no free columns to compact (end {self.end}, capacity {self.capacity})")
+        self.slots = self.decode.compact((), self.slots, np.int32(shift))
+        self.end -= shift
+        self.row_start = [s - shift for s in self.row_start]
+
+    def _fail_all(self, error: Exception) -> None:
+        """An error inside the engine's programs ends the requests in flight with it, not the server."""
+        for row, request in enumerate(self.rows):
+            if request is not None:
+                self.rows[row] = None
+                request.on_tokens([], f"error: {type(error).__name__}: {error}")
+        # The slots may have been donated to the failed program: start over from empty ones.
+        self.pending = None
+        self.slots = Slots.empty(self.receiver, self.limits.slots, self.capacity, self.prompt_width)
+        self.end = self.prompt_width

@@ -1,0 +1,355 @@
+"""The OpenAI-compatible server against a real uvicorn on 127.0.0.1, tiny random models (configs/tiny.py).
+
+Greedy answers are checked token for token against `Generator` on each prompt alone; everything
+goes through HTTP: the official `openai` client, raw httpx for bad input and concurrency.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import pytest
+
+from c2c_jax import build
+from c2c_jax.checkpoint import save_fuser
+from c2c_jax.engine import EngineLimits, Sampling, filtered_logits
+from c2c_jax.pipeline import Generator, SamplingConfig
+from c2c_jax.serve import TextAssembler, build_engine, create_app
+from configs import tiny
+
+LIMITS = EngineLimits(slots=8, max_prompt_tokens=120, max_tokens=12, max_queue=256, max_prefill_batch=2)
+# Two prompt buckets (64 and 128 columns), different lengths in each.
+PROMPTS = ["hi", "what is the capital of france?", "count: one two three four five six seven eight nine ten",
+           "x" * 70]
+
+
+class Server:
+    """uvicorn serving `app` on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[self.socket]), daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join()
+        self.socket.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    config = tiny.get_config()
+    receiver, _, sharer, _ = build.load_pair(config)
+    fuser = build.new_fuser(config, receiver, sharer)
+    fuser.projectors.gate_logit[...] = 1.0 + 0 * fuser.projectors.gate_logit[...]  # open: C2C differs
+    config.generate.fuser = str(tmp_path_factory.mktemp("fuser") / "fuser")
+    save_fuser(fuser, config.generate.fuser)
+    engine, tokenizer = build_engine(config, LIMITS)
+    server = Server(create_app(engine, tokenizer, defaults=Sampling(max_tokens=8)))
+    yield server, engine, tokenizer
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def expected(served):
+    """route -> prompt -> Generator's greedy new token ids (end of sequence dropped) for the prompt alone."""
+    _, engine, _ = served
+    out = {}
+    for name, route in engine.routes.items():
+        generator = Generator(route.model, route.encoder, eos_ids=sorted(engine.eos_ids))
+        out[name] = {}
+        for prompt in PROMPTS:
+            batch = route.encoder.batch([route.encoder.encode_chat([{"role": "user", "content": prompt}])])
+            g = jax.device_get(generator.generate_batch(batch, SamplingConfig(max_new_tokens=LIMITS.max_tokens),
+                                                        fuse=route.fuse))
+            out[name][prompt] = [int(t) for t in g.tokens[0, : g.lengths[0]] if int(t) not in engine.eos_ids]
+    return out
+
+
+def text_of(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def chat_body(model, prompt, **kw):
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], **kw}
+
+
+def wait_until_idle(engine):
+    for _ in range(400):
+        if not engine.busy_rows and not engine.waiting:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{engine.busy_rows} rows still busy, {len(engine.waiting)} waiting")
+
+
+def test_openai_client_streaming_and_not(served, expected):
+    openai = pytest.importorskip("openai")
+    server, engine, tokenizer = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list().data} == {"receiver", "c2c"}
+    for model in ("receiver", "c2c"):
+        prompt = PROMPTS[1]
+        want = expected[model][prompt][:6]
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=6, temperature=0)
+        assert reply.choices[0].message.content == text_of(tokenizer, want)
+        assert reply.choices[0].finish_reason == ("length" if len(want) == 6 else "stop")
+        n_prompt = len(engine.routes[model].encoder.encode_chat([{"role": "user", "content": prompt}]).tokens)
+        assert reply.usage.prompt_tokens == n_prompt
+        assert reply.usage.completion_tokens == 6 and reply.usage.total_tokens == n_prompt + 6
+
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=6, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text_of(tokenizer, want)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            reply.choices[0].finish_reason]
+        assert chunks[-1].usage.completion_tokens == 6
+    # Text completion: the raw prompt, no chat template.
+    route = engine.routes["c2c"]
+    generator = Generator(route.model, route.encoder, eos_ids=sorted(engine.eos_ids))
+    g = jax.device_get(generator.generate_batch(route.encoder.batch([route.encoder.encode_text("the sun is")]),
+                                                SamplingConfig(max_new_tokens=LIMITS.max_tokens)))
+    want = [int(t) for t in g.tokens[0, : g.lengths[0]] if int(t) not in engine.eos_ids][:5]
+    reply = client.completions.create(model="c2c", prompt="the sun is", max_tokens=5, temperature=0)
+    assert reply.choices[0].text == text_of(tokenizer, want)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="c2c", prompt="the sun is", max_tokens=5, temperature=0, stream=True))
+    assert streamed == reply.choices[0].text
+
+
+def test_greedy_matches_generator_under_concurrent_mixed_requests(served, expected):
+    """Both routes, both prompt buckets and several max_tokens at once, with sampled requests in the
+    same batch: every greedy answer is Generator's for its prompt alone."""
+    server, engine, tokenizer = served
+    jobs = []
+    for i, prompt in enumerate(PROMPTS):
+        for j, model in enumerate(("receiver", "c2c")):
+            jobs.append((model, prompt, 3 + (i + j) % 10, None))
+            jobs.append((model, prompt, 8, 0.8))  # sampled neighbours
+    bodies = [chat_body(model, prompt, max_tokens=m, **({"temperature": 0} if t is None else
+                                                        {"temperature": t, "seed": k}))
+              for k, (model, prompt, m, t) in enumerate(jobs)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=None) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+
+    replies = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    for (model, prompt, m, temperature), reply in zip(jobs, replies):
+        if temperature is None:
+            assert reply.json()["choices"][0]["message"]["content"] == text_of(tokenizer, expected[model][prompt][:m])
+    wait_until_idle(engine)
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(served, expected):
+    server, _, tokenizer = served
+    with httpx.Client(base_url=server.url, timeout=None) as client:
+        def ask(**kw):
+            r = client.post("/v1/chat/completions", json=chat_body("c2c", PROMPTS[1], max_tokens=10, **kw))
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        assert ask(temperature=1.5, seed=7) == ask(temperature=1.5, seed=7)
+        assert len({ask(temperature=2.0, seed=s) for s in range(4)}) > 1
+        assert ask(temperature=1.5, top_k=1, seed=3) == text_of(tokenizer, expected["c2c"][PROMPTS[1]][:10])
+
+
+def test_stop_strings_cut_the_answer(served, expected):
+    server, _, tokenizer = served
+    full = text_of(tokenizer, expected["receiver"][PROMPTS[2]][:12])
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 1) if full[i:i + 2] not in full[:i + 1])
+    with httpx.Client(base_url=server.url, timeout=None) as client:
+        r = client.post("/v1/chat/completions", json=chat_body("receiver", PROMPTS[2], max_tokens=12, temperature=0,
+                                                               stop=[stop, "never seen"]))
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+        with client.stream("POST", "/v1/chat/completions", json=chat_body(
+                "receiver", PROMPTS[2], max_tokens=12, temperature=0, stop=stop, stream=True)) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
+    ({"model": "c2c", "messages": [{"role": "user", "content": "word " * 40}]}, 400, "max_prompt_tokens"),
+    ({"model": "c2c", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "c2c", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "c2c", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n=1"),
+    ({"model": "c2c", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 999}, 400, "max_tokens"),
+    ({"model": "c2c", "messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
+    ({"model": "c2c", "messages": []}, 400, "messages"),
+    ({"model": "c2c", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ({"model": "c2c"}, 400, "messages"),
+    ({"model": "c2c", "prompt": ["a", "b"]}, 400, "one prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_lives_on(served, body, status, fragment):
+    server, _, _ = served
+    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    with httpx.Client(base_url=server.url, timeout=None) as client:
+        r = (client.post(path, content=body, headers={"content-type": "application/json"}) if isinstance(body, bytes)
+             else client.post(path, json=body))
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert fragment in error["message"] and error["type"]
+        assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.fixture
+def idle_server(served):
+    """A server whose engine does not run: requests stay queued (1 slot, 2 places in the queue)."""
+    _, engine, tokenizer = served
+    from c2c_jax.engine import Engine
+
+    idle = Engine(engine.receiver, list(engine.routes.values()), EngineLimits(slots=1, max_queue=2, max_tokens=4),
+                  eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    server = Server(create_app(idle, tokenizer, defaults=Sampling(max_tokens=4), start_engine=False))
+    yield server, idle
+    server.close()
+
+
+def test_a_full_queue_answers_429_and_clients_that_leave_are_cancelled(idle_server):
+    server, idle = idle_server
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=None) as client:
+            async def stream_one_event():
+                async with client.stream("POST", "/v1/chat/completions",
+                                         json=chat_body("c2c", "hi", stream=True)) as s:
+                    async for _ in s.aiter_lines():
+                        return  # leave after the first event
+
+            waiting = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat_body("c2c", "hi")))
+            streaming = asyncio.ensure_future(stream_one_event())
+            while len(idle.waiting) < 2:
+                await asyncio.sleep(0.02)
+            refused = await client.post("/v1/chat/completions", json=chat_body("receiver", "hi"))
+            await streaming
+            waiting.cancel()  # the non-streaming client gives up
+            return refused
+
+    refused = asyncio.run(fire())
+    assert refused.status_code == 429 and "busy" in refused.json()["error"]["message"]
+    for _ in range(200):
+        if all(r.cancelled for r in idle.waiting):
+            break
+        time.sleep(0.05)
+    assert len(idle.waiting) == 2 and all(r.cancelled for r in idle.waiting)
+
+
+def test_a_cancelled_request_frees_its_row_at_once(served):
+    _, engine, _ = served
+    from c2c_jax.engine import Engine, Request
+
+    local = Engine(engine.receiver, list(engine.routes.values()),
+                   EngineLimits(slots=2, max_tokens=12, max_prompt_tokens=64, max_prefill_batch=1),
+                   eos_ids=(), pad_id=engine.pad_id)
+    route = local.routes["c2c"]
+    local.warm_up([64])  # every program this test runs, compiled ahead
+    compiled = [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)]
+    seen = {"long": [], "other": []}
+    long = Request(route, route.encoder.encode_chat([{"role": "user", "content": "hi"}]), Sampling(max_tokens=12),
+                   lambda ids, finish: seen["long"].append((ids, finish)))
+    other = Request(route, route.encoder.encode_chat([{"role": "user", "content": "yo"}]), Sampling(max_tokens=3),
+                    lambda ids, finish: seen["other"].append((ids, finish)))
+    local.submit(long)
+    local.iteration()  # admits it (first token) and dispatches a step
+    local.iteration()  # the step's token is read after the next step's dispatch
+    assert local.busy_rows == 1 and len(seen["long"]) == 2
+    local.cancel(long)
+    local.submit(other)
+    local.iteration()  # frees the row, admits the other request into it; the old row's token is dropped
+    assert local.rows.count(other) == 1 and long not in local.rows and len(seen["long"]) == 2
+    while local.busy_rows or local.pending is not None:
+        local.iteration()
+    assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
+    assert [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)] == compiled
+
+
+def test_bounded_load_no_error_no_mixup(served, expected):
+    """32 concurrent clients, 192 requests in all: every answer is its own prompt's greedy answer."""
+    server, engine, tokenizer = served
+    models = ("receiver", "c2c")
+    jobs = [(models[k % 2], PROMPTS[k % len(PROMPTS)], 1 + k % 4) for k in range(192)]
+
+    async def client_loop(client, queue, results):
+        while queue:
+            k = queue.pop()
+            model, prompt, m = jobs[k]
+            r = await client.post("/v1/chat/completions", json=chat_body(model, prompt, max_tokens=m, temperature=0))
+            results[k] = r
+
+    async def fire():
+        queue, results = list(range(len(jobs))), {}
+        async with httpx.AsyncClient(base_url=server.url, timeout=None,
+                                     limits=httpx.Limits(max_connections=32)) as client:
+            await asyncio.gather(*(client_loop(client, queue, results) for _ in range(32)))
+        return results
+
+    results = asyncio.run(fire())
+    assert len(results) == len(jobs)
+    for k, (model, prompt, m) in enumerate(jobs):
+        assert results[k].status_code == 200, results[k].text
+        assert results[k].json()["choices"][0]["message"]["content"] == text_of(tokenizer, expected[model][prompt][:m])
+    with httpx.Client(base_url=server.url) as client:
+        metrics = client.get("/metrics").text
+    for name in ("c2c_requests_total", "c2c_queue_depth", "c2c_slots_busy", "c2c_time_to_first_token_seconds_bucket",
+                 "c2c_inter_token_latency_seconds_bucket", "c2c_generated_tokens_total", "c2c_tokens_per_second"):
+        assert name in metrics
+    served_ok = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("c2c_requests_total{") and 'status="200"' in line)
+    assert served_ok >= len(jobs)
+
+
+def test_text_assembler_streams_exactly_the_whole_decode():
+    from c2c_jax.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    ids = tok("héllo wörld — ✓ ok", add_special_tokens=False)["input_ids"] + [258]
+    ids = ids + list(np.random.default_rng(0).integers(0, 259, 40))  # arbitrary bytes, broken UTF-8 among them
+    text = TextAssembler(tok, [])
+    pieces = []
+    for i in ids:
+        text.add([int(i)])
+        pieces.append(text.take(final=False))
+    text.add([], final=True)
+    pieces.append(text.take(final=True))
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces[:5])  # multi-byte characters come out whole
+
+
+def test_per_row_filtering_matches_a_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 50)).astype(np.float32)
+    temperature = np.array([1.0, 0.5, 2.0, 1.0, 0.7], np.float32)
+    top_k = np.array([0, 3, 0, 10, 1], np.int32)
+    top_p = np.array([1.0, 1.0, 0.6, 0.3, 1.0], np.float32)
+    got = np.asarray(filtered_logits(logits, temperature, top_k, top_p))
+    for r in range(5):
+        scaled = logits[r] / temperature[r]
+        order = np.argsort(-scaled)
+        keep = order[: top_k[r]] if top_k[r] else order
+        p = np.exp(scaled[keep] - scaled[keep].max())
+        p /= p.sum()
+        n = max(1, int(np.sum(np.cumsum(p) <= top_p[r]))) if top_p[r] < 1 else len(keep)
+        assert set(np.flatnonzero(np.isfinite(got[r]))) == set(keep[:n]), r
+        np.testing.assert_allclose(got[r][keep[:n]], scaled[keep[:n]], rtol=1e-6)
