@@ -88,3 +88,42 @@ def test_the_target_platform_picks_the_kernels():
     assert resolve_implementation("auto", q[:, :96], 96, platform="tpu", num_keys=96) == "xla"
     assert resolve_implementation("auto", q[:, :1], 1, cache[:, :, :200], platform="tpu") == "xla"
     assert resolve_implementation("auto", q, 128, platform="cpu", num_keys=128) == "xla"
+
+
+def test_inference_split_over_a_mesh_with_the_tpu_kernels_equals_one_device_on_xla():
+    """`Generator(mesh=...)`: rows split over 4 devices (a batch of 3 filled to 4), the TPU kernels run
+    per device through shard_map (interpreted here); the same logits and tokens as one device on XLA."""
+    import ml_collections
+    from flax import nnx
+
+    from c2c_jax import sharding
+    from c2c_jax.alignment import layer_map
+    from c2c_jax.fuser import Fuser, FuserConfig
+    from c2c_jax.models import load_model
+    from c2c_jax.models.tiny import byte_tokenizer
+    from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig
+
+    fuser = Fuser(FuserConfig(receiver_layers=4, receiver_kv_heads=2, receiver_head_dim=32, sharer_kv_heads=1,
+                              sharer_head_dim=16, layer_map=layer_map("terminal", 4, 3), hidden_dim=32,
+                              intermediate_dim=48, dtype="float32"), rngs=nnx.Rngs(0))
+    fuser.projectors.gate_logit[...] = jnp.ones((4, 2))  # every gate open
+
+    def generator(implementation, mesh):
+        receiver, sharer = (load_model(f"random:{family}", dtype=jnp.float32, attention_impl=implementation)
+                            for family in ("qwen3", "qwen2"))
+        tokenizer = byte_tokenizer()
+        return Generator(C2CModel(receiver, [sharer], [fuser]), PromptEncoder(tokenizer, [tokenizer], pad_to=128),
+                         mesh=mesh)
+
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2)), jax.devices()[:4])
+    split, alone = generator("mosaic", mesh), generator("xla", None)
+    chats = [[{"role": "user", "content": text}] for text in ("what is the capital of france ?", "hi", "one two")]
+    batch = alone.encoder.batch([alone.encoder.encode_chat(c) for c in chats])
+    with recorded_routes() as routes:
+        logits = jax.device_get(split.next_token_logits(batch))
+    assert routes["prefill:mosaic"] == 2 and routes["cache:mosaic"] == 1
+    assert logits.shape[0] == 4  # filled to the mesh's size
+    np.testing.assert_allclose(logits[:3], jax.device_get(alone.next_token_logits(batch)), atol=1e-4, rtol=0)
+    sampling = SamplingConfig(max_new_tokens=4)
+    ours, reference = (jax.device_get(g.generate_batch(batch, sampling)) for g in (split, alone))
+    np.testing.assert_array_equal(ours.tokens[:3], reference.tokens)
