@@ -55,7 +55,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["c2c_jax", "c2c_jax.*"]),
-    python_requires=">=3.11",  # jax >= 0.10 has no wheels for older Pythons
+    python_requires=">=3.11",  # jax >= 0.10 and libtpu publish wheels for Python 3.11 and newer only
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license="Apache-2.0",

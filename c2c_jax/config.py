@@ -70,9 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1,  # -1: all devices (with fsdp); else the first data x fsdp devices
-        fsdp=1,
-        shard_frozen=False,  # FSDP-shard the frozen receiver and sharer over the fsdp axis
-        shard_fuser=False,  # FSDP-shard the fuser parameters and optimizer state too
+        fsdp=0,  # 0: all devices on a TPU (FSDP over the slice), 1 elsewhere; see sharding.make_mesh
+        # Split parameters over the fsdp axis by sharding.LOGICAL_AXIS_RULES (no effect when fsdp=1):
+        shard_frozen=True,  # the frozen receiver and sharer
+        shard_fuser=True,  # the fuser's float32 parameters and its optimizer state
     ))
 
     c.ckpt = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True, export_upstream=False))

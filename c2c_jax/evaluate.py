@@ -499,6 +499,16 @@ class TextToText:
 # Loading.
 
 
+def evaluation_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+    """The devices every evaluation batch is split over: all of a TPU slice's chips (of every host),
+    or of a multi-process launch; None (one device, as a single GPU or CPU runs) otherwise."""
+    from c2c_jax import sharding
+
+    if jax.device_count() > 1 and (jax.process_count() > 1 or jax.default_backend() == "tpu"):
+        return sharding.make_mesh(config.mesh)
+    return None
+
+
 def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) -> tuple[dict, dict]:
     """{method: runner} and a description of the models, loading only what the methods need."""
     from c2c_jax.build import load_frozen, prompt_encoder
@@ -515,8 +525,10 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
     def encoder(receiver_tok, sharer_toks=()) -> PromptEncoder:
         return prompt_encoder(config, receiver_tok, sharer_toks, enable_thinking=False)  # thinking off in eval
 
+    mesh = evaluation_mesh(config)
+
     def single(name: str, model, tok) -> Route:
-        return Route(name, Generator(C2CModel(model), encoder(tok)), fuse=False,
+        return Route(name, Generator(C2CModel(model), encoder(tok), mesh=mesh), fuse=False,
                      context=model.config.max_position_embeddings)
 
     routes: dict[str, Route] = {}
@@ -537,7 +549,8 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
             sharer_toks.append(sharer_tok)
         model = C2CModel(receiver, sharers, fusers, multi_sharer_mode="sequential")
         context = min(m.config.max_position_embeddings for m in [receiver, *sharers])
-        routes["c2c"] = Route("c2c", Generator(model, encoder(receiver_tok, sharer_toks)), fuse=True, context=context)
+        routes["c2c"] = Route("c2c", Generator(model, encoder(receiver_tok, sharer_toks), mesh=mesh), fuse=True,
+                              context=context)
 
     runners = {}
     for m in methods:
@@ -745,7 +758,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
     benches = [load_benchmark(name, source=source, limit=settings.limit)
                for name, source in zip(settings.benchmarks, settings.sources)]
     runners, models = _build_methods(config, settings)
-    # In a multi-process launch every process evaluates (redundantly, on its own devices); one writes.
+    # In a multi-process launch every process runs the same batches, each on its share of the chips
+    # (`evaluation_mesh`); one writes.
     writer = jax.process_index() == 0
     if writer:
         settings.output_dir.mkdir(parents=True, exist_ok=True)

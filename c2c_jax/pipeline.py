@@ -17,6 +17,7 @@ back to back (`InferencePrograms`); only the decode loop's tokens come back to t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Literal, Sequence
 
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
 from c2c_jax.fuser import Fuser
@@ -393,12 +395,25 @@ class InferencePrograms:
     program, same H200; docs/performance.md, session 11).
     """
 
-    def __init__(self, graphdef: nnx.GraphDef):
-        """graphdef: `nnx.split(c2c_model)[0]`."""
+    def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None):
+        """graphdef: `nnx.split(c2c_model)[0]`.
+
+        mesh: None (one device), or the devices that share each batch (its rows split over the
+        mesh's batch axes, weights replicated): the programs trace under it, so the attention
+        kernels run per device, and the logits and generations come back replicated, which every
+        process of a multi-host slice can read.
+        """
         self.graphdef = graphdef
+        self.mesh = mesh
+        replicated = {} if mesh is None else dict(out_shardings=NamedSharding(mesh, P()))
         self._prompt_cache = jax.jit(self._prompt_cache_program, static_argnames=("fuse", "suffix_length"))
-        self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",))
-        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"))
+        self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",), **replicated)
+        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"),
+                                 **replicated)
+
+    def _under_mesh(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(
+            self.mesh.abstract_mesh)
 
     def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1
                           ) -> jax.Array:
@@ -412,28 +427,38 @@ class InferencePrograms:
         return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
 
     def _prompt_cache_program(self, state, batch, *, fuse, suffix_length):
-        return nnx.merge(self.graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
+        with self._under_mesh():
+            return nnx.merge(self.graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
 
     def _logits_program(self, state, batch, cache, *, suffix_length):
-        logits, _ = nnx.merge(self.graphdef, state).finish_prompt(batch, cache, batch.tokens.shape[1],
-                                                                   suffix_length=suffix_length)
+        with self._under_mesh():
+            logits, _ = nnx.merge(self.graphdef, state).finish_prompt(batch, cache, batch.tokens.shape[1],
+                                                                       suffix_length=suffix_length)
         return logits
 
     def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id):
-        model = nnx.merge(self.graphdef, state)
-        capacity = decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens)
-        logits, cache = model.finish_prompt(batch, cache, capacity)
-        return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
+        with self._under_mesh():
+            model = nnx.merge(self.graphdef, state)
+            capacity = decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens, model.receiver.platform)
+            logits, cache = model.finish_prompt(batch, cache, capacity)
+            return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
 
 
 class Generator:
     """Text in, text out: receiver-only or C2C generation over batches of chats."""
 
-    def __init__(self, model: C2CModel, encoder: PromptEncoder, *, eos_ids: Sequence[int] | None = None):
+    def __init__(self, model: C2CModel, encoder: PromptEncoder, *, eos_ids: Sequence[int] | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
+        """mesh: None (one device), or the devices (of every process) that share each batch: the
+        weights are replicated on all of them and a batch's rows split over them (a batch is
+        filled up to a multiple of the mesh's size with copies of its last row)."""
         self.model = model
         self.encoder = encoder
+        self.mesh = mesh
         graphdef, self.state = nnx.split(model)
-        self.programs = InferencePrograms(graphdef)
+        if mesh is not None:
+            self.state = jax.device_put(self.state, NamedSharding(mesh, P()))
+        self.programs = InferencePrograms(graphdef, mesh)
         tok = encoder.receiver_tokenizer
         if eos_ids is None:
             eos_ids = set(model.receiver.config.eos_token_ids)
@@ -448,12 +473,29 @@ class Generator:
         if batch.tokens.shape[1] + sampling.max_new_tokens > max_len:
             raise ValueError(f"prompt width {batch.tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} "
                              f"exceeds the receiver's context of {max_len} tokens")
-        return self.programs.generate(self.state, batch, jax.random.key(seed), sampling=sampling,
+        return self.programs.generate(self.state, self.placed(batch), jax.random.key(seed), sampling=sampling,
                                       eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
 
     def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1) -> jax.Array:
         """float32 [B, vocab] logits after each prompt: the first-token prediction (time to first token)."""
-        return self.programs.next_token_logits(self.state, batch, fuse=fuse, suffix_length=suffix_length)
+        return self.programs.next_token_logits(self.state, self.placed(batch), fuse=fuse, suffix_length=suffix_length)
+
+    def placed(self, batch: PromptBatch) -> PromptBatch:
+        """The batch on the mesh, its rows split over all its devices (rows past the batch's own are
+        copies of its last, so that every device gets whole rows); unchanged without a mesh."""
+        if self.mesh is None:
+            return batch
+        rows = batch.tokens.shape[0]
+        filled = -(-rows // self.mesh.size) * self.mesh.size
+        from c2c_jax.sharding import batch_sharding
+
+        def put(x):
+            x = np.asarray(x)
+            x = np.concatenate([x, np.repeat(x[-1:], filled - rows, axis=0)]) if filled > rows else x
+            # Every process holds the same batch; each device takes its rows from it.
+            return jax.make_array_from_callback(x.shape, batch_sharding(self.mesh, x.ndim, 0), lambda index: x[index])
+
+        return jax.tree.map(put, batch)
 
     def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
              fuse: bool = True, seed: int = 0) -> list[str]:

@@ -194,8 +194,17 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
     the last micro-batch. So data parallelism all-reduces the fuser's gradients once per optimizer
     step, not once per micro-batch (FSDP's reduce-scatter within a replica stays per micro-batch).
     """
-    temperature = gate_temperature(state.step, fuser_config)
     mesh = jax.tree.leaves(param_shardings)[0].mesh
+    # Traced under the mesh, so that the attention kernels run per device (`attention._per_device_rows`).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return _train_step(state, frozen, batch, base_key, mesh, graphdefs=graphdefs, tx=tx,
+                           fuser_config=fuser_config, normalization=normalization, schedule=schedule,
+                           param_shardings=param_shardings)
+
+
+def _train_step(state: TrainState, frozen, batch, base_key, mesh, *, graphdefs, tx, fuser_config, normalization,
+                schedule, param_shardings):
+    temperature = gate_temperature(state.step, fuser_config)
     replica_axis = sharding.BATCH_AXES[0]
     replicas = mesh.shape[replica_axis]
     key = jax.random.fold_in(base_key, state.step)
@@ -291,7 +300,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     build.check_before_loading(config, [(config.fuser.init_from, config.sharer.path)] if config.fuser.init_from else [])
     param_sharding = sharding.param_sharding_fn(mesh, config.mesh.shard_frozen)
     receiver, receiver_tok, sharer, sharer_tok = build.load_pair(
-        config, param_sharding=param_sharding, remat=config.train.remat)
+        config, param_sharding=param_sharding, remat=config.train.remat, platform=sharding.platform_of(mesh))
     fuser = build.new_fuser(config, receiver, sharer)
 
     cli.phase(f"reading and tokenizing the training data ({config.data.source})")
@@ -327,22 +336,32 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     fuser_def, fuser_state = nnx.split(fuser)
     params = nnx.to_pure_dict(fuser_state)
     tx = make_optimizer(config.optim, total_steps)
-    opt_state = tx.init(params)
-    shard_fuser = config.mesh.shard_fuser
-    # The same placement in and out of every step, so the step compiles once per batch shape.
-    state_sharding = TrainState(
-        sharding.replicated(mesh),
-        sharding.tree_shardings(params, mesh, shard=shard_fuser, stacked_dims=2),
-        sharding.tree_shardings(opt_state, mesh, shard=shard_fuser, stacked_dims=2))
-    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, opt_state), state_sharding)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state_sharding = train_state_shardings(config, mesh, tx, state)
+    state = jax.device_put(state, state_sharding)
     graphdefs = (receiver_def, sharer_def, fuser_def)
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser.config,
+    step_fn = jit_train_step(config, graphdefs, tx, fuser.config, total_steps, state_sharding)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
+    return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)
+
+
+def train_state_shardings(config: ml_collections.ConfigDict, mesh, tx, state: TrainState) -> TrainState:
+    """Where the train state lives (`state` may be abstract): the fuser's parameters and Adam moments
+    by the logical axis rules when `mesh.shard_fuser`, else replicated."""
+    params = sharding.tree_shardings(state.params, mesh, shard=config.mesh.shard_fuser)
+    return TrainState(sharding.replicated(mesh), params,
+                      sharding.optimizer_state_shardings(tx, state.opt_state, params, mesh))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, graphdefs, tx, fuser_config, total_steps: int,
+                   state_sharding: TrainState):
+    """The jitted `train_step` (state donated): the same placement in and out of every step, so the
+    step compiles once per batch shape."""
+    return jax.jit(
+        functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser_config,
                           normalization=config.train.loss_normalization,
                           schedule=make_schedule(config.optim, total_steps), param_shardings=state_sharding.params),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
-    return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)
 
 
 def _batch_tokens(batch) -> int:

@@ -8,6 +8,13 @@ DRY_RUN=0
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Flags of the form --config.a.b=value, passed unchanged to both `c2c_jax.train` and `c2c_jax.evaluate`.
 OVERRIDES=()
+# On a TPU worker: the Python >= 3.11 environment tpu_worker_setup.sh creates (relative to the home
+# directory), whose interpreter every later step runs. jax >= 0.10 and libtpu have no wheels for the
+# Python 3.10 of stock TPU images such as tpu-ubuntu2204-base.
+# shellcheck disable=SC2034  # used by the TPU scripts that source this file
+TPU_VENV="c2c-venv"
+# shellcheck disable=SC2034
+TPU_PYTHON_VERSION="3.11"
 
 die() {  # a usage error: message on stderr, exit status 2
   echo "error: $*" >&2

@@ -7,8 +7,9 @@
 # Steps (--steps, default create,setup,train,eval; --teardown adds teardown):
 #   create    gcloud compute tpus queued-resources create, then wait until the request is ACTIVE
 #   setup     copy this repository (or git clone --source=URL) to every worker; on every worker
-#             launch/tpu_worker_setup.sh: pip install -e ".[tpu]", mount the bucket with gcsfuse
-#   train     python -m c2c_jax.train on all workers at once (--worker=all, C2C_DISTRIBUTED=1); the
+#             launch/tpu_worker_setup.sh: a Python 3.11 environment (uv) in ~/c2c-venv, pip install -e ".[tpu]"
+#             into it, mount the bucket with gcsfuse
+#   train     python -m c2c_jax.train (~/c2c-venv's python) on all workers at once (--worker=all, C2C_DISTRIBUTED=1); the
 #             workdir is gs://BUCKET/PREFIX/RUN_NAME, seen by every worker through the gcsfuse mount
 #   eval      python -m c2c_jax.evaluate on all workers with the trained fuser; worker 0 writes
 #             gs://.../RUN_NAME/eval (results.md, summary.json, plots), the others a local scratch copy
@@ -129,6 +130,9 @@ fi
 
 # ---- Commands ---------------------------------------------------------------------------------------
 GCLOUD_TPU=(gcloud compute tpus)
+# tpu_worker_setup.sh's environment; the ~ expands on each worker, in its home directory.
+# shellcheck disable=SC2088
+WORKER_PYTHON="~/${TPU_VENV}/bin/python"
 WHERE=("--project=${PROJECT}" "--zone=${ZONE}")
 ALL_WORKERS=("--worker=all" "${WHERE[@]}")
 
@@ -186,14 +190,14 @@ setup() {
 
 train() {
   echo "# workdir: ${GCS_WORKDIR}" >&2
-  remote "cd ${REMOTE_DIR} && C2C_DISTRIBUTED=1 python3 -m c2c_jax.train --config=$(quote "$CONFIG") --workdir=${WORKDIR}$(remote_overrides)"
+  remote "cd ${REMOTE_DIR} && C2C_DISTRIBUTED=1 ${WORKER_PYTHON} -m c2c_jax.train --config=$(quote "$CONFIG") --workdir=${WORKDIR}$(remote_overrides)"
 }
 
 evaluate() {
   # Every worker of a slice must run the same JAX program; only worker 0 writes into the workdir.
   # shellcheck disable=SC2016  # expanded on each worker, not here
   local worker_id='$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)'
-  remote "cd ${REMOTE_DIR} && OUT=${WORKDIR}/eval && if [ \"${worker_id}\" != 0 ]; then OUT=/tmp/c2c-eval; fi && C2C_DISTRIBUTED=1 python3 -m c2c_jax.evaluate --config=$(quote "$CONFIG") --workdir=${WORKDIR} --config.eval.fuser=${WORKDIR}/final --config.eval.output_dir=\"\$OUT\"$(remote_overrides)"
+  remote "cd ${REMOTE_DIR} && OUT=${WORKDIR}/eval && if [ \"${worker_id}\" != 0 ]; then OUT=/tmp/c2c-eval; fi && C2C_DISTRIBUTED=1 ${WORKER_PYTHON} -m c2c_jax.evaluate --config=$(quote "$CONFIG") --workdir=${WORKDIR} --config.eval.fuser=${WORKDIR}/final --config.eval.output_dir=\"\$OUT\"$(remote_overrides)"
 }
 
 teardown() {

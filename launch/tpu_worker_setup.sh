@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Runs ON EACH TPU worker (tpu_vm.sh starts it with `gcloud compute tpus tpu-vm ssh --worker=all`), from the
-# copy of this repository there: installs the package with its TPU extra and mounts the run's GCS bucket with
-# Cloud Storage FUSE, so that every worker sees the same workdir (Orbax multi-host checkpoints need one
-# shared directory; c2c_jax reads and writes plain POSIX paths).
+# copy of this repository there: creates a Python 3.11 environment with uv (stock TPU images ship Python
+# 3.10, for which jax >= 0.10 has no wheels), installs the package with its TPU extra into it, and mounts the
+# run's GCS bucket with Cloud Storage FUSE, so that every worker sees the same workdir (Orbax multi-host
+# checkpoints need one shared directory; c2c_jax reads and writes plain POSIX paths).
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 BUCKET=""       # bucket name, without gs://
 MOUNT_DIR=""    # where to mount it
-PYTHON="python3"
+VENV="${HOME}/${TPU_VENV}"  # the environment train and evaluate run in (tpu_vm.sh calls its python)
+PYTHON="${VENV}/bin/python"
+UV="${HOME}/.local/bin/uv"  # where uv's installer puts it
 
 usage() {
   cat <<EOF
 Usage: launch/tpu_worker_setup.sh --bucket=BUCKET --mount=DIR [--dry-run]
 
 Run on a TPU worker from the repository root (tpu_vm.sh does this on every worker):
-  1. pip install -e ".[tpu]" (after upgrading pip, for PEP 660 editable installs);
-  2. install gcsfuse from Google's apt repository unless it is installed;
-  3. mount gs://BUCKET at DIR (--implicit-dirs; --rename-dir-limit so that Orbax can rename a finished
+  1. install uv (https://docs.astral.sh/uv/) unless it is installed, and create ~/${TPU_VENV} with a
+     uv-managed CPython ${TPU_PYTHON_VERSION} (the image's own python3 may be 3.10, too old for jax >= 0.10);
+  2. pip install -e ".[tpu]" into it (after upgrading pip, for PEP 660 editable installs);
+  3. install gcsfuse from Google's apt repository unless it is installed;
+  4. mount gs://BUCKET at DIR (--implicit-dirs; --rename-dir-limit so that Orbax can rename a finished
      checkpoint's temporary directory) unless DIR is already a mount point.
 
 Flags:
@@ -42,6 +47,10 @@ done
 [[ $BUCKET != gs://* ]] || die "--bucket takes the bucket name without gs:// (got ${BUCKET})"
 [[ $MOUNT_DIR == /* ]] || die "--mount=DIR is required and must be an absolute path"
 
+if ((DRY_RUN)) || [[ ! -x $UV ]]; then
+  run sh -c "curl -LsSf https://astral.sh/uv/install.sh | sh"
+fi
+run "$UV" venv --seed --python "$TPU_PYTHON_VERSION" "$VENV"  # --seed: with pip in it
 run "$PYTHON" -m pip install --upgrade pip
 run "$PYTHON" -m pip install -e ".[tpu]"
 

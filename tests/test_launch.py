@@ -55,13 +55,17 @@ def flag(argv: list[str], name: str) -> str:
 
 
 def python_commands(shell_line: str) -> list[list[str]]:
-    """The `python3 -m ...` commands inside a remote shell command line, with their environment words."""
+    """The `python3 -m ...` (or `.../bin/python -m ...`) commands inside a remote shell command line, with
+    their environment words."""
     out = []
     for part in shell_line.split(" && "):
         words = shlex.split(part)
-        if "python3" in words and "-m" in words:
+        if any(w == "python3" or w.endswith("/bin/python") for w in words) and "-m" in words:
             out.append(words)
     return out
+
+
+TPU_PYTHON = "~/c2c-venv/bin/python"  # tpu_worker_setup.sh's Python 3.11 environment, on every worker
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,11 +161,11 @@ def test_tpu_vm_dry_run_prints_the_whole_run_in_order(tmp_path):
 
     workdir = "/tmp/gcs/my-bucket/c2c/runs/demo1"  # = gs://my-bucket/c2c/runs/demo1 through the gcsfuse mount
     (train_cmd,) = python_commands(flag(train, "--command"))
-    assert train_cmd[:5] == ["C2C_DISTRIBUTED=1", "python3", "-m", "c2c_jax.train", "--config=configs/demo.py"]
+    assert train_cmd[:5] == ["C2C_DISTRIBUTED=1", TPU_PYTHON, "-m", "c2c_jax.train", "--config=configs/demo.py"]
     assert train_cmd[5:] == [f"--workdir={workdir}", "--config.train.max_steps=50",
                              "--config.eval.background_prompt=It's {question}"]
     (eval_cmd,) = python_commands(flag(evaluate, "--command"))
-    assert eval_cmd[:5] == ["C2C_DISTRIBUTED=1", "python3", "-m", "c2c_jax.evaluate", "--config=configs/demo.py"]
+    assert eval_cmd[:5] == ["C2C_DISTRIBUTED=1", TPU_PYTHON, "-m", "c2c_jax.evaluate", "--config=configs/demo.py"]
     assert eval_cmd[5:8] == [f"--workdir={workdir}", f"--config.eval.fuser={workdir}/final",
                              "--config.eval.output_dir=$OUT"]
     assert eval_cmd[8:] == train_cmd[6:]  # the same overrides, after ours so that a user's value wins
@@ -182,9 +186,17 @@ def test_tpu_vm_dry_run_git_source_and_partial_steps():
     assert flag(create, "--runtime-version") == "v2-alpha-tpuv6e"
 
 
-def test_tpu_worker_setup_dry_run():
-    commands = dry_run("tpu_worker_setup.sh", "--bucket=my-bucket", "--mount=/tmp/gcs/my-bucket")
-    assert commands[1] == ["python3", "-m", "pip", "install", "-e", ".[tpu]"]
+def test_tpu_worker_setup_dry_run(tmp_path):
+    """A Python 3.11 environment made by uv (the image's python3 may be 3.10, which jax >= 0.10 lacks
+    wheels for) in ~/c2c-venv, the interpreter tpu_vm.sh's train and evaluate steps call."""
+    commands = dry_run("tpu_worker_setup.sh", "--bucket=my-bucket", "--mount=/tmp/gcs/my-bucket",
+                       env=script_env(HOME=str(tmp_path)))
+    venv = f"{tmp_path}/c2c-venv"
+    assert commands[0] == ["sh", "-c", "curl -LsSf https://astral.sh/uv/install.sh | sh"]
+    assert commands[1] == [f"{tmp_path}/.local/bin/uv", "venv", "--seed", "--python", "3.11", venv]
+    assert commands[2:4] == [[f"{venv}/bin/python", "-m", "pip", "install", "--upgrade", "pip"],
+                             [f"{venv}/bin/python", "-m", "pip", "install", "-e", ".[tpu]"]]
+    assert TPU_PYTHON.replace("~", str(tmp_path)) == f"{venv}/bin/python"
     assert commands[-1] == ["gcsfuse", "--implicit-dirs", "--rename-dir-limit=200000", "my-bucket",
                             "/tmp/gcs/my-bucket"]
     assert ["sudo", "apt-get", "install", "-y", "-q", "fuse", "gcsfuse"] in commands

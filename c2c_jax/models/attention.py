@@ -7,6 +7,13 @@ parts of one softmax, so the layer's cache slice is only read (see `_cache_then_
 a GPU one new token per row goes to a Pallas kernel that reads the stacked cache in place
 (`decode_attention`, inference only: it has no VJP).
 
+On a TPU ("mosaic", chosen by the target platform: `Decoder.platform`), Pallas TPU kernels take
+the same places: splash attention (`jax.experimental.pallas.ops.tpu`) for a fresh causal prefill
+and for the training suffix pass (with its backward), and `tpu_decode_attention` for one new token
+over the stacked cache. Sequence lengths must be multiples of TPU_BLOCK; other shapes take XLA.
+Under a mesh (`jax.sharding.use_abstract_mesh`) the kernels run per device over its rows
+(`shard_map` over the batch axes), since XLA cannot split a custom call itself.
+
 `prefix_attention` serves the training suffix pass (`Decoder.extend`): new tokens (a receiver's
 answer) over a whole prefix cache (the fused prompt) and causally over themselves. In one
 softmax that needs a mask, which cuDNN reads as a bias over the full T x (P + T) rectangle (25 % of
@@ -25,6 +32,8 @@ of the one softmax (as in ring attention). Both parts have an XLA and a cuDNN im
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 from typing import Callable, Literal, NamedTuple, get_args
 
@@ -32,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "pallas", "mosaic"]
 _MASKED = -1e30  # score of a hidden key: exp(_MASKED - lse) == 0 in float32, and never NaN
 DECODE_BLOCK = 64  # cached keys per program of the Pallas decode kernel (at most)
+TPU_BLOCK = 128  # splash attention's smallest tile: its sequence lengths must be multiples of it
 
 
 def check_implementation(setting: str) -> None:
@@ -43,25 +53,57 @@ def check_implementation(setting: str) -> None:
         raise ValueError(f"unknown attention implementation {setting!r}; choose one of {', '.join(choices)}")
 
 
-def resolve_implementation(setting: AttentionImpl, q: jax.Array, num_new: int, cache_k: jax.Array | None = None
-                           ) -> Literal["xla", "cudnn", "pallas"]:
-    """On a GPU: cuDNN flash attention for prefill, the Pallas kernel `decode_attention` for one new
-    token after a cache (decode, the last prompt token); XLA elsewhere. "pallas" asks for that kernel
-    wherever it applies, XLA otherwise; off the GPU it runs in Pallas' interpreter (for tests)."""
+_recorded_routes: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def recorded_routes():
+    """Counts, per attention call traced inside, its pass and implementation ("prefill:cudnn",
+    "cache:pallas", "prefix:xla"): which kernels a compiled program uses (`c2c_jax.aot` reports it)."""
+    routes = collections.Counter()
+    _recorded_routes.append(routes)
+    try:
+        yield routes
+    finally:
+        _recorded_routes.remove(routes)
+
+
+def _record(kind: str, implementation: str) -> None:
+    for routes in _recorded_routes:
+        routes[f"{kind}:{implementation}"] += 1
+
+
+def resolve_implementation(setting: AttentionImpl, q: jax.Array, num_new: int, cache_k: jax.Array | None = None,
+                           *, platform: str | None = None, num_keys: int | None = None
+                           ) -> Literal["xla", "cudnn", "pallas", "mosaic"]:
+    """The kernel for an attention call, by the target platform ("tpu", "gpu", "cpu"; default
+    `jax.default_backend()`, which during a deviceless TPU compile says "cpu": pass the mesh's).
+
+    GPU: cuDNN flash attention for prefill, the Pallas kernel `decode_attention` for one new token
+    after a cache (decode, the last prompt token). TPU: "mosaic", splash attention over `num_keys`
+    keys (prefill, training) and `tpu_decode_attention` after a cache, where their shapes allow.
+    XLA elsewhere. "pallas" and "mosaic" ask for those kernels wherever they apply (XLA otherwise);
+    off their platform they run in Pallas' interpreter (for tests).
+    """
     check_implementation(setting)
-    fits_pallas = cache_k is not None and _pallas_decode_fits(q, num_new, cache_k)
-    if setting == "pallas" and fits_pallas:
-        return "pallas"
-    if setting not in ("auto", "pallas"):
+    platform = platform or jax.default_backend()
+    if cache_k is not None:
+        fits = {"pallas": _pallas_decode_fits(q, num_new, cache_k), "mosaic": _tpu_decode_fits(q, num_new, cache_k)}
+    else:
+        fits = {"pallas": False, "mosaic": num_keys is not None and _splash_fits(num_new, num_keys)}
+    if setting in ("pallas", "mosaic"):
+        return setting if fits[setting] else "xla"
+    if setting != "auto":
         return setting
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and fits_pallas:
+    if platform == "tpu":
+        return "mosaic" if fits["mosaic"] else "xla"
+    if platform == "gpu" and fits["pallas"]:
         return "pallas"
-    return "cudnn" if on_gpu and num_new > 1 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    return "cudnn" if platform == "gpu" and num_new > 1 and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def cache_attention(q, k_new, v_new, cache_k=None, cache_v=None, layer=None, *, mask, end,
-                    implementation: AttentionImpl):
+                    implementation: AttentionImpl, platform: str | None = None):
     """Queries q [B, T, heads, head_dim] over layer `layer` of a cache, the new K/V belonging at column `end`.
 
     cache_k, cache_v: the whole stacked cache [layers, B, S, kv_heads, head_dim] and `layer` an int
@@ -73,16 +115,23 @@ def cache_attention(q, k_new, v_new, cache_k=None, cache_v=None, layer=None, *, 
     (`models.decoder.attention_mask`); required after a cache.
     """
     fresh = cache_k is None
-    impl = resolve_implementation(implementation, q, q.shape[1], cache_k)
+    # Splash attention takes a fresh prefill's causality alone (the pipeline's passes need no mask).
+    impl = resolve_implementation(implementation, q, q.shape[1], cache_k, platform=platform,
+                                  num_keys=k_new.shape[1] if fresh and mask is None else None)
+    _record("prefill" if fresh else "cache", impl)
+    if fresh and impl == "mosaic":
+        return splash_attention(q, k_new, v_new, prefix_length=0, platform=platform).astype(q.dtype)
     if fresh:
         return jax.nn.dot_product_attention(q.astype(k_new.dtype), k_new, v_new, mask=mask, is_causal=True,
                                             implementation=impl)
     if mask is None:  # the cache's columns from `end` on are not keys yet: only a mask says so
         raise ValueError("attention after a cache needs its mask (see models.decoder.attention_mask)")
-    if impl == "pallas":
+    if impl in ("pallas", "mosaic"):
         # A new token sees itself and the cached columns before `end` that its mask shows.
         cached_visible = mask[:, 0, 0, :] & (jnp.arange(cache_k.shape[2]) < end)
-        return decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible)
+        if impl == "pallas":
+            return decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible)
+        return tpu_decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible, platform=platform)
     cached_k, cached_v = cache_k[layer], cache_v[layer]
     if impl == "xla":
         return _cache_then_new_attention(q, k_new, v_new, cached_k, cached_v, mask, end)
@@ -205,6 +254,166 @@ def merge_decode_blocks(acc, stats):
     weights = jnp.exp(tops - tops.max(axis=-1, keepdims=True))
     out = jnp.einsum("bnj,bnjd->bnd", weights, acc) / jnp.einsum("bnj,bnj->bn", weights, sums)[..., None]
     return out[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels.
+
+
+def _splash_fits(num_queries: int, num_keys: int) -> bool:
+    return num_queries % TPU_BLOCK == 0 and num_keys % TPU_BLOCK == 0
+
+
+def _tpu_block(length: int, largest: int = 512) -> int:
+    """The largest power-of-two tile of at most `largest` (and at least TPU_BLOCK) that divides `length`."""
+    block = largest
+    while length % block:
+        block //= 2
+    return block
+
+
+def _per_device_rows(fn, args, batch_axes, out_batch_axes=0):
+    """fn(*args), whose arguments have their batch at `batch_axes` (None: not batched), under a mesh
+    (`jax.sharding.use_abstract_mesh`) as a `shard_map` over the mesh's batch axes, so that each
+    device runs the kernel on its own rows (XLA cannot split a Pallas custom call itself). Without a
+    mesh, or for a batch that the batch axes do not divide, fn itself."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    rows = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    batch = next(x.shape[a] for x, a in zip(args, batch_axes) if a is not None)
+    if not axes or batch % rows:
+        return fn(*args)
+
+    def spec(axis):
+        return P() if axis is None else P(*([None] * axis + [axes]))
+
+    out_specs = jax.tree.map(spec, out_batch_axes)
+    return jax.shard_map(fn, in_specs=tuple(map(spec, batch_axes)), out_specs=out_specs, check_vma=False)(*args)
+
+
+def _interpret(platform: str | None) -> bool:
+    """Whether a Pallas TPU kernel runs in Pallas' interpreter: when it is not compiled for a TPU."""
+    return (platform or jax.default_backend()) != "tpu"
+
+
+def splash_attention(q, k, v, *, prefix_length: int, prefix_lengths=None, platform: str | None = None):
+    """Splash attention (Pallas TPU) of q [B, T, heads, D] over k, v [B, S, kv_heads, D] (GQA).
+
+    Query t sees keys [0, prefix_length + t]: a causal prefill for prefix_length=0 (S = T), the
+    training suffix pass over [prefix, new tokens] for S = prefix_length + T. prefix_lengths [B]:
+    row b's real prefix keys are its first prefix_lengths[b]; the rest are hidden (segment ids).
+    Off the TPU (`platform`, default `jax.default_backend()`) it runs in Pallas' interpreter.
+    Returns [B, T, heads, D] in k's dtype.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, n, d = q.shape
+    s = k.shape[1]
+    block_q, block_kv = _tpu_block(t), _tpu_block(s)
+    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                               block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                               block_q_dq=block_q, block_kv_dq=block_kv)
+    mask = masks.MultiHeadMask([masks.CausalMask((t, s), offset=prefix_length)] * n)
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                    interpret=_interpret(platform))
+    # Splash does not scale the scores; q is scaled in float32 and cast once.
+    q = (q.astype(jnp.float32) * np.float32(1 / np.sqrt(d))).astype(k.dtype)
+    if prefix_lengths is None:
+        prefix_lengths = jnp.zeros((b,), jnp.int32)
+
+    def rows(q, k, v, prefix_lengths):
+        def one(q, k, v, length):  # [heads, T, D], [kv_heads, S, D]
+            # Segment 1 marks the prefix's padding keys; every query and every other key is segment 0.
+            columns = jnp.arange(s)
+            segments = splash.SegmentIds(q=jnp.zeros((t,), jnp.int32),
+                                         kv=((columns >= length) & (columns < prefix_length)).astype(jnp.int32))
+            return kernel(q, k, v, segments)
+
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        out = jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), prefix_lengths)
+        return heads_first(out)
+
+    return _per_device_rows(rows, (q, k, v, prefix_lengths), (0, 0, 0, 0))
+
+
+def _tpu_decode_fits(q, num_new, cache_k) -> bool:
+    """One new token, and a cache capacity that TPU_BLOCK-key blocks tile (`kv_cache.decode_capacity`)."""
+    return num_new == 1 and cache_k.shape[2] % TPU_BLOCK == 0 and q.shape[2] % cache_k.shape[3] == 0
+
+
+def tpu_decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible, *, platform: str | None = None):
+    """`decode_attention` for the TPU: one new token per row over layer `layer` of the stacked cache
+    and over its own K/V, as a Pallas TPU (Mosaic) kernel and one XLA reduction.
+
+    One program per row and block of TPU_BLOCK cached keys, all heads at once: it reads a
+    [block, kv_heads, head_dim] tile of the stacked cache in place (the layer is a scalar-prefetched
+    index: no layer slice is copied out of the stack), scores each kv head's query group on the
+    MXU, and returns the block's softmax statistics, which `merge_decode_blocks` merges
+    (flash-decoding). The new key joins block 0. Off the TPU (`platform`) it runs in Pallas'
+    interpreter.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, _, n, d = q.shape
+    _, _, s, kv_heads, _ = cache_k.shape
+    group = n // kv_heads
+    block = TPU_BLOCK
+    parts = s // block
+    scale = np.float32(1 / np.sqrt(d))
+    contract_last = (((1,), (1,)), ((), ()))
+
+    def kernel(layer_ref, q_ref, k_new_ref, v_new_ref, k_ref, v_ref, bias_ref, acc_ref, stats_ref):
+        del layer_ref  # used by the cache's index map
+        first_block = pl.program_id(1) == 0
+        bias = bias_ref[...]  # [1, block]: 0, or _MASKED for a hidden key
+        for g in range(kv_heads):
+            query = q_ref[g].astype(jnp.float32)  # [group, D]
+            keys = k_ref[:, g, :].astype(jnp.float32)  # [block, D]
+            scores = jax.lax.dot_general(query, keys, contract_last, preferred_element_type=jnp.float32)
+            scores = scores * scale + bias  # [group, block]
+            new_score = jnp.sum(query * k_new_ref[g].astype(jnp.float32), axis=-1, keepdims=True) * scale
+            new_score = jnp.where(first_block, new_score, np.float32(_MASKED))  # [group, 1]
+            top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), new_score)
+            p, p_new = jnp.exp(scores - top), jnp.exp(new_score - top)
+            values = v_ref[:, g, :].astype(jnp.float32)
+            acc_ref[g] = jnp.dot(p, values, preferred_element_type=jnp.float32) + p_new * v_new_ref[g].astype(
+                jnp.float32)
+            stats_ref[g] = jnp.concatenate([top, jnp.sum(p, axis=-1, keepdims=True) + p_new], axis=-1)
+
+    def rows(layer, grouped_q, k_new, v_new, cache_k, cache_v, bias):
+        rows_here = grouped_q.shape[0]
+        per_row = lambda *tail: pl.BlockSpec(  # noqa: E731
+            (pl.squeezed,) + tail, lambda i, j, layer: (i,) + (0,) * len(tail))
+        cache_block = pl.BlockSpec((pl.squeezed, pl.squeezed, block, kv_heads, d),
+                                   lambda i, j, layer: (layer[0], i, j, 0, 0))
+        per_block = lambda width: pl.BlockSpec(  # noqa: E731
+            (pl.squeezed, pl.squeezed, kv_heads, group, width), lambda i, j, layer: (i, j, 0, 0, 0))
+        return pl.pallas_call(
+            kernel,
+            out_shape=(jax.ShapeDtypeStruct((rows_here, parts, kv_heads, group, d), jnp.float32),
+                       jax.ShapeDtypeStruct((rows_here, parts, kv_heads, group, 2), jnp.float32)),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=1, grid=(rows_here, parts),
+                in_specs=[per_row(kv_heads, group, d), per_row(kv_heads, 1, d), per_row(kv_heads, 1, d),
+                          cache_block, cache_block,
+                          pl.BlockSpec((pl.squeezed, 1, block), lambda i, j, layer: (i, 0, j))],
+                out_specs=(per_block(d), per_block(2))),
+            interpret=_interpret(platform),  # Pallas' interpreter: for tests off the TPU
+        )(layer, grouped_q, k_new, v_new, cache_k, cache_v, bias)
+
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    grouped_q = q[:, 0].reshape(b, kv_heads, group, d).astype(cache_k.dtype)  # head = kv_head * group + j
+    k_new, v_new = (jnp.swapaxes(x, 1, 2).astype(cache_k.dtype) for x in (k_new, v_new))  # [B, kv_heads, 1, D]
+    bias = jnp.where(cached_visible, np.float32(0), np.float32(_MASKED))[:, None, :]  # [B, 1, S]
+    acc, stats = _per_device_rows(rows, (layer, grouped_q, k_new, v_new, cache_k, cache_v, bias),
+                                  (None, 0, 0, 0, 1, 1, 0), out_batch_axes=(0, 0))
+    # [B, parts, kv_heads, group, *] -> [B, heads, parts, *]
+    to_heads = lambda x: jnp.moveaxis(x.reshape(b, parts, n, x.shape[-1]), 1, 2)  # noqa: E731
+    return merge_decode_blocks(to_heads(acc), to_heads(stats)).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,7 +549,8 @@ def _prefix_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, imple
 _prefix_attention.defvjp(_prefix_attention_fwd, _prefix_attention_bwd)
 
 
-def prefix_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, *, implementation: AttentionImpl):
+def prefix_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, *, implementation: AttentionImpl,
+                     platform: str | None = None):
     """Attention of new tokens over a prefix and, causally, over themselves, with no mask.
 
     q [B, T, heads, head_dim]; new_k, new_v [B, T, kv_heads, head_dim], the new tokens' own K/V;
@@ -349,7 +559,14 @@ def prefix_attention(q, prefix_k, prefix_v, prefix_lengths, new_k, new_v, *, imp
     New token t sees the real prefix keys and new tokens 0..t, so padding among the new tokens must
     come after each row's real ones. Returns [B, T, heads, head_dim] in q's dtype.
     """
-    impl = resolve_implementation(implementation, q, q.shape[1])
+    impl = resolve_implementation(implementation, q, q.shape[1], platform=platform, num_keys=prefix_k.shape[1])
+    _record("prefix", impl)
     dtype = prefix_k.dtype
+    if impl == "mosaic":
+        # One softmax over [prefix keys, new keys]: splash's own backward differentiates it.
+        keys = jnp.concatenate([prefix_k, new_k.astype(dtype)], axis=1)
+        values = jnp.concatenate([prefix_v, new_v.astype(dtype)], axis=1)
+        return splash_attention(q, keys, values, prefix_length=prefix_k.shape[1],
+                                prefix_lengths=prefix_lengths.astype(jnp.int32), platform=platform).astype(q.dtype)
     return _prefix_attention(q.astype(dtype), prefix_k, prefix_v, prefix_lengths.astype(jnp.int32),
                              new_k.astype(dtype), new_v.astype(dtype), impl).astype(q.dtype)

@@ -176,16 +176,21 @@ class Decoder(nnx.Module):
     """A decoder-only LM with an explicit, layer-stacked KV cache."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None, scan_unroll: int | None = None,
-                 remat: bool = False, attention_impl: AttentionImpl = "auto", rngs: nnx.Rngs):
+                 remat: bool = False, attention_impl: AttentionImpl = "auto", platform: str | None = None,
+                 rngs: nnx.Rngs):
         """scan_unroll: layers per scan iteration. Default: all of them on GPU, where a rolled loop's
         per-layer kernel launches dominate at small batch and its stacked residuals and per-layer
         weight slices cost a training step ~9 % (docs/performance.md); 1 elsewhere (TPUs compile a
-        rolled scan faster and lose little by it)."""
+        rolled scan faster and lose little by it).
+        platform: what the model is compiled for ("tpu", "gpu", "cpu"), which picks its kernels;
+        default `jax.default_backend()`. A deviceless TPU compile runs on a CPU host: it passes
+        the target mesh's platform (`sharding.platform_of`)."""
         param_dtype = dtype if param_dtype is None else param_dtype
         self.config = config
         self.dtype = dtype
+        self.platform = platform or jax.default_backend()
         if scan_unroll is None:
-            scan_unroll = config.num_layers if jax.default_backend() == "gpu" else 1
+            scan_unroll = config.num_layers if self.platform == "gpu" else 1
         self.scan_unroll = scan_unroll
         self.remat = remat
         check_implementation(attention_impl)
@@ -247,7 +252,7 @@ class Decoder(nnx.Module):
 
         def attend(q, k_new, v_new, layer):  # layer i reads its slice of the stacked cache in place
             return cache_attention(q, k_new, v_new, cache_k, cache_v, layer, mask=mask, end=end,
-                                   implementation=self.attention_impl)
+                                   implementation=self.attention_impl, platform=self.platform)
 
         cos, sin = rope_tables(positions, cfg.rope, cfg.head_dim)
         num_full = cache.num_layers - 1 if output == "kv" else cache.num_layers
@@ -297,7 +302,8 @@ class Decoder(nnx.Module):
 
         def attend(q, k_new, v_new, layer, prefix_k, prefix_v):
             del layer  # its prefix K/V come sliced (`_layers`' per_layer)
-            return prefix_attention(q, prefix_k, prefix_v, lengths, k_new, v_new, implementation=self.attention_impl)
+            return prefix_attention(q, prefix_k, prefix_v, lengths, k_new, v_new, implementation=self.attention_impl,
+                                    platform=self.platform)
 
         cos, sin = rope_tables(positions, self.config.rope, self.config.head_dim)
         per_layer = materialized_cotangent((prefix.k, prefix.v))

@@ -18,13 +18,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from c2c_jax.models.attention import DECODE_BLOCK
+from c2c_jax.models.attention import DECODE_BLOCK, TPU_BLOCK
 
 
-def decode_capacity(columns: int) -> int:
+def decode_capacity(columns: int, platform: str | None = None) -> int:
     """Columns for a cache that must hold `columns` tokens while decoding: rounded up to a multiple of
-    the Pallas decode attention's key block, so that it tiles them (`attention.decode_attention`)."""
-    return -(-columns // DECODE_BLOCK) * DECODE_BLOCK
+    the decode attention kernel's key block, so that it tiles them (`attention.decode_attention`;
+    on a TPU `attention.tpu_decode_attention`). platform: the target's (default the host's)."""
+    block = TPU_BLOCK if (platform or jax.default_backend()) == "tpu" else DECODE_BLOCK
+    return -(-columns // block) * block
 
 
 @jax.tree_util.register_dataclass

@@ -1,0 +1,101 @@
+"""The TPU compile check (`c2c_jax.aot`): tiny-model versions of the train step and the inference
+programs compiled ahead of time for a TPU slice with a data x fsdp mesh, on this CPU machine.
+
+Needs libtpu (`pip install "jax[tpu]"`); skipped without it. Only one process may hold libtpu, so
+everything that loads it is one test function (and its own xdist group)."""
+
+import fcntl
+import multiprocessing
+import os
+
+import jax
+import pytest
+
+from c2c_jax import aot
+from c2c_jax.alignment import layer_map
+from c2c_jax.fuser import FuserConfig
+from c2c_jax.models.architectures import architecture_of
+from configs import tiny
+
+pytestmark = pytest.mark.xdist_group("libtpu")  # with --dist loadgroup: one worker holds libtpu
+
+
+def test_tiny_programs_compile_for_a_tpu_slice_with_tpu_kernels_and_a_sharded_optimizer():
+    pytest.importorskip("libtpu", reason='libtpu is not installed (pip install "jax[tpu]"): no TPU compile check')
+    config = tiny.get_config()
+    config.mesh.update(data=2, fsdp=4)
+    config.train.update(micro_batch_size=8, batch_size=16)
+    config.receiver.dtype = config.sharer.dtype = "bfloat16"
+    config.eval.batch_size = 8
+    # conftest asks for float32 matmuls everywhere; Mosaic cannot give a bfloat16 kernel that precision.
+    with jax.default_matmul_precision("default"):
+        reports = {r.name: r for r in aot.run(config, aot.topology_named("v5e-8"), log=lambda *_: None)}
+    assert set(reports) == set(aot.PROGRAMS)
+    for name, report in reports.items():
+        assert report.fits, (name, report.error)
+        # Every attention call takes a Pallas TPU kernel (tiny shapes tile), none a GPU route.
+        assert report.attention_routes and all(r.endswith(":mosaic") for r in report.attention_routes), \
+            (name, report.attention_routes)
+        assert report.mosaic_calls > 0 and not report.gpu_only_calls, name
+    train = reports["train"]
+    # Prefills of receiver and sharer, the suffix pass and its two backward kernels.
+    assert train.attention_routes == {"prefill:mosaic": 2, "prefix:mosaic": 1} and train.mosaic_calls == 5
+    # FSDP: the fuser's parameters and Adam moments are split over the 4 fsdp chips (the gate logits
+    # and a few tiny vectors stay whole), and the step gathers them.
+    assert train.state_bytes_per_chip < 0.3 * train.state_bytes
+    assert train.collectives.get("all-gather", 0) > 0
+
+
+def test_topologies_name_the_slices_the_launch_scripts_offer():
+    for name in ("v4-8", "v5p-8", "v5e-8", "v5e-16", "v6e-8", "v6e-16"):
+        assert aot.topology_named(name).name == name
+    assert aot.topology_named("v5e:4x4").name == "v5e-16"
+    assert aot.topology_named("v6e:8x8").hbm_gib == 31.25
+    with pytest.raises(ValueError, match="unknown TPU topology 'v7x-8'"):
+        aot.topology_named("v7x-8")
+
+
+def test_a_program_over_the_chips_memory_or_with_a_gpu_call_does_not_fit():
+    assert aot.ProgramReport("train", 1.0, hbm_bytes=100, peak_bytes=100).fits
+    assert not aot.ProgramReport("train", 1.0, hbm_bytes=100, peak_bytes=101).fits
+    assert not aot.ProgramReport("train", 1.0, hbm_bytes=100, error="RESOURCE_EXHAUSTED: Ran out of memory").fits
+    assert not aot.ProgramReport("train", 1.0, hbm_bytes=100, gpu_only_calls=["__cudnn$fmhaSoftmax"]).fits
+
+
+def _hold_lock(path, ready, release):
+    fd = os.open(path, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)  # libtpu's kind of lock
+    ready.set()
+    release.wait(60)
+
+
+def test_a_held_libtpu_lock_names_its_process(tmp_path):
+    lockfile = str(tmp_path / "libtpu_lockfile")
+    open(lockfile, "w").close()
+    assert aot.libtpu_holder(lockfile) is None
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(lockfile, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        assert aot.libtpu_holder(lockfile) == holder.pid
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_pinned_architectures_give_the_published_fuser_sizes():
+    """c2c_reference.md §1.7: the fuser of each pair (h = m = 1024, 3 layers) has the size the paper's
+    checkpoints have, which the architectures' layer counts, kv heads and head dims decide."""
+    def fuser_params(receiver, sharer):
+        r, s = architecture_of(receiver), architecture_of(sharer)
+        return FuserConfig(receiver_layers=r.num_layers, receiver_kv_heads=r.num_kv_heads,
+                           receiver_head_dim=r.head_dim, sharer_kv_heads=s.num_kv_heads, sharer_head_dim=s.head_dim,
+                           layer_map=layer_map("terminal", r.num_layers, s.num_layers)).num_params()
+
+    assert fuser_params("Qwen/Qwen3-0.6B", "Qwen/Qwen2.5-0.5B-Instruct") == 477_848_056
+    assert round(fuser_params("Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B-Base") / 1e5) == 5292
+    assert round(fuser_params("Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B-Instruct") / 1e5) == 4999
+    with pytest.raises(ValueError, match="no architecture known offline for model 'org/unknown'"):
+        architecture_of("org/unknown")
