@@ -125,10 +125,6 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     benchmarks = _split(e.benchmarks)
     if not benchmarks:
         raise ValueError(f"eval.benchmarks is empty; choose from {', '.join(BENCHMARKS)}")
-    unknown = [b for b in benchmarks if b not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)} in eval.benchmarks; "
-                         f"valid: {', '.join(BENCHMARKS)}")
     if len(set(benchmarks)) != len(benchmarks):
         raise ValueError(f"eval.benchmarks lists a benchmark twice: {','.join(benchmarks)}")
     methods = _split(e.methods)
@@ -147,6 +143,11 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     elif len(sources) != len(benchmarks):
         raise ValueError(f"eval.source lists {len(sources)} sources for {len(benchmarks)} benchmarks; give one "
                          "source for all, or one per benchmark (comma-separated, in the same order)")
+    # Any name goes with a local file (a multiple-choice set in the same row format); the rest must be known.
+    unknown = [b for b, source in zip(benchmarks, sources) if b not in BENCHMARKS and source in ("offline", "hub")]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)} in eval.benchmarks; "
+                         f"valid: {', '.join(BENCHMARKS)}, or any name with a local file in eval.source")
     fusers = _split(e.fuser)
     sharers = _split(e.sharers)
     fused = [m for m in methods if m in FUSED_METHODS]
@@ -458,6 +459,7 @@ class SingleModel:
 
     def __init__(self, method: str, route: Route, settings: EvalSettings, control: FusionControl | None = None):
         self.method, self.route, self.settings, self.control = method, route, settings, control
+        self.shared: SharedPrefill | None = None  # set when this method is scored in a shared pass
         self.mismatched = control is not None and control.sharer_input == "mismatched"
         # A derangement needs two real rows in every batch (see Route._chunks).
         self.batch_size = max(settings.batch_size, 3) if self.mismatched else settings.batch_size
@@ -474,6 +476,8 @@ class SingleModel:
     def run(self, items: Sequence[MCItem], prepared: Sequence[Prompt], progress=None
             ) -> tuple[list[ItemResult], list[tuple[str, str]]]:
         s = self.settings
+        if self.shared is not None:
+            return self.shared.results(self.method, items, progress)
         skipped, sharer_items = [], [""] * len(items)
         if self.mismatched:
             # An item alone with its answer-prefix length has no other item to take a sharer cache from.
@@ -506,6 +510,63 @@ class SingleModel:
             t = self.route.time_first_token(prepared)
             return t, t
         return self.route.time_generate(prepared, self.settings.max_new_tokens)
+
+
+class SharedPrefill:
+    """Logits mode: the receiver alone, c2c and its controls scored from one prefill of the receiver and
+    the sharers per batch (`Generator.variant_logits`), instead of one per method: the controls then cost
+    a fusion and the answer prefix's columns each. The first method asked runs the pass for all."""
+
+    def __init__(self, route: Route, methods: Sequence[str], settings: EvalSettings):
+        self.route, self.methods, self.settings = route, list(methods), settings
+        self.mismatched = "c2c_mismatched" in self.methods
+        self.batch_size = max(settings.batch_size, 3) if self.mismatched else settings.batch_size
+        self._done: tuple[tuple[str, ...], dict] | None = None
+
+    def results(self, method: str, items: Sequence[MCItem], progress=None
+                ) -> tuple[list[ItemResult], list[tuple[str, str]]]:
+        key = tuple(it.id for it in items)
+        if self._done is None or self._done[0] != key:
+            self._done = (key, self._run(items, progress))
+        elif progress is not None:
+            progress.update(len(items))
+        return self._done[1][method]
+
+    def _run(self, items: Sequence[MCItem], progress) -> dict:
+        s = self.settings
+        prompts = [self.route.encode(mc_messages(it, use_cot=s.use_cot), "logits") for it in items]
+        ids = np.asarray(self.route.letter_ids(max(len(it.choices) for it in items)))
+        receiver_only = "receiver" in self.methods
+        fused = [m for m in self.methods if m != "receiver"]
+        names = (["receiver"] if receiver_only else []) + fused
+        chunks = Route._chunks(prompts, self.batch_size, 2 if self.mismatched else 1)
+        donors = Route.donors(chunks)
+        size = min(self.batch_size, len(prompts))
+        scores = np.zeros((len(names), len(prompts), len(ids)), np.float32)
+        normalisers = np.zeros((len(names), len(prompts)), np.float32)
+        for index, chunk in enumerate(chunks):
+            group = [prompts[i] for i in chunk]
+            batch = self.route.batch(Route._filled(group, size), 0)
+            controls = [Route._batch_control(CONTROL_METHODS.get(m), index, len(chunk), size, s.seed) for m in fused]
+            logits = self.route.generator.variant_logits(batch, controls, suffix_length=group[0].suffix,
+                                                         receiver_only=receiver_only)
+            logits = np.asarray(jax.device_get(logits))[:, : len(chunk)]
+            scores[:, chunk] = logits[..., ids]
+            peak = logits.max(axis=-1)
+            normalisers[:, chunk] = peak + np.log(np.exp(logits - peak[..., None]).sum(axis=-1))
+            if progress is not None:
+                progress.update(len(chunk))
+        out = {}
+        for v, m in enumerate(names):
+            rows, skipped = [], []
+            for i, (it, p) in enumerate(zip(items, prompts)):
+                if m == "c2c_mismatched" and i not in donors:
+                    skipped.append((it.id, f"{m}: no other item of its length to read a sharer cache from"))
+                    continue
+                rows.append(_answer(m, it, p, scores=scores[v, i], normaliser=normalisers[v, i],
+                                    sharer_item=items[donors[i]].id if m == "c2c_mismatched" else ""))
+            out[m] = (rows, skipped)
+        return out
 
 
 class TextToText:
@@ -632,6 +693,14 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
         routes["c2c"] = Route("c2c", Generator(model, encoder(receiver_tok, sharer_toks)), fuse=True, context=context)
 
     runners = {}
+    shared = None
+    if settings.answer_mode == "logits" and fused:
+        # One prefill per batch for c2c and its controls, and for the receiver alone when it reads the same
+        # tokens (no token alignment: the fused route's encoding is then the receiver's own).
+        aligned = any(a is not None for a in routes["c2c"].generator.encoder.aligners)
+        members = [m for m in methods if m in FUSED_METHODS or (m == "receiver" and not aligned)]
+        if len(members) > 1:
+            shared = SharedPrefill(routes["c2c"], members, settings)
     for m in methods:
         if m == "t2t":
             runners[m] = TextToText(routes["sharer"], routes["receiver"], settings)
@@ -639,6 +708,8 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
             runners[m] = SingleModel(m, routes["c2c"], settings, CONTROL_METHODS[m])
         else:
             runners[m] = SingleModel(m, routes[m], settings)
+        if shared is not None and m in shared.methods:
+            runners[m].shared = shared
     models = {"receiver": config.receiver.path if {"receiver", "t2t"} & set(methods) or fused else None,
               "sharer": settings.sharers[0] if {"sharer", "t2t"} & set(methods) else None,
               "c2c_sharers": list(settings.sharers[: len(settings.fusers)]) if fused else [],

@@ -415,6 +415,23 @@ class InferencePrograms:
         # Controls are pytrees (their kind static), so each kind compiles once.
         self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",))
         self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"))
+        self._variants = jax.jit(self._variants_program, static_argnames=("suffix_length", "receiver_only"))
+
+    def variant_logits(self, state, batch: PromptBatch, controls: tuple, *, suffix_length: int,
+                       receiver_only: bool) -> jax.Array:
+        """float32 [variants, B, vocab]: the receiver alone (first, if `receiver_only`), then one fused
+        route per entry of `controls` (None: the fusers' own inputs), all from one pass of the receiver
+        and the sharers over the prompt. Evaluation compares them on the same items at this cost."""
+        return self._variants(state, batch, controls, suffix_length=suffix_length, receiver_only=receiver_only)
+
+    def _variants_program(self, state, batch, controls, *, suffix_length, receiver_only):
+        model = nnx.merge(self.graphdef, state)
+        width = batch.tokens.shape[1]
+        receiver_cache, sharer_caches = model.prefix_caches(batch, width)
+        caches = [model.fused_prefix(batch, receiver_cache, [], suffix_length=suffix_length)] if receiver_only else []
+        caches += [model.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length, control=c)
+                   for c in controls]
+        return jnp.stack([model.finish_prompt(batch, cache, width, suffix_length=suffix_length)[0] for cache in caches])
 
     def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1,
                           control: FusionControl | None = None) -> jax.Array:
@@ -474,6 +491,13 @@ class Generator:
         `control`: an evaluation control for the fusers' inputs (`controls.FusionControl`)."""
         return self.programs.next_token_logits(self.state, batch, fuse=fuse, suffix_length=suffix_length,
                                                control=control)
+
+    def variant_logits(self, batch: PromptBatch, controls: Sequence[FusionControl | None], *, suffix_length: int = 1,
+                       receiver_only: bool = False) -> jax.Array:
+        """float32 [variants, B, vocab]: `InferencePrograms.variant_logits` (receiver alone and fused
+        variants from one prefill)."""
+        return self.programs.variant_logits(self.state, batch, tuple(controls), suffix_length=suffix_length,
+                                            receiver_only=receiver_only)
 
     def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
              fuse: bool = True, seed: int = 0) -> list[str]:

@@ -293,7 +293,6 @@ def no_model_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("benchmarks", "openbookqa,mmlu-pro", r"unknown benchmark\(s\) mmlu-pro.*valid: openbookqa, arc-challenge"),
     ("methods", "receiver,oracle", r"unknown method\(s\) oracle.*valid: receiver, sharer, t2t, c2c"),
     ("answer_mode", "cot", r"unknown eval.answer_mode 'cot'; valid: generate, logits"),
     ("fuser", "", r"method 'c2c' needs a trained fuser"),
@@ -302,6 +301,12 @@ def no_model_loading(monkeypatch):
 def test_bad_configuration_fails_before_loading_models(assets, tmp_path, no_model_loading, field, value, message):
     with pytest.raises(ValueError, match=message):
         ev.evaluate(make_config(assets, **{field: value}), tmp_path)
+
+
+def test_unknown_offline_benchmark_fails_before_loading_models(assets, tmp_path, no_model_loading):
+    # With a local file any name goes (a multiple-choice set of one's own); offline names must be known.
+    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) mmlu-pro.*valid: openbookqa, arc-challenge"):
+        ev.evaluate(make_config(assets, benchmarks="openbookqa,mmlu-pro", source="offline"), tmp_path)
 
 
 def test_no_output_directory(assets):
