@@ -417,7 +417,8 @@ class Engine:
                     rows = np.zeros((size,), np.int32)
                     cache_key, admit_key = route.programs.keys(self.slots, batch.tokens.shape)
                     jobs.append((route.programs.prompt_cache, cache_key, route.state, batch))
-                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows, sampling))
+                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows,
+                                 sampling))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
                 done.result()
