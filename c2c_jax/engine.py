@@ -417,7 +417,8 @@ class Engine:
                     rows = np.zeros((size,), np.int32)
                     cache_key, admit_key = route.programs.keys(self.slots, batch.tokens.shape)
                     jobs.append((route.programs.prompt_cache, cache_key, route.state, batch))
-                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows, sampling))
+                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows,
+                                 sampling))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
                 done.result()
@@ -514,11 +515,11 @@ class Engine:
         batch = route.encoder.batch([r.prompt for r in requests])
         width = batch.tokens.shape[1]
         sampling = row_sampling([r.sampling for r in requests])
-        self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
-                                               sampling)
-        for row, request in zip(rows, chunk):
+        for row, request in zip(rows, chunk):  # in their rows first: if the programs fail, `_fail_all` ends them
             self.rows[row] = request
             self.row_start[row] = self.end - width
+        self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
+                                               sampling)
         return list(zip(rows, chunk)), first
 
     def _compact(self) -> None:

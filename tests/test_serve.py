@@ -214,6 +214,22 @@ def test_bad_requests_get_openai_errors_and_the_server_lives_on(served, body, st
         assert client.get("/health").json()["status"] == "ok"
 
 
+def test_a_failing_program_fails_its_requests_not_the_server(served, expected, monkeypatch):
+    server, engine, tokenizer = served
+    wait_until_idle(engine)
+
+    def broken(*args):
+        raise RuntimeError("out of device memory (simulated)")
+
+    monkeypatch.setattr(engine.routes["receiver"].programs, "run", broken)
+    with httpx.Client(base_url=server.url, timeout=None) as client:
+        r = client.post("/v1/chat/completions", json=chat_body("receiver", "hi", max_tokens=4))
+        assert r.status_code == 500 and "simulated" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        r = client.post("/v1/chat/completions", json=chat_body("c2c", PROMPTS[0], max_tokens=4, temperature=0))
+        assert r.json()["choices"][0]["message"]["content"] == text_of(tokenizer, expected["c2c"][PROMPTS[0]][:4])
+
+
 @pytest.fixture
 def idle_server(served):
     """A server whose engine does not run: requests stay queued (1 slot, 2 places in the queue)."""
