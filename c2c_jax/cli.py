@@ -44,7 +44,7 @@ def starting(command: str) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "PyTorch was not found ..." on a torch-free install
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not any(a in HELP_FLAGS for a in sys.argv[1:]):
-        phase(f"c2c-jax {command}: importing JAX")
+        phase(f"c2c-jax {command}: starting (importing JAX and the models' libraries)")
 
 
 def resolve_config_path(value: str) -> str:

@@ -1149,6 +1149,7 @@ def main() -> None:
     from c2c_jax import cli
     from c2c_jax.config import use_inference_xla_flags
 
+    cli.starting("evaluate")  # after this module's own imports (jax), before transformers'
     use_inference_xla_flags()
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
