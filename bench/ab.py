@@ -8,7 +8,7 @@ The tree this script sits in is side "new"; `--base` is another copy of `c2c_jax
 tree again with `--new-xla-flags` to compare XLA flags instead of code:
 
     python bench/ab.py --base . --new-xla-flags=--xla_gpu_experimental_force_split_k=1 --rounds 2 -- \
-        bench/ttft_programs.py --rounds 3 --variants c2c_ttft_two_programs,receiver_ttft_two_programs
+        bench/bench_inference.py --skip-torch --only ttft --lengths 512 --batches 1
 
 (A flag that changes GEMM autotuning needs its own `--xla_gpu_per_fusion_autotune_cache_dir` on
 side new, if XLA_FLAGS names one: the later setting of a flag wins, and a shared cache would hand

@@ -13,8 +13,7 @@ With `--hlo-dump`, `phases` also times each part of a route by its `jax.named_sc
 `InferencePrograms.next_token_logits`; parts `receiver_prefix`, `sharer_prefix_0`, `fusion`, `suffix`):
 start and end from each call's first kernel, averaged over the calls. `host_us_per_call` sums the
 trace's host events; the profiler itself slows host work down (CUDA graph launches above all), so
-for the host's true share compare one synchronised call with queued ones (`ttft_programs.py
---pipelined`).
+for the host's true share compare one synchronised call with queued ones.
 
     python bench/profile_kernels.py --what decode,prefill,fuse,ttft,ttft_library,train [--top 15] [--window 40:100]
 

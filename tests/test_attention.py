@@ -1,6 +1,6 @@
 """`prefix_attention` (two mask-free parts merged by their logsumexp, with its own VJP) against one
-masked softmax differentiated by jax, on the XLA implementation (the cuDNN one shares the merge and
-is checked against it on the GPU by bench/bench_attention.py); `cache_attention` after a cache
+masked softmax differentiated by jax, on the XLA implementation (the cuDNN one shares the merge);
+`cache_attention` after a cache
 (the cache and the new tokens as two parts of one softmax) against NumPy."""
 
 import jax
