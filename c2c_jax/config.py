@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
         limit=0,  # items per benchmark, 0 = all
         batch_size=16,
         max_new_tokens=64,
-        t2t_message_tokens=256,  # length of the sharer's background message in text-to-text
+        t2t_message_tokens=0,  # new tokens of the sharer's text-to-text message; 0: upstream's (1024 generate, 64 logits)
         background_prompt=T2T_BACKGROUND_PROMPT,  # text-to-text stage 1; must contain {question}
         use_cot=False,
         latency_items=10,  # items per benchmark timed at batch size 1 (after a warm-up call)
