@@ -10,7 +10,13 @@ For a batch of prompts, left-padded to a common width W (so every prompt ends at
     4. decode on the fused cache (generated tokens are never fused).
 
 The last prompt token is excluded from fusion so that the first new token is predicted by a query
-that attends to the fused prefix (c2c_reference.md §2.4). Steps 1-2 (`C2CModel.prompt_cache`) and
+that attends to the fused prefix (c2c_reference.md §2.4).
+
+Prompts whose fused columns are not simply every column before the last (token-aligned pairs, where
+only message contents are fused) run as upstream runs them, section by section
+(c2c_reference.md §2.3): each fused section is fused from receiver K/V that already saw the fused
+sections before it (`fuse_in_sections`), and every column after the last fused one (the trailing
+chat template) runs in step 3, after fusion. Steps 1-2 (`C2CModel.prompt_cache`) and
 steps 3-4 (`C2CModel.finish_prompt`, then `decode`) are two jitted programs that the host dispatches
 back to back (`InferencePrograms`); only the decode loop's tokens come back to the host.
 """
@@ -120,25 +126,95 @@ class C2CModel(nnx.Module):
         """`prefix_caches`' caches (no sharer caches: no fusion) fused except in the last `suffix_length`
         columns, and rewound to before them: `prompt_cache`'s result."""
         if sharer_caches:
-            split = batch.tokens.shape[1] - suffix_length
-            fuse_masks = [m.at[:, split:].set(False) for m in batch.fuse_mask]
+            fuse_masks = prompt_fuse_masks(batch, suffix_length)
             with jax.named_scope("fusion"):
-                receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
-        return dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length)
+                if batch.final_section == 0:  # one fused section per row, ending where the suffix starts
+                    receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks)
+                else:
+                    def fuse_pass(cache, in_pass):
+                        return self.fuse(cache, sharer_caches, [m & in_pass for m in fuse_masks])
+
+                    receiver_cache = fuse_in_sections(
+                        self.receiver, batch.tokens, batch.positions, batch.valid, receiver_cache, fuse_pass,
+                        fusion_sections(_any(fuse_masks), batch.fused_sections), batch.fused_sections)
+        return dataclasses.replace(receiver_cache, end=receiver_cache.end - final_width(batch, suffix_length))
 
     def finish_prompt(self, batch: "PromptBatch", cache: KVCache, capacity: int, *, suffix_length: int = 1
                       ) -> tuple[jax.Array, KVCache]:
         """The prompt's last `suffix_length` columns on `prompt_cache`'s cache, grown to `capacity`
         columns: float32 logits [B, vocab] after the prompt, and the cache to decode from."""
         width = batch.tokens.shape[1]
-        suffix = slice(width - suffix_length, width)
+        suffix = slice(width - final_width(batch, suffix_length), width)
+        held = None
+        if batch.final_section and batch.fuse_mask:
+            # Columns of the window that belong to earlier (fused) sections keep the K/V they have.
+            section = fusion_sections(_any(prompt_fuse_masks(batch, suffix_length)), batch.fused_sections)
+            held = (section < batch.fused_sections)[:, suffix]
         # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
         # (`one_row_gemm`), which suits a one-off pass; the decode loop keeps XLA's choice.
         with jax.named_scope("suffix"):
             hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix],
                                           cache.with_capacity(capacity), batch.valid[:, suffix], output="hidden",
-                                          one_row_gemm=True)
+                                          one_row_gemm=True, held=held)
             return self.receiver.logits(hidden[:, -1]), cache
+
+
+def prompt_fuse_masks(batch: "PromptBatch", suffix_length: int) -> list[jax.Array]:
+    """Each sharer's fuse mask [B, W] with the last `suffix_length` columns left unfused."""
+    split = batch.tokens.shape[1] - suffix_length
+    return [m.at[:, split:].set(False) for m in batch.fuse_mask]
+
+
+def _any(masks: Sequence[jax.Array]) -> jax.Array:
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
+
+
+def final_width(batch: "PromptBatch", suffix_length: int) -> int:
+    """Static width of the window that runs after fusion: the suffix for the usual layout; else
+    the widest final section (every column after a row's last fused one), or the whole prompt when
+    the batch cannot tell it (a suffix of more than one column)."""
+    if batch.final_section == 0:
+        return suffix_length
+    return batch.final_section if suffix_length == 1 else batch.tokens.shape[1]
+
+
+def fusion_sections(fuse: jax.Array, fused_sections: int, xp=jnp):
+    """int32 [B, T]: the pass in which each column runs, for a fuse mask [B, T] of at most
+    `fused_sections` runs of fused columns per row.
+
+    Pass p < fused_sections ends with the fusion of a row's p-th fused run (counted so that every
+    row's last run is fused in the last of them) and holds the unfused columns before that run;
+    columns after a row's last fused one get `fused_sections`: the final section, never fused.
+    """
+    fuse = xp.asarray(fuse, bool)
+    following = xp.concatenate([fuse[:, 1:], xp.zeros_like(fuse[:, :1])], axis=1)
+    run_ends = (fuse & ~following).astype(np.int32)
+    ended_before = xp.cumsum(run_ends, axis=1) - run_ends
+    return (ended_before + fused_sections - run_ends.sum(axis=1, keepdims=True)).astype(np.int32)
+
+
+def fuse_in_sections(receiver: Decoder, tokens, positions, valid, cache: KVCache, fuse_pass, section,
+                     fused_sections: int) -> KVCache:
+    """The receiver cache after fusing each section in turn (c2c_reference.md §2.3).
+
+    cache: the receiver's KV-only pass over all columns, which pass 0 uses as is. Pass p > 0 reruns
+    the receiver over all columns with the K/V of earlier passes' columns held (fused where fused),
+    so its own columns see the fused sections before them, as upstream's section-by-section forward
+    does; the columns of later passes it computes on the way are recomputed by their own pass.
+    fuse_pass(cache, in_pass): fuses the columns where bool [B, T] `in_pass` is set.
+    valid: bool [B, T] or None (each row's real tokens first). Columns of the final section
+    (`fusion_sections`) hold pass-(fused_sections - 1) K/V: the caller runs them after fusion.
+    """
+    for p in range(fused_sections):
+        if p:
+            _, rerun = receiver(tokens, positions, dataclasses.replace(cache, end=jnp.zeros_like(cache.end)), valid,
+                                output="kv", held=section < p)
+            cache = dataclasses.replace(rerun, valid=cache.valid, end=cache.end)
+        cache = fuse_pass(cache, section == p)
+    return cache
 
 
 def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
@@ -206,6 +282,10 @@ class PromptBatch:
     sharer_valid: tuple
     sharer_positions: tuple
     fuse_mask: tuple  # per sharer, bool: fuse this column
+    # Static layout (see `fusion_sections`, `final_width`); the defaults are the usual layout, where
+    # each row fuses every real column (but the suffix) in one section.
+    fused_sections: int = dataclasses.field(default=1, metadata=dict(static=True))
+    final_section: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +385,25 @@ class PromptEncoder:
         positions = shared if self.sharer_positions == "shared" else own_positions(valid)
         return PromptBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(positions),
                            tuple(map(jnp.asarray, sharer_tokens)), tuple(map(jnp.asarray, sharer_valid)),
-                           tuple(map(jnp.asarray, sharer_positions)), tuple(map(jnp.asarray, fuse_mask)))
+                           tuple(map(jnp.asarray, sharer_positions)), tuple(map(jnp.asarray, fuse_mask)),
+                           **section_layout(valid, fuse_mask))
+
+
+def section_layout(valid: np.ndarray, fuse_masks: Sequence[np.ndarray]) -> dict:
+    """`PromptBatch`'s static layout fields for left-padded [B, W] masks.
+
+    The usual layout (every real column fused, as for a sharer with the receiver's tokenizer) keeps
+    the defaults. Otherwise: the most fused runs of a row and the widest final section, with the
+    last column left unfused (as generation leaves it).
+    """
+    if not fuse_masks or all(np.array_equal(m, valid) for m in fuse_masks):
+        return {}
+    fuse = np.logical_or.reduce([np.asarray(m, bool) for m in fuse_masks])
+    fuse[:, -1] = False
+    width = fuse.shape[1]
+    runs = (fuse & ~np.concatenate([fuse[:, 1:], np.zeros_like(fuse[:, :1])], axis=1)).sum(axis=1)
+    last_fused = np.where(fuse.any(axis=1), width - 1 - np.argmax(fuse[:, ::-1], axis=1), -1)
+    return dict(fused_sections=max(int(runs.max()), 1), final_section=int((width - 1 - last_fused).max()))
 
 
 # ------------------------------------------------------------------------------------------------

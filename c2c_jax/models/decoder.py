@@ -209,10 +209,15 @@ class Decoder(nnx.Module):
                              capacity=capacity, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, token_mask: jax.Array | None = None,
-                 *, output: Output = "logits", one_row_gemm: bool = False) -> tuple[jax.Array | None, KVCache]:
+                 *, output: Output = "logits", one_row_gemm: bool = False, held: jax.Array | None = None
+                 ) -> tuple[jax.Array | None, KVCache]:
         """Runs `tokens` [B, T] at `positions` [B, T] on top of `cache`.
 
         token_mask: bool [B, T], False for padding tokens (default: all real).
+        held: bool [B, T], or None: new columns whose K/V the cache already holds at [cache.end,
+          cache.end + T) (fused ones). Every layer attends to, and keeps, those instead of the K/V it
+          computes there: a pass that recomputes only the other columns of a partly fused prompt,
+          one section after another, as upstream C2C runs aligned chats.
         The new tokens go to columns [cache.end, cache.end + T), which must fit in the cache. New
         tokens that fill a cache exactly are a fresh prefill (cache.end must then be 0): attention
         skips the cache and, without a token_mask, needs no mask at all.
@@ -245,7 +250,14 @@ class Decoder(nnx.Module):
         mask = None if unpadded_fresh else attention_mask(valid, end, t)
         cache_k, cache_v = (None, None) if fresh else (cache.k, cache.v)
 
+        def keep_held(new, stacked, layer=None):  # new [(layers,) B, T, ...]; stacked: the cache's k or v
+            held_part = stacked if layer is None else stacked[layer]
+            held_part = jax.lax.dynamic_slice_in_dim(held_part, end, t, axis=-3)
+            return jnp.where(held[:, :, None, None], held_part.astype(new.dtype), new)
+
         def attend(q, k_new, v_new, layer):  # layer i reads its slice of the stacked cache in place
+            if held is not None:
+                k_new, v_new = keep_held(k_new, cache.k, layer), keep_held(v_new, cache.v, layer)
             return cache_attention(q, k_new, v_new, cache_k, cache_v, layer, mask=mask, end=end,
                                    implementation=self.attention_impl)
 
@@ -264,6 +276,8 @@ class Decoder(nnx.Module):
             new_v.append(v_last[None])
         new_k = jnp.concatenate(new_k).astype(cache.k.dtype)
         new_v = jnp.concatenate(new_v).astype(cache.v.dtype)
+        if held is not None:
+            new_k, new_v = keep_held(new_k, cache.k), keep_held(new_v, cache.v)
         if fresh:
             k, v = new_k, new_v
         else:
