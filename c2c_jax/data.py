@@ -545,11 +545,17 @@ class TrainBatch:
     sharer_prefix_positions: np.ndarray  # int32
     sharer_columns: np.ndarray  # int32
     fuse_mask: np.ndarray  # bool
+    prefix_section: np.ndarray  # int32: the pass each prefix column runs in (`pipeline.fusion_sections`)
     suffix_tokens: np.ndarray  # int32
     suffix_valid: np.ndarray  # bool
     suffix_positions: np.ndarray  # int32
     targets: np.ndarray  # int32
     loss_mask: np.ndarray  # bool
+    # Static, the same for every process (`prefix_layout` of the step's examples): passes that end in
+    # a fusion, and whether some row has prefix columns after its last fused one (a trailing chat
+    # template), which then run in one more pass after fusion, as upstream's final section.
+    fused_sections: int = dataclasses.field(default=1, metadata=dict(static=True))
+    trailing_section: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -573,11 +579,39 @@ def bucket_of(example: TrainExample, prefix_buckets: Sequence[int], suffix_bucke
     return None if p is None or r is None else (p, r)
 
 
+def _prefix_fuse(example: TrainExample) -> np.ndarray:
+    """bool [split]: the example's fused prefix columns."""
+    s = example.split
+    return example.fusable[:s] & example.sharer_valid[:s] & example.valid[:s]
+
+
+def prefix_layout(examples: Sequence[TrainExample]) -> dict:
+    """`TrainBatch`'s static fields for a step of `examples` (upstream's sections, c2c_reference.md §2.3).
+
+    A row fuses its prefix in as many passes as it has runs of fused columns (message sections);
+    columns after the last run (the chat template before the answer) run after fusion.
+    """
+    runs, trailing = 0, False
+    for ex in examples:
+        fuse = _prefix_fuse(ex)
+        ends = np.flatnonzero(fuse & ~np.append(fuse[1:], False))
+        runs = max(runs, ends.size)
+        trailing |= bool(ex.valid[:ex.split][(ends[-1] + 1) if ends.size else 0:].any())
+    return dict(fused_sections=max(runs, 1), trailing_section=trailing)
+
+
 def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_length: int, pad_id: int,
-            sharer_pad_id: int, sharer_positions: SharerPositions = "shared", micro_batches: int = 1) -> TrainBatch:
-    """Examples -> a `TrainBatch` of [micro_batches, len(examples) / micro_batches, ...] arrays."""
+            sharer_pad_id: int, sharer_positions: SharerPositions = "shared", micro_batches: int = 1,
+            layout: Mapping | None = None) -> TrainBatch:
+    """Examples -> a `TrainBatch` of [micro_batches, len(examples) / micro_batches, ...] arrays.
+
+    layout: `prefix_layout` of the whole step (all processes' rows); default: of `examples`.
+    """
+    from c2c_jax.pipeline import fusion_sections
+
     if sharer_positions not in ("shared", "own"):
         raise ValueError(f"sharer_positions must be 'shared' or 'own', not {sharer_positions!r}")
+    layout = dict(prefix_layout(examples) if layout is None else layout)
     n, p, r = len(examples), prefix_length, suffix_length
     if n % micro_batches:
         raise ValueError(f"{n} examples do not split into {micro_batches} micro-batches")
@@ -586,7 +620,7 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         prefix_positions=np.zeros((n, p), np.int32),
         sharer_prefix_tokens=np.full((n, p), sharer_pad_id, np.int32), sharer_prefix_valid=np.zeros((n, p), bool),
         sharer_prefix_positions=np.zeros((n, p), np.int32), sharer_columns=np.zeros((n, p), np.int32),
-        fuse_mask=np.zeros((n, p), bool),
+        fuse_mask=np.zeros((n, p), bool), prefix_section=np.full((n, p), layout["fused_sections"], np.int32),
         suffix_tokens=np.full((n, r), pad_id, np.int32), suffix_valid=np.zeros((n, r), bool),
         suffix_positions=np.zeros((n, r), np.int32), targets=np.zeros((n, r), np.int32),
         loss_mask=np.zeros((n, r), bool))
@@ -604,6 +638,9 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         # The sharer's row index of each example column it has a token in.
         f["sharer_columns"][row, :nr] = np.maximum(np.cumsum(ex.sharer_valid[:s]) - 1, 0)[receiver_real]
         f["fuse_mask"][row, :nr] = (ex.fusable[:s] & ex.sharer_valid[:s])[receiver_real]
+        # Sections on the example's own columns, where a template column (even a receiver pad) parts two messages.
+        f["prefix_section"][row, :nr] = fusion_sections(_prefix_fuse(ex)[None], layout["fused_sections"],
+                                                        xp=np)[0, receiver_real]
         # Positions exactly as `PromptEncoder.batch` computes them: the example's column ("shared",
         # alignment pads counted), or each model's own count of real tokens so far ("own").
         if sharer_positions == "shared":
@@ -621,7 +658,7 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         f["targets"][row, :m - 1] = ex.tokens[s + 1:]
         f["loss_mask"][row, :m - 1] = ex.valid[s + 1:]
     a = micro_batches
-    return TrainBatch(**{k: v.reshape(a, n // a, *v.shape[1:]) for k, v in f.items()})
+    return TrainBatch(**{k: v.reshape(a, n // a, *v.shape[1:]) for k, v in f.items()}, **layout)
 
 
 class BatchIterator:
@@ -757,7 +794,8 @@ class BatchIterator:
         mine = [indices[a * b + lo + k] for a in range(self.micro_batches) for k in range(self.rows_per_process)]
         return collate([self.examples[i] for i in mine], prefix_length=p, suffix_length=r, pad_id=self.pad_id,
                        sharer_pad_id=self.sharer_pad_id, sharer_positions=self.sharer_positions,
-                       micro_batches=self.micro_batches)
+                       micro_batches=self.micro_batches,
+                       layout=prefix_layout([self.examples[i] for i in indices]))
 
     @property
     def epoch(self) -> int:

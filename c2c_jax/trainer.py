@@ -35,7 +35,7 @@ from c2c_jax.alignment import pad_id_of
 from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fuser
 from c2c_jax.fuser import Fuser, FuserNoise, gate_temperature
 from c2c_jax.models import Decoder, KVCache
-from c2c_jax.pipeline import kv_pass
+from c2c_jax.pipeline import fuse_in_sections, kv_pass
 
 log = logging.getLogger("c2c_jax.train")
 
@@ -114,7 +114,8 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
         return nnx.merge(fuser_def, p)(sharer_cache, receiver_cache, fuse_mask, noise=noise, temperature=temperature)
 
     if mesh is None:
-        fused = fuse(params, sharer_cache, receiver_cache, mb.fuse_mask, noise)
+        def fuse_pass(receiver_cache, in_pass):
+            return fuse(params, sharer_cache, receiver_cache, mb.fuse_mask & in_pass, noise)
     else:
         replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
         replicas = mesh.shape[replica_axis]
@@ -135,10 +136,25 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
 
         cache_axes = KVCache(k=0, v=0, valid=0, end=None)
         noise_rows = None if noise is None else FuserNoise(split(noise.gate_uniform, 2), split(noise.dropout_keys, 0))
-        fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
-                         spmd_axis_name=replica_axis)(
-            params, split_cache(sharer_cache), split_cache(receiver_cache), split(mb.fuse_mask, 0), noise_rows)
-        fused = dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+        replica_sharer_cache = split_cache(sharer_cache)
+
+        def fuse_pass(receiver_cache, in_pass):
+            fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
+                             spmd_axis_name=replica_axis)(
+                params, replica_sharer_cache, split_cache(receiver_cache), split(mb.fuse_mask & in_pass, 0), noise_rows)
+            return dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+
+    # Upstream's sections (c2c_reference.md §2.3): each run of fused columns is fused from receiver
+    # K/V that saw the runs before it fused; a trailing template then runs on the fused cache.
+    # One pass and one fusion when the whole prefix is fused (a sharer with the receiver's tokenizer).
+    passes = mb.fused_sections
+    fused = fuse_in_sections(receiver, mb.prefix_tokens, mb.prefix_positions, None, receiver_cache, fuse_pass,
+                             mb.prefix_section, passes)
+    if mb.trailing_section:
+        rewound = dataclasses.replace(fused, end=jnp.zeros_like(fused.end))
+        _, rerun = receiver(mb.prefix_tokens, mb.prefix_positions, rewound, output="kv",
+                            held=mb.prefix_section < passes)
+        fused = dataclasses.replace(rerun, valid=fused.valid, end=fused.end)
     # The prefix's real columns come first and the answer's padding follows its real tokens
     # (`data.collate`), as `extend` requires.
     hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, fused)
