@@ -661,6 +661,9 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
     return TrainBatch(**{k: v.reshape(a, n // a, *v.shape[1:]) for k, v in f.items()}, **layout)
 
 
+_ANY_BUCKET = (0, 0)  # the queue key of uniform shuffling (no real bucket is 0 x 0)
+
+
 class BatchIterator:
     """Endless, deterministic, resumable stream of `TrainBatch`es with one (P, R) bucket per step.
 
@@ -668,6 +671,8 @@ class BatchIterator:
     of its (P, R) bucket, and a queue that holds micro_batches * micro_batch_size examples becomes the next
     step (its first micro_batch_size examples are micro-batch 0, and so on). Queues carry over between
     epochs, so no example is dropped. Examples that fit no bucket are skipped (`self.skipped`).
+    shuffle="uniform" (upstream's sampling) keeps one queue for all examples: each step is the next
+    examples of the permutation, whatever their lengths, in the bucket of the longest.
 
     Multi-host: every process simulates the same global sequence from the lengths alone and materialises
     rows [process_index * b, (process_index + 1) * b) of each micro-batch, b = micro_batch_size /
@@ -677,7 +682,9 @@ class BatchIterator:
     def __init__(self, examples: Sequence[TrainExample], *, micro_batch_size: int, micro_batches: int,
                  prefix_buckets: Sequence[int], suffix_buckets: Sequence[int], seed: int, pad_id: int,
                  sharer_pad_id: int, sharer_positions: SharerPositions = "shared", process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, shuffle: str = "bucketed"):
+        if shuffle not in ("bucketed", "uniform"):
+            raise ValueError(f"shuffle must be 'bucketed' or 'uniform', not {shuffle!r}")
         if micro_batch_size < 1 or micro_batches < 1:
             raise ValueError(f"micro_batch_size ({micro_batch_size}) and micro_batches ({micro_batches}) must be >= 1")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -699,7 +706,11 @@ class BatchIterator:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.rows_per_process = self.micro_batch_size // self.process_count
 
-        self._keys = [bucket_of(ex, self.prefix_buckets, self.suffix_buckets) for ex in self.examples]
+        self.shuffle = shuffle
+        self._buckets = [bucket_of(ex, self.prefix_buckets, self.suffix_buckets) for ex in self.examples]
+        # The queue each example joins: its bucket's, or the one queue of uniform shuffling.
+        self._keys = self._buckets if shuffle == "bucketed" else [
+            None if k is None else _ANY_BUCKET for k in self._buckets]
         self.skipped = sum(k is None for k in self._keys)
         self.bucket_counts = collections.Counter(k for k in self._keys if k is not None)
         if not self.bucket_counts:
@@ -708,14 +719,16 @@ class BatchIterator:
         if self.skipped:
             logger.warning("%d of %d examples fit no (prefix, suffix) bucket and are skipped",
                            self.skipped, len(self.examples))
-        logger.info("examples fall into %d (prefix, suffix) buckets -> at most %d compiled step shapes: %s",
-                    len(self.bucket_counts), len(self.bucket_counts),
-                    ", ".join(f"{p}x{r}: {c}" for (p, r), c in sorted(self.bucket_counts.items())))
+        if shuffle == "bucketed":
+            logger.info("examples fall into %d (prefix, suffix) buckets -> at most %d compiled step shapes: %s",
+                        len(self.bucket_counts), len(self.bucket_counts),
+                        ", ".join(f"{p}x{r}: {c}" for (p, r), c in sorted(self.bucket_counts.items())))
         lengths = np.asarray([(ex.split, ex.length) for ex in self.examples], np.int64).reshape(-1, 2)
         self._fingerprint = dict(
             num_examples=len(self.examples), lengths_crc=zlib.crc32(lengths.tobytes()), seed=self.seed,
             micro_batch_size=self.micro_batch_size, micro_batches=self.micro_batches,
-            prefix_buckets=list(self.prefix_buckets), suffix_buckets=list(self.suffix_buckets))
+            prefix_buckets=list(self.prefix_buckets), suffix_buckets=list(self.suffix_buckets),
+            **({} if shuffle == "bucketed" else {"shuffle": shuffle}))
         self.shapes_used: set[tuple[int, int]] = set()
         self._epoch, self._cursor, self._step = 0, 0, 0
         self._pending: dict[tuple[int, int], list[int]] = {}
@@ -779,6 +792,8 @@ class BatchIterator:
             if len(queue) == self.step_size:
                 del self._pending[key]
                 self._step += 1
+                if key == _ANY_BUCKET:  # uniform: the bucket of the step's longest prefix and suffix
+                    key = tuple(max(k) for k in zip(*(self._buckets[j] for j in queue)))
                 return key, queue
 
     def __iter__(self) -> "BatchIterator":
@@ -819,7 +834,7 @@ def batch_iterator(config, examples: Sequence[TrainExample], *, pad_id: int, sha
                          prefix_buckets=config.data.prefix_buckets, suffix_buckets=config.data.suffix_buckets,
                          seed=config.seed if seed is None else seed, pad_id=pad_id, sharer_pad_id=sharer_pad_id,
                          sharer_positions=config.alignment.sharer_positions, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, shuffle=config.data.get("shuffle", "bucketed"))
 
 
 # ================================================================================================

@@ -170,13 +170,15 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     """Linear warmup over `warmup_fraction` of the steps, then linear decay toward 0 at `total_steps`.
 
     As HF's "linear" scheduler, shifted by one step so that the first update is not wasted at lr 0:
-    step k (0-based) uses lr * (k + 1) / warmup while warming up.
+    step k (0-based) uses lr * (k + 1) / warmup while warming up; `optim.warmup_from_zero` keeps HF's
+    (and so upstream's) lr * k / warmup.
     """
     warmup = int(optim.warmup_fraction * total_steps)
+    shift = 0.0 if optim.get("warmup_from_zero", False) else 1.0
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        rising = optim.lr * (step + 1) / max(warmup, 1)
+        rising = optim.lr * (step + shift) / max(warmup, 1)
         falling = optim.lr * (total_steps - step) / max(total_steps - warmup, 1)
         return jnp.where(step < warmup, rising, jnp.clip(falling, 0.0, optim.lr))
 
@@ -194,8 +196,24 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
                     weight_decay=optim.weight_decay, mask=decay_mask))
 
 
+def loss_weights(loss_mask: jax.Array, normalization: str, group_size: int = 4) -> jax.Array:
+    """float32 [micro-batches, B]: each row's weight in the step's loss (its summed answer-token losses
+    times this), from the answer masks [micro-batches, B, R] of one step.
+
+    "tokens": 1 / the step's answer tokens (every token counts the same). "reference": upstream's
+    normalisation (c2c_reference.md §4.4): the token mean of each group of `group_size` consecutive
+    rows (upstream's per-GPU micro-batch), averaged over the groups, at any micro-batch size.
+    """
+    counts = loss_mask.sum(axis=-1).astype(jnp.float32)
+    if normalization == "tokens":
+        return jnp.full(counts.shape, 1.0) / jnp.maximum(counts.sum(), 1.0)
+    groups = counts.reshape(-1, group_size)
+    per_group = 1.0 / (jnp.maximum(groups.sum(axis=1, keepdims=True), 1.0) * groups.shape[0])
+    return jnp.broadcast_to(per_group, groups.shape).reshape(counts.shape)
+
+
 def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fuser_config, normalization,
-               schedule, param_shardings):
+               schedule, param_shardings, group_size: int = 4):
     """One optimizer step over `batch` ([micro_batches, B, ...]); returns the new state and metrics.
 
     Each data-parallel replica (the devices of one index along the mesh's "data" axis) accumulates
@@ -209,11 +227,7 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
     replicas = mesh.shape[replica_axis]
     key = jax.random.fold_in(base_key, state.step)
     counts = batch.loss_mask.sum(axis=(1, 2)).astype(jnp.float32)
-    total = jnp.maximum(counts.sum(), 1.0)
-    if normalization == "tokens":
-        scales = jnp.full(counts.shape, 1.0) / total
-    else:  # upstream: token mean per micro-batch, then averaged over micro-batches
-        scales = 1.0 / (jnp.maximum(counts, 1.0) * counts.shape[0])
+    weights = loss_weights(batch.loss_mask, normalization, group_size)  # [micro-batches, B]
     fuser: Fuser = nnx.merge(graphdefs[2], state.params)
 
     def by_replica(x, spec):  # [replicas, ...]: one copy (or one gradient) per replica, sharded like the parameters
@@ -222,26 +236,26 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
 
     replica_params = jax.tree.map(by_replica, state.params, param_shardings)
 
-    def scaled(replica_params, mb, noise, scale):
+    def scaled(replica_params, mb, noise, row_weights):
         row_losses, _ = micro_batch_loss(replica_params, frozen, mb, noise, temperature, graphdefs=graphdefs,
                                          mesh=mesh)
-        losses = row_losses.reshape(replicas, -1).sum(axis=1)
-        return losses.sum() * scale, losses
+        weighted = (row_losses * row_weights).reshape(replicas, -1).sum(axis=1)
+        return weighted.sum(), weighted
 
     def accumulate(grads_sum, xs):
-        mb, mb_key, scale = xs
+        mb, mb_key, row_weights = xs
         # The noise of the whole micro-batch: the same numbers on any number of devices.
         noise = fuser.sample_noise(mb_key, *mb.prefix_tokens.shape)
-        (_, losses), grads = jax.value_and_grad(scaled, has_aux=True)(replica_params, mb, noise, scale)
-        return jax.tree.map(jnp.add, grads_sum, grads), losses
+        (_, weighted), grads = jax.value_and_grad(scaled, has_aux=True)(replica_params, mb, noise, row_weights)
+        return jax.tree.map(jnp.add, grads_sum, grads), weighted
 
     keys = jax.random.split(key, counts.shape[0])
     zeros = jax.tree.map(lambda p, s: by_replica(jnp.zeros_like(p), s), state.params, param_shardings)
-    grads_by_replica, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
+    grads_by_replica, weighted = jax.lax.scan(accumulate, zeros, (batch, keys, weights))
     grads = jax.tree.map(lambda g: g.sum(axis=0), grads_by_replica)  # the one cross-replica reduction
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loss = jnp.sum(losses.sum(axis=1) * scales)  # losses: [micro-batches, replicas]
+    loss = weighted.sum()  # weighted: [micro-batches, replicas]
     metrics = {
         "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
         "temperature": temperature, "answer_tokens": counts.sum(),
@@ -287,7 +301,10 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict) -> Run:
     from c2c_jax import data as data_lib
+    from c2c_jax.config import resolve_reproduce
 
+    config = resolve_reproduce(config)
+    check_train_settings(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
     n_devices = mesh.size
@@ -316,6 +333,21 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
 
 
+def check_train_settings(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for bad precision, normalisation and shuffle settings (before any model loads)."""
+    t = config.train
+    if t.param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train.param_dtype must be 'float32' or 'bfloat16', not {t.param_dtype!r}")
+    if t.loss_normalization not in ("tokens", "reference"):
+        raise ValueError(f"train.loss_normalization must be 'tokens' or 'reference', not {t.loss_normalization!r}")
+    if t.loss_normalization == "reference" and (t.reference_group_size < 1
+                                                or t.batch_size % t.reference_group_size):
+        raise ValueError(f"train.batch_size {t.batch_size} is not a multiple of train.reference_group_size "
+                         f"{t.reference_group_size} (the sequences of one token mean in the 'reference' loss)")
+    if config.data.shuffle not in ("bucketed", "uniform"):
+        raise ValueError(f"data.shuffle must be 'bucketed' or 'uniform', not {config.data.shuffle!r}")
+
+
 @dataclasses.dataclass
 class Steps:
     graphdefs: tuple
@@ -332,6 +364,10 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     sharer_def, sharer_state = nnx.split(sharer)
     fuser_def, fuser_state = nnx.split(fuser)
     params = nnx.to_pure_dict(fuser_state)
+    if config.train.param_dtype == "bfloat16":
+        # As upstream: the parameters themselves in bfloat16, so gradients and Adam's moments
+        # (`zeros_like` the parameters) are too, and updates below a bfloat16 step are lost.
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     tx = make_optimizer(config.optim, total_steps)
     opt_state = tx.init(params)
     shard_fuser = config.mesh.shard_fuser
@@ -345,6 +381,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     step_fn = jax.jit(
         functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser.config,
                           normalization=config.train.loss_normalization,
+                          group_size=config.train.reference_group_size,
                           schedule=make_schedule(config.optim, total_steps), param_shardings=state_sharding.params),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
@@ -385,6 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                          "(gcsfuse, as launch/tpu_vm.sh does on every TPU worker) and pass the mount path.")
     workdir = Path(workdir)
     run = setup(config)
+    config = run.config  # with `reproduce` applied
     is_main = jax.process_index() == 0
     checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
                                      async_save=config.ckpt.async_save)
