@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
         gate_noise="gumbel",  # upstream's single-Gumbel gate; "logistic" opens with P = sigmoid(logit)
         ablation="none",  # none | no_weight | no_weight_no_gate | project | fuse
         zero_init=False,
+        include_response=False,  # decode-time fusion (upstream's include_response): response tokens fused too
         dtype="bfloat16",  # compute dtype; parameters and optimizer state are float32
         init_from="",  # start from this fuser (our format or upstream layout) instead of a random one
     ))

@@ -62,6 +62,10 @@ class FuserConfig:
     ablation: str = "none"
     zero_init: bool = False  # zero the output projections so a new fuser starts as the identity
     dtype: str = "bfloat16"  # compute dtype; parameters are always float32
+    # Decode-time fusion (upstream's `include_response`): the fuser also rewrites the K/V of the
+    # unfused suffix and of every generated token, with the sharer decoding in lockstep. A fuser
+    # trained this way is only used this way (`pipeline.C2CModel`).
+    include_response: bool = False
 
     def __post_init__(self):
         if self.num_layers < 3:

@@ -48,17 +48,32 @@ class C2CModel(nnx.Module):
     """A frozen receiver, frozen sharers and one fuser per sharer."""
 
     def __init__(self, receiver: Decoder, sharers: Sequence[Decoder] = (), fusers: Sequence[Fuser] = (), *,
-                 multi_sharer_mode: MultiSharerMode = "sequential"):
+                 multi_sharer_mode: MultiSharerMode = "sequential", include_response: bool | None = None):
+        """include_response: decode-time fusion (upstream's `include_response`): the suffix and every
+        generated token are fused too, the sharer decoding in lockstep (`decode_step`). None: as the
+        fusers were trained; a value they were not trained with is refused."""
         if len(sharers) != len(fusers):
             raise ValueError(f"{len(sharers)} sharer(s) but {len(fusers)} fuser(s): each sharer needs its fuser")
         if multi_sharer_mode not in ("sequential", "parallel"):
             raise ValueError(f"unknown multi_sharer_mode {multi_sharer_mode!r}; choose 'sequential' or 'parallel'")
         for i, (sharer, fuser) in enumerate(zip(sharers, fusers)):
             check_fuser_fits(fuser, receiver, sharer, name=f"fuser {i}")
+        trained = {bool(f.config.include_response) for f in fusers}
+        if len(trained) > 1:
+            raise ValueError("the fusers disagree on decode-time fusion (include_response): some were trained with "
+                             "it, some without; they cannot run together")
+        trained = trained.pop() if trained else False
+        if include_response is not None and bool(include_response) != trained:
+            raise ValueError(
+                f"the fuser was trained {'with' if trained else 'without'} decode-time fusion (include_response) "
+                f"and cannot be used {'without' if trained else 'with'} it: its fusion of generated tokens would "
+                f"not be what it learned. Drop the include_response setting (the fuser's own is used), or use a "
+                f"fuser trained {'without' if trained else 'with'} it")
         self.receiver = receiver
         self.sharers = nnx.List(sharers)
         self.fusers = nnx.List([inference_copy(f) for f in fusers])
         self.multi_sharer_mode = multi_sharer_mode
+        self.include_response = trained
 
     def fuse(self, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], fuse_masks: Sequence[jax.Array],
              *, noise=None, temperature=None) -> KVCache:
@@ -119,7 +134,23 @@ class C2CModel(nnx.Module):
         # over them alone, and the suffix columns' K/V are never fused and are recomputed by
         # `finish_prompt`, on the fused cache, once the cache is rewound to `split`.
         receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
+        if fuse and self.include_response:
+            return self.lockstep_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length)
         return self.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length)
+
+    def lockstep_prefix(self, batch: "PromptBatch", receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
+                        suffix_length: int = 1) -> "LockstepCaches":
+        """Decode-time fusion's prompt caches (c2c_reference.md §2.6): every fusable column fused, the
+        suffix's too, from the receiver's unfused pass; the unfused and sharer caches are kept, as the
+        next tokens' fusion reads them. The fused cache is rewound to before the suffix, which
+        `finish_prompt` runs with its fused K/V held."""
+        if batch.final_section:
+            raise ValueError("decode-time fusion (include_response) runs prompts whose every real column is fused, "
+                             "as for a sharer with the receiver's tokenizer; token-aligned prompts are not supported")
+        with jax.named_scope("fusion"):
+            fused = self.fuse(receiver_cache, sharer_caches, list(batch.fuse_mask))
+        fused = dataclasses.replace(fused, end=fused.end - suffix_length)
+        return LockstepCaches(fused, receiver_cache, tuple(sharer_caches))
 
     def fused_prefix(self, batch: "PromptBatch", receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
                      suffix_length: int = 1) -> KVCache:
@@ -144,19 +175,71 @@ class C2CModel(nnx.Module):
         """The prompt's last `suffix_length` columns on `prompt_cache`'s cache, grown to `capacity`
         columns: float32 logits [B, vocab] after the prompt, and the cache to decode from."""
         width = batch.tokens.shape[1]
+        lockstep = isinstance(cache, LockstepCaches)
         suffix = slice(width - final_width(batch, suffix_length), width)
         held = None
-        if batch.final_section and batch.fuse_mask:
+        if lockstep:  # the suffix's fused K/V are in the cache already
+            held = _any(batch.fuse_mask)[:, suffix]
+        elif batch.final_section and batch.fuse_mask:
             # Columns of the window that belong to earlier (fused) sections keep the K/V they have.
             section = fusion_sections(_any(prompt_fuse_masks(batch, suffix_length)), batch.fused_sections)
             held = (section < batch.fused_sections)[:, suffix]
+        fused = cache.fused if lockstep else cache
         # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
         # (`one_row_gemm`), which suits a one-off pass; the decode loop keeps XLA's choice.
         with jax.named_scope("suffix"):
-            hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix],
-                                          cache.with_capacity(capacity), batch.valid[:, suffix], output="hidden",
+            hidden, fused = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix],
+                                          fused.with_capacity(capacity), batch.valid[:, suffix], output="hidden",
                                           one_row_gemm=True, held=held)
-            return self.receiver.logits(hidden[:, -1]), cache
+        if lockstep:
+            cache = LockstepCaches(fused, cache.receiver.with_capacity(capacity),
+                                   tuple(c.with_capacity(capacity) for c in cache.sharers))
+        else:
+            cache = fused
+        return self.receiver.logits(hidden[:, -1]), cache
+
+    def decode_step(self, batch: "PromptBatch"):
+        """step(caches, tokens [B, 1], positions [B, 1]) -> (float32 logits [B, 1, vocab], caches): one
+        decode step of decode-time fusion (c2c_reference.md §2.6), for `decode`.
+
+        The receiver extends its unfused cache and every sharer its own; the fusers map the new
+        column's K/V (receiver-native and the sharers') to the fused K/V, which the receiver's
+        decode step on the fused cache then attends to and keeps in every layer.
+        """
+        # Each sharer's positions continue from its own last prompt position.
+        offsets = [p[:, -1:] - batch.positions[:, -1:] for p in batch.sharer_positions]
+
+        def step(caches: LockstepCaches, tokens, positions):
+            end = caches.fused.end
+            _, unfused = self.receiver(tokens, positions, caches.receiver, output="kv")
+            sharers = tuple(sharer(tokens, positions + offset, cache, output="kv")[1]
+                            for sharer, cache, offset in zip(self.sharers, caches.sharers, offsets))
+
+            def column(cache):  # the new column alone, as a one-column cache
+                take = lambda a: jax.lax.dynamic_slice_in_dim(a, end, 1, axis=2)  # noqa: E731
+                return KVCache(take(cache.k), take(cache.v), jnp.ones(tokens.shape, bool), jnp.ones((), jnp.int32))
+
+            every = jnp.ones(tokens.shape, bool)
+            new = self.fuse(column(unfused), [column(c) for c in sharers], [every] * len(sharers))
+            fused = caches.fused
+            fused = dataclasses.replace(
+                fused, k=jax.lax.dynamic_update_slice_in_dim(fused.k, new.k.astype(fused.k.dtype), end, axis=2),
+                v=jax.lax.dynamic_update_slice_in_dim(fused.v, new.v.astype(fused.v.dtype), end, axis=2))
+            logits, fused = self.receiver(tokens, positions, fused, held=every)
+            return logits, LockstepCaches(fused, unfused, sharers)
+
+        return step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LockstepCaches:
+    """Decode-time fusion's caches, column-aligned: the receiver's fused cache (the one it decodes
+    from), its unfused cache (the fuser's receiver input for new tokens) and every sharer's."""
+
+    fused: KVCache
+    receiver: KVCache
+    sharers: tuple
 
 
 def prompt_fuse_masks(batch: "PromptBatch", suffix_length: int) -> list[jax.Array]:
@@ -444,8 +527,13 @@ class Generation:
 
 
 def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key, sampling: SamplingConfig,
-           eos_ids: tuple[int, ...], pad_id: int) -> Generation:
-    """Samples up to `max_new_tokens` tokens with a `lax.while_loop`; stops when every row hit EOS."""
+           eos_ids: tuple[int, ...], pad_id: int, *, step=None) -> Generation:
+    """Samples up to `max_new_tokens` tokens with a `lax.while_loop`; stops when every row hit EOS.
+
+    step: None (the receiver's decode step on `cache`), or `C2CModel.decode_step`'s (decode-time
+    fusion; `cache` then its `LockstepCaches`).
+    """
+    decode_one = step or (lambda cache, tokens, positions: receiver(tokens, positions, cache))
     b = first_logits.shape[0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     first_key, key = jax.random.split(key)
@@ -462,7 +550,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
         step, cache, tokens, finished, lengths, key = state
         key, step_key = jax.random.split(key)
         previous = tokens[:, step - 1]
-        logits, cache = receiver(previous[:, None], (next_positions + step - 1)[:, None], cache)
+        logits, cache = decode_one(cache, previous[:, None], (next_positions + step - 1)[:, None])
         token = jnp.where(finished, pad_id, sample_tokens(logits[:, 0], step_key, sampling))
         tokens = tokens.at[:, step].set(token)
         lengths = lengths + (~finished).astype(jnp.int32)
@@ -521,7 +609,9 @@ class InferencePrograms:
         model = nnx.merge(self.graphdef, state)
         capacity = decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens)
         logits, cache = model.finish_prompt(batch, cache, capacity)
-        return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
+        step = model.decode_step(batch) if isinstance(cache, LockstepCaches) else None
+        return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id,
+                      step=step)
 
 
 class Generator:
