@@ -93,6 +93,22 @@ def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> 
     return jax.lax.stop_gradient((receiver_cache, sharer_cache))
 
 
+def _response_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache, jax.Array]:
+    """Decode-time fusion's unfused receiver cache and sharer cache over prefix and answer columns
+    ([B, P + R]), and the columns to fuse: the prefix's fused ones and every real answer token."""
+    if mb.fused_sections != 1 or mb.trailing_section:
+        raise ValueError("decode-time fusion (fuser.include_response) trains on chats whose every prefix column is "
+                         "fused, as for a sharer with the receiver's tokenizer; token-aligned pairs are not supported")
+    tokens = jnp.concatenate([mb.prefix_tokens, mb.suffix_tokens], axis=1)
+    positions = jnp.concatenate([mb.prefix_positions, mb.suffix_positions], axis=1)
+    valid = jnp.concatenate([mb.prefix_valid, mb.suffix_valid], axis=1)
+    # The sharer reads the receiver's ids and positions (the same tokenizer, no alignment pads).
+    receiver_cache = kv_pass(receiver, tokens, positions, valid, receiver.config.num_layers)
+    sharer_cache = kv_pass(sharer, tokens, positions, valid, fuser_depth)
+    fuse_mask = jnp.concatenate([mb.fuse_mask, mb.suffix_valid], axis=1)
+    return (*jax.lax.stop_gradient((receiver_cache, sharer_cache)), fuse_mask)
+
+
 def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=None):
     """(answer loss of every row [B], answer-token count) of one micro-batch; differentiable in `params`.
 
@@ -108,14 +124,18 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
     receiver = nnx.merge(receiver_def, frozen[0])
     sharer = nnx.merge(sharer_def, frozen[1])
     config = nnx.merge(fuser_def, params).config  # static; merging does not look at the arrays' shapes
-    receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
+    if config.include_response:
+        receiver_cache, sharer_cache, fuse_mask = _response_caches(receiver, sharer, config.sharer_depth, mb)
+    else:
+        receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
+        fuse_mask = mb.fuse_mask
 
     def fuse(p, sharer_cache, receiver_cache, fuse_mask, noise):
         return nnx.merge(fuser_def, p)(sharer_cache, receiver_cache, fuse_mask, noise=noise, temperature=temperature)
 
     if mesh is None:
         def fuse_pass(receiver_cache, in_pass):
-            return fuse(params, sharer_cache, receiver_cache, mb.fuse_mask & in_pass, noise)
+            return fuse(params, sharer_cache, receiver_cache, fuse_mask & in_pass, noise)
     else:
         replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
         replicas = mesh.shape[replica_axis]
@@ -141,9 +161,19 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
         def fuse_pass(receiver_cache, in_pass):
             fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
                              spmd_axis_name=replica_axis)(
-                params, replica_sharer_cache, split_cache(receiver_cache), split(mb.fuse_mask & in_pass, 0), noise_rows)
+                params, replica_sharer_cache, split_cache(receiver_cache), split(fuse_mask & in_pass, 0), noise_rows)
             return dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
 
+    if config.include_response:
+        # Decode-time fusion (c2c_reference.md §2.6): the answer's K/V are fused too, from the
+        # receiver's unfused pass, and the answer pass attends to its fused K/V in every layer.
+        fused = fuse_pass(receiver_cache, jnp.ones(fuse_mask.shape, bool))
+        p = mb.prefix_tokens.shape[1]
+        prefix = KVCache(k=fused.k[:, :, :p], v=fused.v[:, :, :p], valid=mb.prefix_valid, end=jnp.asarray(p))
+        hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, prefix,
+                                 held=(fused.k[:, :, p:], fused.v[:, :, p:]))
+        row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
+        return row_losses, mb.loss_mask.sum()
     # Upstream's sections (c2c_reference.md §2.3): each run of fused columns is fused from receiver
     # K/V that saw the runs before it fused; a trailing template then runs on the fused cache.
     # One pass and one fusion when the whole prefix is fused (a sharer with the receiver's tokenizer).
@@ -245,7 +275,10 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
     def accumulate(grads_sum, xs):
         mb, mb_key, row_weights = xs
         # The noise of the whole micro-batch: the same numbers on any number of devices.
-        noise = fuser.sample_noise(mb_key, *mb.prefix_tokens.shape)
+        rows, width = mb.prefix_tokens.shape
+        if fuser_config.include_response:  # the answer's columns are fused too
+            width += mb.suffix_tokens.shape[1]
+        noise = fuser.sample_noise(mb_key, rows, width)
         (_, weighted), grads = jax.value_and_grad(scaled, has_aux=True)(replica_params, mb, noise, row_weights)
         return jax.tree.map(jnp.add, grads_sum, grads), weighted
 

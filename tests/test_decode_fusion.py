@@ -162,3 +162,50 @@ def test_a_fuser_is_used_only_the_way_it_was_trained(lockstep_pair):
         C2CModel(pair["receiver"], [pair["sharer"]], [plain], include_response=True)
     with pytest.raises(ValueError, match="fusers disagree on decode-time fusion"):
         C2CModel(pair["receiver"], [pair["sharer"]] * 2, [pair["fuser"], plain])
+
+
+def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(lockstep_pair):
+    """fuser.include_response training: each answer token's loss is that of the lockstep decode
+    (checked against PyTorch above) fed the answer, from the same fuser."""
+    from c2c_jax import trainer
+    from c2c_jax.data import TrainExample, collate
+
+    pair = lockstep_pair
+    tokens = np.random.default_rng(3).integers(4, 149, 14).astype(np.int32)
+    s, n = 8, 14
+    valid = np.ones(n, bool)
+    example = TrainExample(tokens, valid, tokens, valid, np.arange(n) < s, s)
+    mb = jax.tree.map(lambda x: jnp.asarray(x[0]), collate([example], prefix_length=16, suffix_length=8, pad_id=0,
+                                                           sharer_pad_id=0))
+    graphdefs, states = zip(*(nnx.split(m) for m in (pair["receiver"], pair["sharer"], pair["fuser"])))
+    row_losses, count = trainer.micro_batch_loss(nnx.to_pure_dict(states[2]), states[:2], mb, None, None,
+                                                 graphdefs=graphdefs)
+    assert int(count) == n - s - 1
+
+    model = C2CModel(pair["receiver"], [pair["sharer"]], [pair["fuser"]])
+    encoder = PromptEncoder(pair["tokenizer"], [pair["tokenizer"]], pad_to=1)
+    batch = encoder.batch([encoder.encode_ids(tokens[:s + 1])])
+    logits, caches = model.finish_prompt(batch, model.prompt_cache(batch), 32)
+    step = model.decode_step(batch)
+    expected = 0.0
+    for k in range(s + 1, n):
+        row = np.asarray(logits, np.float64).reshape(-1)
+        expected += np.log(np.exp(row - row.max()).sum()) + row.max() - row[tokens[k]]
+        if k < n - 1:
+            logits, caches = step(caches, jnp.asarray([[tokens[k]]]), jnp.asarray([[k]]))
+    assert float(row_losses[0]) == pytest.approx(expected, rel=2e-5)
+
+
+def test_a_train_step_with_decode_time_fusion_moves_the_fuser_and_saves_the_mode(tmp_path):
+    from c2c_jax import sharding, trainer
+    from test_train import host, tiny_config
+
+    run = trainer.setup(tiny_config(**{"fuser.include_response": True}))
+    assert run.fuser_template.config.include_response
+    before = host(run.state.params)
+    batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
+    state, metrics = run.step_fn(run.state, run.frozen, batch, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(host(state.params))))
+    save_fuser(nnx.merge(run.graphdefs[2], host(state.params)), tmp_path / "final")
+    assert load_fuser(tmp_path / "final").config.include_response

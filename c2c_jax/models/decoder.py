@@ -290,7 +290,7 @@ class Decoder(nnx.Module):
         return (hidden if output == "hidden" else self.logits(hidden)), new_cache
 
     def extend(self, tokens: jax.Array, positions: jax.Array, prefix: KVCache, *,
-               output: Literal["logits", "hidden"] = "hidden") -> jax.Array:
+               output: Literal["logits", "hidden"] = "hidden", held: tuple | None = None) -> jax.Array:
         """Runs `tokens` [B, T] at `positions` [B, T] after `prefix`'s real columns, writing nothing.
 
         The training route: a receiver's answer on its fused prompt cache. Row b's real prefix
@@ -299,6 +299,8 @@ class Decoder(nnx.Module):
         token then sees the real prefix and the new tokens up to itself (what a padding token
         computes is unspecified). With that layout (`data.TrainBatch`) the attention needs no mask
         (`attention.prefix_attention`), unlike `__call__`'s over a cache it writes into.
+        held: None, or K and V [layers, B, T, kv_heads, head_dim] that every layer attends to in place
+          of the new tokens' own (decode-time fusion's fused K/V of the answer).
         Returns final-normed hidden states [B, T, hidden] or float32 logits [B, T, vocab].
         """
         if prefix.num_layers != self.config.num_layers:
@@ -309,12 +311,14 @@ class Decoder(nnx.Module):
                 raise ValueError("extend needs each row's real prefix columns first (prefix.valid a leading block)")
         lengths = prefix.lengths
 
-        def attend(q, k_new, v_new, layer, prefix_k, prefix_v):
-            del layer  # its prefix K/V come sliced (`_layers`' per_layer)
+        def attend(q, k_new, v_new, layer, prefix_k, prefix_v, *held_kv):
+            del layer  # its prefix K/V (and held K/V) come sliced (`_layers`' per_layer)
+            if held_kv:
+                k_new, v_new = (h.astype(k_new.dtype) for h in held_kv)
             return prefix_attention(q, prefix_k, prefix_v, lengths, k_new, v_new, implementation=self.attention_impl)
 
         cos, sin = rope_tables(positions, self.config.rope, self.config.head_dim)
-        per_layer = materialized_cotangent((prefix.k, prefix.v))
+        per_layer = materialized_cotangent((prefix.k, prefix.v) + (() if held is None else tuple(held)))
         x, _, _ = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, self.config.num_layers)
         hidden = self.norm(x)
         return hidden if output == "hidden" else self.logits(hidden)
