@@ -24,12 +24,15 @@ back to back (`InferencePrograms`); only the decode loop's tokens come back to t
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+import queue
+import threading
+from typing import Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
 from c2c_jax.fuser import Fuser
@@ -527,12 +530,18 @@ class Generation:
 
 
 def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key, sampling: SamplingConfig,
-           eos_ids: tuple[int, ...], pad_id: int, *, step=None) -> Generation:
+           eos_ids: tuple[int, ...], pad_id: int, *, step=None, on_token=None) -> Generation:
     """Samples up to `max_new_tokens` tokens with a `lax.while_loop`; stops when every row hit EOS.
 
     step: None (the receiver's decode step on `cache`), or `C2CModel.decode_step`'s (decode-time
     fusion; `cache` then its `LockstepCaches`).
+    on_token: None, or a host function on_token(tokens [B], new [B]) called, in order, with each
+      step's tokens as they are sampled (new: the row had not ended before): streaming.
     """
+    def emit(token, new):
+        if on_token is not None:
+            io_callback(on_token, None, token, new, ordered=True)
+
     decode_one = step or (lambda cache, tokens, positions: receiver(tokens, positions, cache))
     b = first_logits.shape[0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -541,6 +550,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
     tokens = jnp.full((b, sampling.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     finished = jnp.isin(first, eos)
     lengths = jnp.ones((b,), jnp.int32)
+    emit(first, jnp.ones((b,), bool))
 
     def cond(state):
         step, _, _, finished, _, _ = state
@@ -552,6 +562,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
         previous = tokens[:, step - 1]
         logits, cache = decode_one(cache, previous[:, None], (next_positions + step - 1)[:, None])
         token = jnp.where(finished, pad_id, sample_tokens(logits[:, 0], step_key, sampling))
+        emit(token, ~finished)
         tokens = tokens.at[:, step].set(token)
         lengths = lengths + (~finished).astype(jnp.int32)
         finished = finished | jnp.isin(token, eos)
@@ -584,7 +595,9 @@ class InferencePrograms:
         self.graphdef = graphdef
         self._prompt_cache = jax.jit(self._prompt_cache_program, static_argnames=("fuse", "suffix_length"))
         self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",))
-        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"))
+        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id", "stream"))
+        self._sink = None  # where a streaming program's tokens go (`stream`)
+        self._streaming = threading.Lock()
 
     def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1
                           ) -> jax.Array:
@@ -595,7 +608,40 @@ class InferencePrograms:
     def generate(self, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
                  pad_id: int, fuse: bool = True) -> Generation:
         cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=1)
-        return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+        return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                              stream=False)
+
+    def stream(self, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+               pad_id: int, fuse: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`generate`'s tokens as the device samples them: (tokens [B], new [B]) per step.
+
+        A program of its own, with a host callback per step; `generate`'s has none, so streaming
+        costs the non-streaming route nothing. One stream at a time per `InferencePrograms`.
+        """
+        if not self._streaming.acquire(blocking=False):
+            raise RuntimeError("another stream of these inference programs is still running; finish it first")
+        steps: queue.Queue = queue.Queue()
+        out = None
+        try:
+            self._sink = lambda tokens, new: steps.put((np.asarray(tokens), np.asarray(new)))
+            cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=1)
+            out = self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                                 stream=True)
+            while True:  # the program runs on while the host reads its steps
+                try:
+                    yield steps.get(timeout=0.005)
+                except queue.Empty:
+                    if out.lengths.is_ready() and steps.empty():  # every callback has returned
+                        break
+            jax.block_until_ready(out)  # raises what the program raised
+        finally:
+            if out is not None:  # a reader that stopped early: let the program finish into this stream's queue
+                jax.block_until_ready(out)
+            self._sink = None
+            self._streaming.release()
+
+    def _emit(self, tokens, new):
+        self._sink(tokens, new)
 
     def _prompt_cache_program(self, state, batch, *, fuse, suffix_length):
         return nnx.merge(self.graphdef, state).prompt_cache(batch, fuse=fuse, suffix_length=suffix_length)
@@ -605,13 +651,13 @@ class InferencePrograms:
                                                                    suffix_length=suffix_length)
         return logits
 
-    def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id):
+    def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id, stream):
         model = nnx.merge(self.graphdef, state)
         capacity = decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens)
         logits, cache = model.finish_prompt(batch, cache, capacity)
         step = model.decode_step(batch) if isinstance(cache, LockstepCaches) else None
         return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id,
-                      step=step)
+                      step=step, on_token=self._emit if stream else None)
 
 
 class Generator:
@@ -632,16 +678,33 @@ class Generator:
 
     def generate_batch(self, batch: PromptBatch, sampling: SamplingConfig, *, fuse: bool = True,
                        seed: int = 0) -> Generation:
+        self._check_fits(batch, sampling)
+        return self.programs.generate(self.state, batch, jax.random.key(seed), sampling=sampling,
+                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
+
+    def _check_fits(self, batch: PromptBatch, sampling: SamplingConfig) -> None:
         max_len = self.model.receiver.config.max_position_embeddings
         if batch.tokens.shape[1] + sampling.max_new_tokens > max_len:
             raise ValueError(f"prompt width {batch.tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} "
                              f"exceeds the receiver's context of {max_len} tokens")
-        return self.programs.generate(self.state, batch, jax.random.key(seed), sampling=sampling,
-                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse)
 
     def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1) -> jax.Array:
         """float32 [B, vocab] logits after each prompt: the first-token prediction (time to first token)."""
         return self.programs.next_token_logits(self.state, batch, fuse=fuse, suffix_length=suffix_length)
+
+    def stream_chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
+                    fuse: bool = True, seed: int = 0) -> Iterator[list[str]]:
+        """`chat`'s answers as they decode: per step, one new piece of text per conversation ("" when
+        a row has nothing new). Joined, a row's pieces are its `chat` answer before stripping."""
+        batch = self.encoder.batch([self.encoder.encode_chat(c) for c in conversations])
+        self._check_fits(batch, sampling)
+        texts = [IncrementalText(self.encoder.receiver_tokenizer) for _ in conversations]
+        for tokens, new in self.programs.stream(self.state, batch, jax.random.key(seed), sampling=sampling,
+                                                eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse):
+            yield [text.add(int(t)) if n else "" for text, t, n in zip(texts, tokens, new)]
+        tail = [text.flush() for text in texts]
+        if any(tail):
+            yield tail
 
     def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
              fuse: bool = True, seed: int = 0) -> list[str]:
@@ -651,3 +714,29 @@ class Generator:
         tok = self.encoder.receiver_tokenizer
         return [tok.decode(out.tokens[r, : out.lengths[r]], skip_special_tokens=True).strip()
                 for r in range(len(conversations))]
+
+
+class IncrementalText:
+    """One row's text, token by token: each `add` returns the text the new token completes.
+
+    Decoding the whole row each time keeps tokenizers' merging of pieces (spaces, byte-level
+    tokens) exact; text ending in an incomplete character (U+FFFD) waits for the next token.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
