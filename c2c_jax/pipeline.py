@@ -538,9 +538,9 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
     on_token: None, or a host function on_token(tokens [B], new [B]) called, in order, with each
       step's tokens as they are sampled (new: the row had not ended before): streaming.
     """
-    def emit(token, new):
+    def emit(token, new):  # new: a function, so the non-streaming program computes nothing for it
         if on_token is not None:
-            io_callback(on_token, None, token, new, ordered=True)
+            io_callback(on_token, None, token, new(), ordered=True)
 
     decode_one = step or (lambda cache, tokens, positions: receiver(tokens, positions, cache))
     b = first_logits.shape[0]
@@ -550,7 +550,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
     tokens = jnp.full((b, sampling.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     finished = jnp.isin(first, eos)
     lengths = jnp.ones((b,), jnp.int32)
-    emit(first, jnp.ones((b,), bool))
+    emit(first, lambda: jnp.ones((b,), bool))
 
     def cond(state):
         step, _, _, finished, _, _ = state
@@ -562,7 +562,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
         previous = tokens[:, step - 1]
         logits, cache = decode_one(cache, previous[:, None], (next_positions + step - 1)[:, None])
         token = jnp.where(finished, pad_id, sample_tokens(logits[:, 0], step_key, sampling))
-        emit(token, ~finished)
+        emit(token, lambda: ~finished)
         tokens = tokens.at[:, step].set(token)
         lengths = lengths + (~finished).astype(jnp.int32)
         finished = finished | jnp.isin(token, eos)
