@@ -129,3 +129,19 @@ def test_fusion_sections_count_runs_so_the_last_is_fused_last():
     np.testing.assert_array_equal(fusion_sections(fuse, 2, xp=np), [[0, 0, 0, 1, 1, 1, 2, 2],
                                                                     [1, 1, 1, 1, 1, 1, 2, 2],
                                                                     [2, 2, 2, 2, 2, 2, 2, 2]])
+
+
+def test_a_token_aligned_train_step_runs_its_sections():
+    """With alignment on, only message contents are fused: the step fuses section by section and
+    runs the chat template before each answer after fusion."""
+    import jax
+
+    from c2c_jax import sharding, trainer
+    from test_train import tiny_config
+
+    run = trainer.setup(tiny_config(**{"alignment.tokens": "on"}))
+    host_batch = next(run.train_iter)
+    assert host_batch.trailing_section and host_batch.fused_sections >= 1
+    state, metrics = run.step_fn(run.state, run.frozen, sharding.place_batch(host_batch, run.mesh, batch_axis=1),
+                                 jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
