@@ -80,7 +80,7 @@ def random_batch(b, p, r, vocab, seed=0, micro_batches=1) -> TrainBatch:
     targets = np.roll(suffix, -1, axis=-1)
     return TrainBatch(prefix_tokens=prefix, prefix_valid=ones_p, prefix_positions=pos_p, sharer_prefix_tokens=prefix,
                       sharer_prefix_valid=ones_p, sharer_prefix_positions=pos_p, sharer_columns=pos_p, fuse_mask=ones_p,
-                      suffix_tokens=suffix, suffix_valid=ones_r, suffix_positions=pos_r, targets=targets,
+                      prefix_section=np.zeros((m, b, p), np.int32), suffix_tokens=suffix, suffix_valid=ones_r, suffix_positions=pos_r, targets=targets,
                       loss_mask=ones_r)
 
 

@@ -80,7 +80,8 @@ def fuser_config(config: ml_collections.ConfigDict, receiver: Decoder, sharer: D
         hidden_dim=f.hidden_dim, intermediate_dim=f.intermediate_dim, num_layers=f.num_layers, dropout=f.dropout,
         initial_temperature=f.initial_temperature, final_temperature=f.final_temperature,
         anneal_steps=f.anneal_steps, gate_noise=f.gate_noise, ablation=f.ablation, zero_init=f.zero_init,
-        dtype=f.dtype, sharer_input=f.sharer_input)
+        dtype=f.dtype, sharer_input=f.sharer_input,
+        include_response=bool(f.get("include_response", False)))
 
 
 def new_fuser(config: ml_collections.ConfigDict, receiver: Decoder, sharer: Decoder) -> Fuser:

@@ -223,6 +223,21 @@ def _read_layer_map(directory: Path) -> tuple[int, ...]:
     return tuple(layer_map)
 
 
+def _upstream_include_response(directory: Path) -> bool:
+    """Whether the upstream run that saved `directory` (its `final/` or `checkpoint-*/`) trained with
+    decode-time fusion: `model.include_response` of the recipe copy `config.json` in the run root."""
+    for file in (directory / "config.json", directory.parent / "config.json"):
+        if file.exists():
+            try:
+                recipe = json.loads(file.read_text())
+            except ValueError as error:
+                raise FuserCheckpointError(f"{file} (the upstream run's recipe) is not valid JSON: {error}") from None
+            model = recipe.get("model") if isinstance(recipe, dict) else None
+            if isinstance(model, dict):
+                return bool(model.get("include_response", False))
+    return False
+
+
 def import_upstream_fuser(directory: str | os.PathLike, receiver: ModelConfig | None = None,
                           sharer: ModelConfig | None = None) -> Fuser:
     """Loads a published PyTorch fuser (`.../final/`), strictly; checks it against the pair if given."""
@@ -247,6 +262,8 @@ def import_upstream_fuser(directory: str | os.PathLike, receiver: ModelConfig | 
         per_layer_tensors.append((pt_file, load_state_dict(pt_file)))
     if config is None:
         raise FuserCheckpointError(f"{directory}: projector_config.json lists no layers")
+    if _upstream_include_response(directory):
+        config = dataclasses.replace(config, include_response=True)
     if receiver is not None and sharer is not None:
         check_pair(config, receiver, sharer, source=f"upstream fuser {directory}")
 
@@ -322,6 +339,8 @@ def export_upstream_fuser(fuser: Fuser, directory: str | os.PathLike, *, dtype: 
         (directory / f"projector_{i}.json").write_text(json.dumps({"class": cls, "init_args": init_args}, indent=2))
     mapping = {"0": {"1": {str(t): [[s, t]] for t, s in enumerate(c.layer_map)}}}
     (directory / "projector_config.json").write_text(json.dumps(mapping))
+    if c.include_response:  # where upstream's loaders read it: the recipe's model section
+        (directory / "config.json").write_text(json.dumps({"model": {"include_response": True}}, indent=2))
     return directory
 
 

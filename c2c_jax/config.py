@@ -15,6 +15,9 @@ from c2c_jax.benchmarks import T2T_BACKGROUND_PROMPT
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
+    # "upstream": train exactly as upstream C2C does where c2c_jax's defaults differ (UPSTREAM_TRAINING;
+    # docs/upstream.md lists every difference); "": the defaults.
+    c.reproduce = ""
 
     # Frozen models: a local HF directory, a hub id, a .gguf file, or "random:<family>" (tiny, random).
     c.receiver = ml_collections.ConfigDict(dict(path="Qwen/Qwen3-0.6B", dtype="bfloat16"))
@@ -38,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
         # "real"; "zeros" / "noise": the trained control, the same recipe with the sharer's K/V withheld
         # (c2c_jax/controls.py). Saved with the fuser, which then reads the same input at inference.
         sharer_input="real",
+        include_response=False,  # decode-time fusion (upstream's include_response): response tokens fused too
         dtype="bfloat16",  # compute dtype; parameters and optimizer state are float32
         init_from="",  # start from this fuser (our format or upstream layout) instead of a random one
     ))
@@ -50,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
         enable_thinking=False,
         prefix_buckets=(128, 256, 512, 1024, 2048),
         suffix_buckets=(128, 512, 2048),
+        # "bucketed": each step from one (prefix, suffix) length bucket, little padding; "uniform": as
+        # upstream, the next batch_size examples of the epoch's shuffle, padded to the longest
+        shuffle="bucketed",
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -57,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
         decay_gates=True,  # upstream decays the gate logits too (toward 0 = closed at inference)
         gate_lr_multiplier=1.0,  # the gate logits' learning rate is lr times this (upstream: 1)
         clip_norm=1.0,
+        warmup_from_zero=False,  # True: HF's schedule, whose first step has lr 0 (upstream); False: lr / warmup
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -68,7 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
         eval_every=100,
         eval_batches=20,
         remat=False,  # rematerialise the receiver's differentiated pass
-        loss_normalization="tokens",  # "tokens": global answer-token mean; "reference": mean of micro-batch means
+        # "tokens": mean over the step's answer tokens; "reference": upstream's, the answer-token mean of
+        # each group of `reference_group_size` sequences (its per-GPU micro-batch), averaged over groups
+        loss_normalization="tokens",
+        reference_group_size=4,
+        # float32: fp32 master parameters and Adam state (compute in fuser.dtype); bfloat16: as upstream,
+        # parameters, gradients and Adam moments all bfloat16, no fp32 copy
+        param_dtype="float32",
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(
@@ -91,7 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
         limit=0,  # items per benchmark, 0 = all
         batch_size=16,
         max_new_tokens=64,
-        t2t_message_tokens=256,  # length of the sharer's background message in text-to-text
+        t2t_message_tokens=0,  # sharer's text-to-text message, new tokens; 0: upstream's (1024 generate, 64 logits)
         background_prompt=T2T_BACKGROUND_PROMPT,  # text-to-text stage 1; must contain {question}
         use_cot=False,
         latency_items=10,  # items per benchmark timed at batch size 1 (after a warm-up call)
@@ -101,6 +115,32 @@ def default_config() -> ml_collections.ConfigDict:
     c.generate = ml_collections.ConfigDict(dict(
         fuser="", max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0))
     return c
+
+
+# What `reproduce="upstream"` sets: upstream's training recipe where c2c_jax's defaults differ.
+UPSTREAM_TRAINING = {
+    "train.param_dtype": "bfloat16",
+    "train.loss_normalization": "reference",
+    "train.reference_group_size": 4,
+    "data.shuffle": "uniform",
+    "fuser.gate_noise": "gumbel",
+    "optim.decay_gates": True,
+    "optim.warmup_from_zero": True,
+}
+REPRODUCE = ("", "upstream")
+
+
+def resolve_reproduce(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with `reproduce`'s settings applied (a copy; the config itself is left alone)."""
+    if config.get("reproduce", "") not in REPRODUCE:
+        raise ValueError(f"unknown reproduce mode {config.reproduce!r}; choose one of "
+                         f"{', '.join(repr(r) for r in REPRODUCE)}")
+    config = config.copy_and_resolve_references()
+    if config.get("reproduce", "") == "upstream":
+        for dotted, value in UPSTREAM_TRAINING.items():
+            section, key = dotted.split(".")
+            config[section][key] = value
+    return config
 
 
 # XLA flags the inference CLIs (generate, evaluate) start with on a GPU. CONCURRENT lets the commands

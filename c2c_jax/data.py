@@ -557,11 +557,17 @@ class TrainBatch:
     sharer_prefix_positions: np.ndarray  # int32
     sharer_columns: np.ndarray  # int32
     fuse_mask: np.ndarray  # bool
+    prefix_section: np.ndarray  # int32: the pass each prefix column runs in (`pipeline.fusion_sections`)
     suffix_tokens: np.ndarray  # int32
     suffix_valid: np.ndarray  # bool
     suffix_positions: np.ndarray  # int32
     targets: np.ndarray  # int32
     loss_mask: np.ndarray  # bool
+    # Static, the same for every process (`prefix_layout` of the step's examples): passes that end in
+    # a fusion, and whether some row has prefix columns after its last fused one (a trailing chat
+    # template), which then run in one more pass after fusion, as upstream's final section.
+    fused_sections: int = dataclasses.field(default=1, metadata=dict(static=True))
+    trailing_section: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -585,11 +591,39 @@ def bucket_of(example: TrainExample, prefix_buckets: Sequence[int], suffix_bucke
     return None if p is None or r is None else (p, r)
 
 
+def _prefix_fuse(example: TrainExample) -> np.ndarray:
+    """bool [split]: the example's fused prefix columns."""
+    s = example.split
+    return example.fusable[:s] & example.sharer_valid[:s] & example.valid[:s]
+
+
+def prefix_layout(examples: Sequence[TrainExample]) -> dict:
+    """`TrainBatch`'s static fields for a step of `examples` (upstream's sections, c2c_reference.md §2.3).
+
+    A row fuses its prefix in as many passes as it has runs of fused columns (message sections);
+    columns after the last run (the chat template before the answer) run after fusion.
+    """
+    runs, trailing = 0, False
+    for ex in examples:
+        fuse = _prefix_fuse(ex)
+        ends = np.flatnonzero(fuse & ~np.append(fuse[1:], False))
+        runs = max(runs, ends.size)
+        trailing |= bool(ex.valid[:ex.split][(ends[-1] + 1) if ends.size else 0:].any())
+    return dict(fused_sections=max(runs, 1), trailing_section=trailing)
+
+
 def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_length: int, pad_id: int,
-            sharer_pad_id: int, sharer_positions: SharerPositions = "shared", micro_batches: int = 1) -> TrainBatch:
-    """Examples -> a `TrainBatch` of [micro_batches, len(examples) / micro_batches, ...] arrays."""
+            sharer_pad_id: int, sharer_positions: SharerPositions = "shared", micro_batches: int = 1,
+            layout: Mapping | None = None) -> TrainBatch:
+    """Examples -> a `TrainBatch` of [micro_batches, len(examples) / micro_batches, ...] arrays.
+
+    layout: `prefix_layout` of the whole step (all processes' rows); default: of `examples`.
+    """
+    from c2c_jax.pipeline import fusion_sections
+
     if sharer_positions not in ("shared", "own"):
         raise ValueError(f"sharer_positions must be 'shared' or 'own', not {sharer_positions!r}")
+    layout = dict(prefix_layout(examples) if layout is None else layout)
     n, p, r = len(examples), prefix_length, suffix_length
     if n % micro_batches:
         raise ValueError(f"{n} examples do not split into {micro_batches} micro-batches")
@@ -598,7 +632,7 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         prefix_positions=np.zeros((n, p), np.int32),
         sharer_prefix_tokens=np.full((n, p), sharer_pad_id, np.int32), sharer_prefix_valid=np.zeros((n, p), bool),
         sharer_prefix_positions=np.zeros((n, p), np.int32), sharer_columns=np.zeros((n, p), np.int32),
-        fuse_mask=np.zeros((n, p), bool),
+        fuse_mask=np.zeros((n, p), bool), prefix_section=np.full((n, p), layout["fused_sections"], np.int32),
         suffix_tokens=np.full((n, r), pad_id, np.int32), suffix_valid=np.zeros((n, r), bool),
         suffix_positions=np.zeros((n, r), np.int32), targets=np.zeros((n, r), np.int32),
         loss_mask=np.zeros((n, r), bool))
@@ -616,6 +650,9 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         # The sharer's row index of each example column it has a token in.
         f["sharer_columns"][row, :nr] = np.maximum(np.cumsum(ex.sharer_valid[:s]) - 1, 0)[receiver_real]
         f["fuse_mask"][row, :nr] = (ex.fusable[:s] & ex.sharer_valid[:s])[receiver_real]
+        # Sections on the example's own columns, where a template column (even a receiver pad) parts two messages.
+        f["prefix_section"][row, :nr] = fusion_sections(_prefix_fuse(ex)[None], layout["fused_sections"],
+                                                        xp=np)[0, receiver_real]
         # Positions exactly as `PromptEncoder.batch` computes them: the example's column ("shared",
         # alignment pads counted), or each model's own count of real tokens so far ("own").
         if sharer_positions == "shared":
@@ -633,7 +670,10 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         f["targets"][row, :m - 1] = ex.tokens[s + 1:]
         f["loss_mask"][row, :m - 1] = ex.valid[s + 1:]
     a = micro_batches
-    return TrainBatch(**{k: v.reshape(a, n // a, *v.shape[1:]) for k, v in f.items()})
+    return TrainBatch(**{k: v.reshape(a, n // a, *v.shape[1:]) for k, v in f.items()}, **layout)
+
+
+_ANY_BUCKET = (0, 0)  # the queue key of uniform shuffling (no real bucket is 0 x 0)
 
 
 class BatchIterator:
@@ -643,6 +683,8 @@ class BatchIterator:
     of its (P, R) bucket, and a queue that holds micro_batches * micro_batch_size examples becomes the next
     step (its first micro_batch_size examples are micro-batch 0, and so on). Queues carry over between
     epochs, so no example is dropped. Examples that fit no bucket are skipped (`self.skipped`).
+    shuffle="uniform" (upstream's sampling) keeps one queue for all examples: each step is the next
+    examples of the permutation, whatever their lengths, in the bucket of the longest.
 
     Multi-host: every process simulates the same global sequence from the lengths alone and materialises
     rows [process_index * b, (process_index + 1) * b) of each micro-batch, b = micro_batch_size /
@@ -652,7 +694,9 @@ class BatchIterator:
     def __init__(self, examples: Sequence[TrainExample], *, micro_batch_size: int, micro_batches: int,
                  prefix_buckets: Sequence[int], suffix_buckets: Sequence[int], seed: int, pad_id: int,
                  sharer_pad_id: int, sharer_positions: SharerPositions = "shared", process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, shuffle: str = "bucketed"):
+        if shuffle not in ("bucketed", "uniform"):
+            raise ValueError(f"shuffle must be 'bucketed' or 'uniform', not {shuffle!r}")
         if micro_batch_size < 1 or micro_batches < 1:
             raise ValueError(f"micro_batch_size ({micro_batch_size}) and micro_batches ({micro_batches}) must be >= 1")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -674,7 +718,11 @@ class BatchIterator:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.rows_per_process = self.micro_batch_size // self.process_count
 
-        self._keys = [bucket_of(ex, self.prefix_buckets, self.suffix_buckets) for ex in self.examples]
+        self.shuffle = shuffle
+        self._buckets = [bucket_of(ex, self.prefix_buckets, self.suffix_buckets) for ex in self.examples]
+        # The queue each example joins: its bucket's, or the one queue of uniform shuffling.
+        self._keys = self._buckets if shuffle == "bucketed" else [
+            None if k is None else _ANY_BUCKET for k in self._buckets]
         self.skipped = sum(k is None for k in self._keys)
         self.bucket_counts = collections.Counter(k for k in self._keys if k is not None)
         if not self.bucket_counts:
@@ -683,14 +731,16 @@ class BatchIterator:
         if self.skipped:
             logger.warning("%d of %d examples fit no (prefix, suffix) bucket and are skipped",
                            self.skipped, len(self.examples))
-        logger.debug("examples fall into %d (prefix, suffix) buckets -> at most %d compiled step shapes: %s",
-                    len(self.bucket_counts), len(self.bucket_counts),
-                    ", ".join(f"{p}x{r}: {c}" for (p, r), c in sorted(self.bucket_counts.items())))
+        if shuffle == "bucketed":
+            logger.debug("examples fall into %d (prefix, suffix) buckets -> at most %d compiled step shapes: %s",
+                        len(self.bucket_counts), len(self.bucket_counts),
+                        ", ".join(f"{p}x{r}: {c}" for (p, r), c in sorted(self.bucket_counts.items())))
         lengths = np.asarray([(ex.split, ex.length) for ex in self.examples], np.int64).reshape(-1, 2)
         self._fingerprint = dict(
             num_examples=len(self.examples), lengths_crc=zlib.crc32(lengths.tobytes()), seed=self.seed,
             micro_batch_size=self.micro_batch_size, micro_batches=self.micro_batches,
-            prefix_buckets=list(self.prefix_buckets), suffix_buckets=list(self.suffix_buckets))
+            prefix_buckets=list(self.prefix_buckets), suffix_buckets=list(self.suffix_buckets),
+            **({} if shuffle == "bucketed" else {"shuffle": shuffle}))
         self.shapes_used: set[tuple[int, int]] = set()
         self._epoch, self._cursor, self._step = 0, 0, 0
         self._pending: dict[tuple[int, int], list[int]] = {}
@@ -754,6 +804,8 @@ class BatchIterator:
             if len(queue) == self.step_size:
                 del self._pending[key]
                 self._step += 1
+                if key == _ANY_BUCKET:  # uniform: the bucket of the step's longest prefix and suffix
+                    key = tuple(max(k) for k in zip(*(self._buckets[j] for j in queue)))
                 return key, queue
 
     def __iter__(self) -> "BatchIterator":
@@ -769,7 +821,8 @@ class BatchIterator:
         mine = [indices[a * b + lo + k] for a in range(self.micro_batches) for k in range(self.rows_per_process)]
         return collate([self.examples[i] for i in mine], prefix_length=p, suffix_length=r, pad_id=self.pad_id,
                        sharer_pad_id=self.sharer_pad_id, sharer_positions=self.sharer_positions,
-                       micro_batches=self.micro_batches)
+                       micro_batches=self.micro_batches,
+                       layout=prefix_layout([self.examples[i] for i in indices]))
 
     @property
     def epoch(self) -> int:
@@ -793,7 +846,7 @@ def batch_iterator(config, examples: Sequence[TrainExample], *, pad_id: int, sha
                          prefix_buckets=config.data.prefix_buckets, suffix_buckets=config.data.suffix_buckets,
                          seed=config.seed if seed is None else seed, pad_id=pad_id, sharer_pad_id=sharer_pad_id,
                          sharer_positions=config.alignment.sharer_positions, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, shuffle=config.data.get("shuffle", "bucketed"))
 
 
 # ================================================================================================

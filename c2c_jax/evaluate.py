@@ -9,7 +9,8 @@ work and returns the summary, so notebooks and tests call it directly. Protocol 
     receiver  the receiver alone;
     sharer    the sharer alone, with its own tokenizer and chat template;
     t2t       text-to-text (§5.8): the sharer writes background for the question (no options), greedy,
-              `eval.t2t_message_tokens` new tokens; the receiver then answers the chat
+              `eval.t2t_message_tokens` new tokens (default: upstream's 1024 in generate mode, 64 in logits
+              mode); the receiver then answers the chat
               [user: background prompt, assistant: sharer's text, user: full MC prompt];
     c2c       receiver + sharer(s) + fuser(s). `eval.fuser` may list several fuser directories
               (comma-separated); `eval.sharers` then lists one sharer model per fuser (default:
@@ -79,6 +80,8 @@ METHOD_LABELS = {"receiver": "Receiver", "sharer": "Sharer", "t2t": "Text-to-Tex
                  "c2c_mismatched": "C2C, mismatched sharer", "c2c_zero": "C2C, zero sharer",
                  "c2c_noise": "C2C, noise sharer", "c2c_no_receiver_input": "C2C, no receiver input"}
 ANSWER_MODES = ("generate", "logits")
+# Upstream's text-to-text message budget (new sharer tokens) per answer mode, `eval.t2t_message_tokens=0`.
+T2T_MESSAGE_TOKENS = {"generate": 1024, "logits": 64}
 # The reference evaluator's default stage-1 prompt (rosetta/baseline/multi_stage.py, TwoStageInference).
 
 CSV_FIELDS = ("id", "subject", "method", "gold", "prediction", "correct", "generated_text", "message",
@@ -160,9 +163,13 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                          "eval.fuser; give one sharer per fuser, in the same order")
     if not sharers:
         sharers = [config.sharer.path] * max(1, len(fusers))
-    for name in ("batch_size", "max_new_tokens", "t2t_message_tokens"):
+    for name in ("batch_size", "max_new_tokens"):
         if int(e[name]) < 1:
             raise ValueError(f"eval.{name} must be >= 1, got {e[name]}")
+    t2t_message_tokens = int(e.t2t_message_tokens) or T2T_MESSAGE_TOKENS[e.answer_mode]
+    if t2t_message_tokens < 1:
+        raise ValueError(f"eval.t2t_message_tokens must be >= 1 (or 0: upstream's budget for the answer mode, "
+                         f"{T2T_MESSAGE_TOKENS}), got {e.t2t_message_tokens}")
     latency_items = int(e.latency_items)
     if latency_items < 0:
         raise ValueError(f"eval.latency_items must be >= 0, got {latency_items}")
@@ -180,7 +187,7 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     return EvalSettings(
         benchmarks=tuple(benchmarks), sources=tuple(sources), methods=tuple(methods), answer_mode=e.answer_mode,
         limit=int(e.limit) or None, batch_size=int(e.batch_size), max_new_tokens=int(e.max_new_tokens),
-        t2t_message_tokens=int(e.t2t_message_tokens), use_cot=bool(e.use_cot), latency_items=latency_items,
+        t2t_message_tokens=t2t_message_tokens, use_cot=bool(e.use_cot), latency_items=latency_items,
         fusers=tuple(fusers), sharers=tuple(sharers), background_prompt=background_prompt,
         output_dir=output_dir.expanduser(), seed=int(config.seed))
 

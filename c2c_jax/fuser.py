@@ -66,6 +66,10 @@ class FuserConfig:
     # What the fuser reads as the sharer's K/V (`controls.substitute_sharer_cache`): "real", or "zeros" /
     # "noise" for the trained control (the same recipe with the sharer withheld), in training and inference.
     sharer_input: str = "real"
+    # Decode-time fusion (upstream's `include_response`): the fuser also rewrites the K/V of the
+    # unfused suffix and of every generated token, with the sharer decoding in lockstep. A fuser
+    # trained this way is only used this way (`pipeline.C2CModel`).
+    include_response: bool = False
 
     def __post_init__(self):
         check_sharer_input(self.sharer_input, trained=True)

@@ -4,6 +4,8 @@
         --prompt="What is the boiling point of water at the top of Mount Everest?"
     python -m c2c_jax.generate --config=configs/qwen.py --config.generate.fuser=... --chat   # interactive
 
+Answers are printed as they decode; --nostream answers all prompts as one batch instead.
+
 The fuser may be one trained here (runs/.../final) or a published upstream one (a `final/`
 directory with projector_{i}.pt files).
 """
@@ -27,8 +29,42 @@ def answer_prompts(generator, prompts, sampling) -> list[str]:
     return [side_by_side(p, a, f) for p, a, f in zip(prompts, alone, fused)]
 
 
-def chat_loop(generator, sampling, read=input, write=print) -> None:
-    """Two parallel conversations (receiver alone, receiver + C2C) fed the same user turns."""
+def stream_answer(generator, conversation, sampling, *, fuse: bool, write) -> str:
+    """One answer, written piece by piece as it decodes (indented); returns it, stripped."""
+    pieces, line_start = [], True
+    for (piece,) in generator.stream_chat([conversation], sampling, fuse=fuse):
+        if not pieces and not piece.strip():
+            continue  # leading blank text (the chat template's newlines) is not shown
+        pieces.append(piece)
+        for part in piece.splitlines(keepends=True):
+            write(("    " if line_start else "") + part)
+            line_start = part.endswith("\n")
+    write("\n" if pieces else "    (empty)\n")
+    return "".join(pieces).strip()
+
+
+def stream_side_by_side(generator, alone, fused, sampling, write, width: int = 100) -> tuple[str, str]:
+    """`side_by_side`'s block for the last user turn of two conversations (receiver alone, receiver
+    + C2C), each answer streamed as it decodes. Returns both answers."""
+    write(f"> {alone[-1]['content']}\n\n  receiver alone:\n")
+    alone_answer = stream_answer(generator, alone, sampling, fuse=False, write=write)
+    write("\n  receiver + C2C:\n")
+    fused_answer = stream_answer(generator, fused, sampling, fuse=True, write=write)
+    write("-" * width + "\n")
+    return alone_answer, fused_answer
+
+
+def _stdout_write(text: str) -> None:
+    import sys
+
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_loop(generator, sampling, read=input, write=print, *, stream: bool = False) -> None:
+    """Two parallel conversations (receiver alone, receiver + C2C) fed the same user turns.
+
+    stream: write each answer as it decodes (`write` then takes text pieces, no newline added)."""
     alone, fused = [], []
     write("Chat with the receiver alone and with C2C. An empty line or Ctrl-D quits; /reset starts over.")
     while True:
@@ -43,11 +79,14 @@ def chat_loop(generator, sampling, read=input, write=print) -> None:
             continue
         alone.append({"role": "user", "content": line})
         fused.append({"role": "user", "content": line})
-        (a,) = generator.chat([alone], sampling, fuse=False)
-        (f,) = generator.chat([fused], sampling, fuse=True)
+        if stream:
+            a, f = stream_side_by_side(generator, alone, fused, sampling, write)
+        else:
+            (a,) = generator.chat([alone], sampling, fuse=False)
+            (f,) = generator.chat([fused], sampling, fuse=True)
+            write(side_by_side(line, a, f))
         alone.append({"role": "assistant", "content": a})
         fused.append({"role": "assistant", "content": f})
-        write(side_by_side(line, a, f))
 
 
 def main() -> None:
@@ -64,6 +103,8 @@ def main() -> None:
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     prompt_flag = flags.DEFINE_multi_string("prompt", [], "A user message; repeat the flag for a batch.")
     chat_flag = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat, both answers at every turn.")
+    stream_flag = flags.DEFINE_bool("stream", True, "Print answers as they decode (--nostream: one batch, "
+                                    "printed when done).")
     flags.mark_flags_as_required(["config"])
 
     def run():
@@ -80,10 +121,17 @@ def main() -> None:
         generator = build.load_generator(config_flag.value, g.fuser)
         sampling = SamplingConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                                   top_p=g.top_p)
-        if prompt_flag.value:
+        if prompt_flag.value and stream_flag.value:
+            for prompt in prompt_flag.value:
+                conversation = [{"role": "user", "content": prompt}]
+                stream_side_by_side(generator, conversation, conversation, sampling, _stdout_write)
+        elif prompt_flag.value:
             print("\n".join(answer_prompts(generator, prompt_flag.value, sampling)))
         if chat_flag.value:
-            chat_loop(generator, sampling)
+            if stream_flag.value:
+                chat_loop(generator, sampling, write=_stdout_write, stream=True)
+            else:
+                chat_loop(generator, sampling)
 
     cli.run(run)
 

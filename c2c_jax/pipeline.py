@@ -10,7 +10,13 @@ For a batch of prompts, left-padded to a common width W (so every prompt ends at
     4. decode on the fused cache (generated tokens are never fused).
 
 The last prompt token is excluded from fusion so that the first new token is predicted by a query
-that attends to the fused prefix (c2c_reference.md §2.4). Steps 1-2 (`C2CModel.prompt_cache`) and
+that attends to the fused prefix (c2c_reference.md §2.4).
+
+Prompts whose fused columns are not simply every column before the last (token-aligned pairs, where
+only message contents are fused) run as upstream runs them, section by section
+(c2c_reference.md §2.3): each fused section is fused from receiver K/V that already saw the fused
+sections before it (`fuse_in_sections`), and every column after the last fused one (the trailing
+chat template) runs in step 3, after fusion. Steps 1-2 (`C2CModel.prompt_cache`) and
 steps 3-4 (`C2CModel.finish_prompt`, then `decode`) are two jitted programs that the host dispatches
 back to back (`InferencePrograms`); only the decode loop's tokens come back to the host.
 """
@@ -19,13 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Literal, Sequence
+import queue
+import threading
+from typing import Iterator, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import io_callback
 
 from c2c_jax.alignment import TokenAligner, own_positions, pad_id_of, tokenizers_compatible
 from c2c_jax.controls import FusionControl
@@ -45,17 +54,32 @@ class C2CModel(nnx.Module):
     """A frozen receiver, frozen sharers and one fuser per sharer."""
 
     def __init__(self, receiver: Decoder, sharers: Sequence[Decoder] = (), fusers: Sequence[Fuser] = (), *,
-                 multi_sharer_mode: MultiSharerMode = "sequential"):
+                 multi_sharer_mode: MultiSharerMode = "sequential", include_response: bool | None = None):
+        """include_response: decode-time fusion (upstream's `include_response`): the suffix and every
+        generated token are fused too, the sharer decoding in lockstep (`decode_step`). None: as the
+        fusers were trained; a value they were not trained with is refused."""
         if len(sharers) != len(fusers):
             raise ValueError(f"{len(sharers)} sharer(s) but {len(fusers)} fuser(s): each sharer needs its fuser")
         if multi_sharer_mode not in ("sequential", "parallel"):
             raise ValueError(f"unknown multi_sharer_mode {multi_sharer_mode!r}; choose 'sequential' or 'parallel'")
         for i, (sharer, fuser) in enumerate(zip(sharers, fusers)):
             check_fuser_fits(fuser, receiver, sharer, name=f"fuser {i}")
+        trained = {bool(f.config.include_response) for f in fusers}
+        if len(trained) > 1:
+            raise ValueError("the fusers disagree on decode-time fusion (include_response): some were trained with "
+                             "it, some without; they cannot run together")
+        trained = trained.pop() if trained else False
+        if include_response is not None and bool(include_response) != trained:
+            raise ValueError(
+                f"the fuser was trained {'with' if trained else 'without'} decode-time fusion (include_response) "
+                f"and cannot be used {'without' if trained else 'with'} it: its fusion of generated tokens would "
+                f"not be what it learned. Drop the include_response setting (the fuser's own is used), or use a "
+                f"fuser trained {'without' if trained else 'with'} it")
         self.receiver = receiver
         self.sharers = nnx.List(sharers)
         self.fusers = nnx.List([inference_copy(f) for f in fusers])
         self.multi_sharer_mode = multi_sharer_mode
+        self.include_response = trained
 
     def fuse(self, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], fuse_masks: Sequence[jax.Array],
              *, noise=None, temperature=None, receiver_input: bool = True) -> KVCache:
@@ -119,7 +143,25 @@ class C2CModel(nnx.Module):
         # over them alone, and the suffix columns' K/V are never fused and are recomputed by
         # `finish_prompt`, on the fused cache, once the cache is rewound to `split`.
         receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
+        if fuse and self.include_response:
+            if control is not None:
+                raise ValueError("evaluation controls are not supported for a fuser with decode-time fusion")
+            return self.lockstep_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length)
         return self.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length, control=control)
+
+    def lockstep_prefix(self, batch: "PromptBatch", receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
+                        suffix_length: int = 1) -> "LockstepCaches":
+        """Decode-time fusion's prompt caches (c2c_reference.md §2.6): every fusable column fused, the
+        suffix's too, from the receiver's unfused pass; the unfused and sharer caches are kept, as the
+        next tokens' fusion reads them. The fused cache is rewound to before the suffix, which
+        `finish_prompt` runs with its fused K/V held."""
+        if batch.final_section:
+            raise ValueError("decode-time fusion (include_response) runs prompts whose every real column is fused, "
+                             "as for a sharer with the receiver's tokenizer; token-aligned prompts are not supported")
+        with jax.named_scope("fusion"):
+            fused = self.fuse(receiver_cache, sharer_caches, list(batch.fuse_mask))
+        fused = dataclasses.replace(fused, end=fused.end - suffix_length)
+        return LockstepCaches(fused, receiver_cache, tuple(sharer_caches))
 
     def fused_prefix(self, batch: "PromptBatch", receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
                      suffix_length: int = 1, control: FusionControl | None = None) -> KVCache:
@@ -129,8 +171,7 @@ class C2CModel(nnx.Module):
         Each fuser reads its sharer's cache as it was trained to (`FuserConfig.sharer_input`), or as
         `control` says."""
         if sharer_caches:
-            split = batch.tokens.shape[1] - suffix_length
-            fuse_masks = [m.at[:, split:].set(False) for m in batch.fuse_mask]
+            fuse_masks = prompt_fuse_masks(batch, suffix_length)
             if control is None:
                 # A fuser trained without the sharer (the trained control) reads what it was trained on.
                 sharer_caches = [FusionControl(f.config.sharer_input, key=jax.random.key(0)).sharer_cache(c, i)
@@ -138,24 +179,148 @@ class C2CModel(nnx.Module):
                                  for i, (f, c) in enumerate(zip(self.fusers, sharer_caches))]
             else:
                 sharer_caches = [control.sharer_cache(c, i) for i, c in enumerate(sharer_caches)]
+            receiver_input = control is None or control.receiver_input
             with jax.named_scope("fusion"):
-                receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks,
-                                           receiver_input=control is None or control.receiver_input)
-        return dataclasses.replace(receiver_cache, end=receiver_cache.end - suffix_length)
+                if batch.final_section == 0:  # one fused section per row, ending where the suffix starts
+                    receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks, receiver_input=receiver_input)
+                else:
+                    def fuse_pass(cache, in_pass):
+                        return self.fuse(cache, sharer_caches, [m & in_pass for m in fuse_masks],
+                                         receiver_input=receiver_input)
+
+                    receiver_cache = fuse_in_sections(
+                        self.receiver, batch.tokens, batch.positions, batch.valid, receiver_cache, fuse_pass,
+                        fusion_sections(_any(fuse_masks), batch.fused_sections), batch.fused_sections)
+        return dataclasses.replace(receiver_cache, end=receiver_cache.end - final_width(batch, suffix_length))
 
     def finish_prompt(self, batch: "PromptBatch", cache: KVCache, capacity: int, *, suffix_length: int = 1
                       ) -> tuple[jax.Array, KVCache]:
         """The prompt's last `suffix_length` columns on `prompt_cache`'s cache, grown to `capacity`
         columns: float32 logits [B, vocab] after the prompt, and the cache to decode from."""
         width = batch.tokens.shape[1]
-        suffix = slice(width - suffix_length, width)
+        lockstep = isinstance(cache, LockstepCaches)
+        suffix = slice(width - final_width(batch, suffix_length), width)
+        held = None
+        if lockstep:  # the suffix's fused K/V are in the cache already
+            held = _any(batch.fuse_mask)[:, suffix]
+        elif batch.final_section and batch.fuse_mask:
+            # Columns of the window that belong to earlier (fused) sections keep the K/V they have.
+            section = fusion_sections(_any(prompt_fuse_masks(batch, suffix_length)), batch.fused_sections)
+            held = (section < batch.fused_sections)[:, suffix]
+        fused = cache.fused if lockstep else cache
         # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
         # (`one_row_gemm`), which suits a one-off pass; the decode loop keeps XLA's choice.
         with jax.named_scope("suffix"):
-            hidden, cache = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix],
-                                          cache.with_capacity(capacity), batch.valid[:, suffix], output="hidden",
-                                          one_row_gemm=True)
-            return self.receiver.logits(hidden[:, -1]), cache
+            hidden, fused = self.receiver(batch.tokens[:, suffix], batch.positions[:, suffix],
+                                          fused.with_capacity(capacity), batch.valid[:, suffix], output="hidden",
+                                          one_row_gemm=True, held=held)
+        if lockstep:
+            cache = LockstepCaches(fused, cache.receiver.with_capacity(capacity),
+                                   tuple(c.with_capacity(capacity) for c in cache.sharers))
+        else:
+            cache = fused
+        return self.receiver.logits(hidden[:, -1]), cache
+
+    def decode_step(self, batch: "PromptBatch"):
+        """step(caches, tokens [B, 1], positions [B, 1]) -> (float32 logits [B, 1, vocab], caches): one
+        decode step of decode-time fusion (c2c_reference.md §2.6), for `decode`.
+
+        The receiver extends its unfused cache and every sharer its own; the fusers map the new
+        column's K/V (receiver-native and the sharers') to the fused K/V, which the receiver's
+        decode step on the fused cache then attends to and keeps in every layer.
+        """
+        # Each sharer's positions continue from its own last prompt position.
+        offsets = [p[:, -1:] - batch.positions[:, -1:] for p in batch.sharer_positions]
+
+        def step(caches: LockstepCaches, tokens, positions):
+            end = caches.fused.end
+            _, unfused = self.receiver(tokens, positions, caches.receiver, output="kv")
+            sharers = tuple(sharer(tokens, positions + offset, cache, output="kv")[1]
+                            for sharer, cache, offset in zip(self.sharers, caches.sharers, offsets))
+
+            def column(cache):  # the new column alone, as a one-column cache
+                take = lambda a: jax.lax.dynamic_slice_in_dim(a, end, 1, axis=2)  # noqa: E731
+                return KVCache(take(cache.k), take(cache.v), jnp.ones(tokens.shape, bool), jnp.ones((), jnp.int32))
+
+            every = jnp.ones(tokens.shape, bool)
+            new = self.fuse(column(unfused), [column(c) for c in sharers], [every] * len(sharers))
+            fused = caches.fused
+            fused = dataclasses.replace(
+                fused, k=jax.lax.dynamic_update_slice_in_dim(fused.k, new.k.astype(fused.k.dtype), end, axis=2),
+                v=jax.lax.dynamic_update_slice_in_dim(fused.v, new.v.astype(fused.v.dtype), end, axis=2))
+            logits, fused = self.receiver(tokens, positions, fused, held=every)
+            return logits, LockstepCaches(fused, unfused, sharers)
+
+        return step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LockstepCaches:
+    """Decode-time fusion's caches, column-aligned: the receiver's fused cache (the one it decodes
+    from), its unfused cache (the fuser's receiver input for new tokens) and every sharer's."""
+
+    fused: KVCache
+    receiver: KVCache
+    sharers: tuple
+
+
+def prompt_fuse_masks(batch: "PromptBatch", suffix_length: int) -> list[jax.Array]:
+    """Each sharer's fuse mask [B, W] with the last `suffix_length` columns left unfused."""
+    split = batch.tokens.shape[1] - suffix_length
+    return [m.at[:, split:].set(False) for m in batch.fuse_mask]
+
+
+def _any(masks: Sequence[jax.Array]) -> jax.Array:
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
+
+
+def final_width(batch: "PromptBatch", suffix_length: int) -> int:
+    """Static width of the window that runs after fusion: the suffix for the usual layout; else
+    the widest final section (every column after a row's last fused one), or the whole prompt when
+    the batch cannot tell it (a suffix of more than one column)."""
+    if batch.final_section == 0:
+        return suffix_length
+    return batch.final_section if suffix_length == 1 else batch.tokens.shape[1]
+
+
+def fusion_sections(fuse: jax.Array, fused_sections: int, xp=jnp):
+    """int32 [B, T]: the pass in which each column runs, for a fuse mask [B, T] of at most
+    `fused_sections` runs of fused columns per row.
+
+    Pass p < fused_sections ends with the fusion of a row's p-th fused run (counted so that every
+    row's last run is fused in the last of them) and holds the unfused columns before that run;
+    columns after a row's last fused one get `fused_sections`: the final section, never fused.
+    """
+    fuse = xp.asarray(fuse, bool)
+    following = xp.concatenate([fuse[:, 1:], xp.zeros_like(fuse[:, :1])], axis=1)
+    run_ends = (fuse & ~following).astype(np.int32)
+    ended_before = xp.cumsum(run_ends, axis=1) - run_ends
+    return (ended_before + fused_sections - run_ends.sum(axis=1, keepdims=True)).astype(np.int32)
+
+
+def fuse_in_sections(receiver: Decoder, tokens, positions, valid, cache: KVCache, fuse_pass, section,
+                     fused_sections: int) -> KVCache:
+    """The receiver cache after fusing each section in turn (c2c_reference.md §2.3).
+
+    cache: the receiver's KV-only pass over all columns, which pass 0 uses as is. Pass p > 0 reruns
+    the receiver over all columns with the K/V of earlier passes' columns held (fused where fused),
+    so its own columns see the fused sections before them, as upstream's section-by-section forward
+    does; the columns of later passes it computes on the way are recomputed by their own pass.
+    fuse_pass(cache, in_pass): fuses the columns where bool [B, T] `in_pass` is set.
+    valid: bool [B, T] or None (each row's real tokens first). Columns of the final section
+    (`fusion_sections`) hold pass-(fused_sections - 1) K/V: the caller runs them after fusion.
+    """
+    for p in range(fused_sections):
+        if p:
+            _, rerun = receiver(tokens, positions, dataclasses.replace(cache, end=jnp.zeros_like(cache.end)), valid,
+                                output="kv", held=section < p)
+            cache = dataclasses.replace(rerun, valid=cache.valid, end=cache.end)
+        cache = fuse_pass(cache, section == p)
+    return cache
 
 
 def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
@@ -223,6 +388,10 @@ class PromptBatch:
     sharer_valid: tuple
     sharer_positions: tuple
     fuse_mask: tuple  # per sharer, bool: fuse this column
+    # Static layout (see `fusion_sections`, `final_width`); the defaults are the usual layout, where
+    # each row fuses every real column (but the suffix) in one section.
+    fused_sections: int = dataclasses.field(default=1, metadata=dict(static=True))
+    final_section: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +491,25 @@ class PromptEncoder:
         positions = shared if self.sharer_positions == "shared" else own_positions(valid)
         return PromptBatch(jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(positions),
                            tuple(map(jnp.asarray, sharer_tokens)), tuple(map(jnp.asarray, sharer_valid)),
-                           tuple(map(jnp.asarray, sharer_positions)), tuple(map(jnp.asarray, fuse_mask)))
+                           tuple(map(jnp.asarray, sharer_positions)), tuple(map(jnp.asarray, fuse_mask)),
+                           **section_layout(valid, fuse_mask))
+
+
+def section_layout(valid: np.ndarray, fuse_masks: Sequence[np.ndarray]) -> dict:
+    """`PromptBatch`'s static layout fields for left-padded [B, W] masks.
+
+    The usual layout (every real column fused, as for a sharer with the receiver's tokenizer) keeps
+    the defaults. Otherwise: the most fused runs of a row and the widest final section, with the
+    last column left unfused (as generation leaves it).
+    """
+    if not fuse_masks or all(np.array_equal(m, valid) for m in fuse_masks):
+        return {}
+    fuse = np.logical_or.reduce([np.asarray(m, bool) for m in fuse_masks])
+    fuse[:, -1] = False
+    width = fuse.shape[1]
+    runs = (fuse & ~np.concatenate([fuse[:, 1:], np.zeros_like(fuse[:, :1])], axis=1)).sum(axis=1)
+    last_fused = np.where(fuse.any(axis=1), width - 1 - np.argmax(fuse[:, ::-1], axis=1), -1)
+    return dict(fused_sections=max(int(runs.max()), 1), final_section=int((width - 1 - last_fused).max()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,8 +550,19 @@ class Generation:
 
 
 def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key, sampling: SamplingConfig,
-           eos_ids: tuple[int, ...], pad_id: int) -> Generation:
-    """Samples up to `max_new_tokens` tokens with a `lax.while_loop`; stops when every row hit EOS."""
+           eos_ids: tuple[int, ...], pad_id: int, *, step=None, on_token=None) -> Generation:
+    """Samples up to `max_new_tokens` tokens with a `lax.while_loop`; stops when every row hit EOS.
+
+    step: None (the receiver's decode step on `cache`), or `C2CModel.decode_step`'s (decode-time
+    fusion; `cache` then its `LockstepCaches`).
+    on_token: None, or a host function on_token(tokens [B], new [B]) called, in order, with each
+      step's tokens as they are sampled (new: the row had not ended before): streaming.
+    """
+    def emit(token, new):  # new: a function, so the non-streaming program computes nothing for it
+        if on_token is not None:
+            io_callback(on_token, None, token, new(), ordered=True)
+
+    decode_one = step or (lambda cache, tokens, positions: receiver(tokens, positions, cache))
     b = first_logits.shape[0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     first_key, key = jax.random.split(key)
@@ -372,6 +570,7 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
     tokens = jnp.full((b, sampling.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     finished = jnp.isin(first, eos)
     lengths = jnp.ones((b,), jnp.int32)
+    emit(first, lambda: jnp.ones((b,), bool))
 
     def cond(state):
         step, _, _, finished, _, _ = state
@@ -381,8 +580,9 @@ def decode(receiver: Decoder, first_logits, cache: KVCache, next_positions, key,
         step, cache, tokens, finished, lengths, key = state
         key, step_key = jax.random.split(key)
         previous = tokens[:, step - 1]
-        logits, cache = receiver(previous[:, None], (next_positions + step - 1)[:, None], cache)
+        logits, cache = decode_one(cache, previous[:, None], (next_positions + step - 1)[:, None])
         token = jnp.where(finished, pad_id, sample_tokens(logits[:, 0], step_key, sampling))
+        emit(token, lambda: ~finished)
         tokens = tokens.at[:, step].set(token)
         lengths = lengths + (~finished).astype(jnp.int32)
         finished = finished | jnp.isin(token, eos)
@@ -424,8 +624,10 @@ class InferencePrograms:
         self._prompt_cache = jax.jit(self._prompt_cache_program, static_argnames=("fuse", "suffix_length"))
         # Controls are pytrees (their kind static), so each kind compiles once.
         self._logits = jax.jit(self._logits_program, static_argnames=("suffix_length",), **replicated)
-        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id"),
+        self._generate = jax.jit(self._generate_program, static_argnames=("sampling", "eos_ids", "pad_id", "stream"),
                                  **replicated)
+        self._sink = None  # where a streaming program's tokens go (`stream`)
+        self._streaming = threading.Lock()
         self._variants = jax.jit(self._variants_program, static_argnames=("suffix_length", "receiver_only"),
                                  **replicated)
 
@@ -460,7 +662,40 @@ class InferencePrograms:
     def generate(self, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
                  pad_id: int, fuse: bool = True, control: FusionControl | None = None) -> Generation:
         cache = self._prompt_cache(state, batch, control, fuse=fuse, suffix_length=1)
-        return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+        return self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                              stream=False)
+
+    def stream(self, state, batch: PromptBatch, key, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+               pad_id: int, fuse: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`generate`'s tokens as the device samples them: (tokens [B], new [B]) per step.
+
+        A program of its own, with a host callback per step; `generate`'s has none, so streaming
+        costs the non-streaming route nothing. One stream at a time per `InferencePrograms`.
+        """
+        if not self._streaming.acquire(blocking=False):
+            raise RuntimeError("another stream of these inference programs is still running; finish it first")
+        steps: queue.Queue = queue.Queue()
+        out = None
+        try:
+            self._sink = lambda tokens, new: steps.put((np.asarray(tokens), np.asarray(new)))
+            cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=1)
+            out = self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                                 stream=True)
+            while True:  # the program runs on while the host reads its steps
+                try:
+                    yield steps.get(timeout=0.005)
+                except queue.Empty:
+                    if out.lengths.is_ready() and steps.empty():  # every callback has returned
+                        break
+            jax.block_until_ready(out)  # raises what the program raised
+        finally:
+            if out is not None:  # a reader that stopped early: let the program finish into this stream's queue
+                jax.block_until_ready(out)
+            self._sink = None
+            self._streaming.release()
+
+    def _emit(self, tokens, new):
+        self._sink(tokens, new)
 
     def _prompt_cache_program(self, state, batch, control, *, fuse, suffix_length):
         with self._under_mesh():
@@ -473,12 +708,14 @@ class InferencePrograms:
                                                                        suffix_length=suffix_length)
         return logits
 
-    def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id):
+    def _generate_program(self, state, batch, cache, key, *, sampling, eos_ids, pad_id, stream):
         with self._under_mesh():
             model = nnx.merge(self.graphdef, state)
             capacity = decode_capacity(batch.tokens.shape[1] + sampling.max_new_tokens, model.receiver.platform)
             logits, cache = model.finish_prompt(batch, cache, capacity)
-            return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id)
+            step = model.decode_step(batch) if isinstance(cache, LockstepCaches) else None
+            return decode(model.receiver, logits, cache, batch.positions[:, -1] + 1, key, sampling, eos_ids, pad_id,
+                          step=step, on_token=self._emit if stream else None)
 
 
 class Generator:
@@ -506,12 +743,15 @@ class Generator:
 
     def generate_batch(self, batch: PromptBatch, sampling: SamplingConfig, *, fuse: bool = True,
                        seed: int = 0, control: FusionControl | None = None) -> Generation:
+        self._check_fits(batch, sampling)
+        return self.programs.generate(self.state, self.placed(batch), jax.random.key(seed), sampling=sampling,
+                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse, control=control)
+
+    def _check_fits(self, batch: PromptBatch, sampling: SamplingConfig) -> None:
         max_len = self.model.receiver.config.max_position_embeddings
         if batch.tokens.shape[1] + sampling.max_new_tokens > max_len:
             raise ValueError(f"prompt width {batch.tokens.shape[1]} + max_new_tokens {sampling.max_new_tokens} "
                              f"exceeds the receiver's context of {max_len} tokens")
-        return self.programs.generate(self.state, self.placed(batch), jax.random.key(seed), sampling=sampling,
-                                      eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse, control=control)
 
     def next_token_logits(self, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1,
                           control: FusionControl | None = None) -> jax.Array:
@@ -544,6 +784,20 @@ class Generator:
 
         return jax.tree.map(put, batch)
 
+    def stream_chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
+                    fuse: bool = True, seed: int = 0) -> Iterator[list[str]]:
+        """`chat`'s answers as they decode: per step, one new piece of text per conversation ("" when
+        a row has nothing new). Joined, a row's pieces are its `chat` answer before stripping."""
+        batch = self.encoder.batch([self.encoder.encode_chat(c) for c in conversations])
+        self._check_fits(batch, sampling)
+        texts = [IncrementalText(self.encoder.receiver_tokenizer) for _ in conversations]
+        for tokens, new in self.programs.stream(self.state, batch, jax.random.key(seed), sampling=sampling,
+                                                eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse):
+            yield [text.add(int(t)) if n else "" for text, t, n in zip(texts, tokens, new)]
+        tail = [text.flush() for text in texts]
+        if any(tail):
+            yield tail
+
     def chat(self, conversations: Sequence[list[dict]], sampling: SamplingConfig = SamplingConfig(), *,
              fuse: bool = True, seed: int = 0) -> list[str]:
         """One answer per conversation (a list of {"role", "content"} messages)."""
@@ -552,3 +806,29 @@ class Generator:
         tok = self.encoder.receiver_tokenizer
         return [tok.decode(out.tokens[r, : out.lengths[r]], skip_special_tokens=True).strip()
                 for r in range(len(conversations))]
+
+
+class IncrementalText:
+    """One row's text, token by token: each `add` returns the text the new token completes.
+
+    Decoding the whole row each time keeps tokenizers' merging of pieces (spaces, byte-level
+    tokens) exact; text ending in an incomplete character (U+FFFD) waits for the next token.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.shown = text[self.shown:], len(text)
+        return piece

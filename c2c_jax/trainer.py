@@ -36,7 +36,7 @@ from c2c_jax.checkpoint import TrainCheckpointer, export_upstream_fuser, save_fu
 from c2c_jax.controls import substitute_sharer_cache
 from c2c_jax.fuser import Fuser, FuserNoise, gate_temperature
 from c2c_jax.models import Decoder, KVCache
-from c2c_jax.pipeline import kv_pass
+from c2c_jax.pipeline import fuse_in_sections, kv_pass
 
 log = logging.getLogger("c2c_jax.train")
 
@@ -94,6 +94,22 @@ def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> 
     return jax.lax.stop_gradient((receiver_cache, sharer_cache))
 
 
+def _response_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache, jax.Array]:
+    """Decode-time fusion's unfused receiver cache and sharer cache over prefix and answer columns
+    ([B, P + R]), and the columns to fuse: the prefix's fused ones and every real answer token."""
+    if mb.fused_sections != 1 or mb.trailing_section:
+        raise ValueError("decode-time fusion (fuser.include_response) trains on chats whose every prefix column is "
+                         "fused, as for a sharer with the receiver's tokenizer; token-aligned pairs are not supported")
+    tokens = jnp.concatenate([mb.prefix_tokens, mb.suffix_tokens], axis=1)
+    positions = jnp.concatenate([mb.prefix_positions, mb.suffix_positions], axis=1)
+    valid = jnp.concatenate([mb.prefix_valid, mb.suffix_valid], axis=1)
+    # The sharer reads the receiver's ids and positions (the same tokenizer, no alignment pads).
+    receiver_cache = kv_pass(receiver, tokens, positions, valid, receiver.config.num_layers)
+    sharer_cache = kv_pass(sharer, tokens, positions, valid, fuser_depth)
+    fuse_mask = jnp.concatenate([mb.fuse_mask, mb.suffix_valid], axis=1)
+    return (*jax.lax.stop_gradient((receiver_cache, sharer_cache)), fuse_mask)
+
+
 def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=None):
     """(answer loss of every row [B], answer-token count) of one micro-batch; differentiable in `params`.
 
@@ -109,7 +125,11 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
     receiver = nnx.merge(receiver_def, frozen[0])
     sharer = nnx.merge(sharer_def, frozen[1])
     config = nnx.merge(fuser_def, params).config  # static; merging does not look at the arrays' shapes
-    receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
+    if config.include_response:
+        receiver_cache, sharer_cache, fuse_mask = _response_caches(receiver, sharer, config.sharer_depth, mb)
+    else:
+        receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
+        fuse_mask = mb.fuse_mask
     if config.sharer_input != "real":
         # The trained control: the same recipe with the sharer's K/V withheld, through the function the
         # evaluation controls use. Its noise comes from the micro-batch's fuser noise (fixed in eval).
@@ -120,7 +140,8 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
         return nnx.merge(fuser_def, p)(sharer_cache, receiver_cache, fuse_mask, noise=noise, temperature=temperature)
 
     if mesh is None:
-        fused = fuse(params, sharer_cache, receiver_cache, mb.fuse_mask, noise)
+        def fuse_pass(receiver_cache, in_pass):
+            return fuse(params, sharer_cache, receiver_cache, fuse_mask & in_pass, noise)
     else:
         replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
         replicas = mesh.shape[replica_axis]
@@ -141,10 +162,35 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
 
         cache_axes = KVCache(k=0, v=0, valid=0, end=None)
         noise_rows = None if noise is None else FuserNoise(split(noise.gate_uniform, 2), split(noise.dropout_keys, 0))
-        fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
-                         spmd_axis_name=replica_axis)(
-            params, split_cache(sharer_cache), split_cache(receiver_cache), split(mb.fuse_mask, 0), noise_rows)
-        fused = dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+        replica_sharer_cache = split_cache(sharer_cache)
+
+        def fuse_pass(receiver_cache, in_pass):
+            fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
+                             spmd_axis_name=replica_axis)(
+                params, replica_sharer_cache, split_cache(receiver_cache), split(fuse_mask & in_pass, 0), noise_rows)
+            return dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+
+    if config.include_response:
+        # Decode-time fusion (c2c_reference.md §2.6): the answer's K/V are fused too, from the
+        # receiver's unfused pass, and the answer pass attends to its fused K/V in every layer.
+        fused = fuse_pass(receiver_cache, jnp.ones(fuse_mask.shape, bool))
+        p = mb.prefix_tokens.shape[1]
+        prefix = KVCache(k=fused.k[:, :, :p], v=fused.v[:, :, :p], valid=mb.prefix_valid, end=jnp.asarray(p))
+        hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, prefix,
+                                 held=(fused.k[:, :, p:], fused.v[:, :, p:]))
+        row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
+        return row_losses, mb.loss_mask.sum()
+    # Upstream's sections (c2c_reference.md §2.3): each run of fused columns is fused from receiver
+    # K/V that saw the runs before it fused; a trailing template then runs on the fused cache.
+    # One pass and one fusion when the whole prefix is fused (a sharer with the receiver's tokenizer).
+    passes = mb.fused_sections
+    fused = fuse_in_sections(receiver, mb.prefix_tokens, mb.prefix_positions, None, receiver_cache, fuse_pass,
+                             mb.prefix_section, passes)
+    if mb.trailing_section:
+        rewound = dataclasses.replace(fused, end=jnp.zeros_like(fused.end))
+        _, rerun = receiver(mb.prefix_tokens, mb.prefix_positions, rewound, output="kv",
+                            held=mb.prefix_section < passes)
+        fused = dataclasses.replace(rerun, valid=fused.valid, end=fused.end)
     # The prefix's real columns come first and the answer's padding follows its real tokens
     # (`data.collate`), as `extend` requires.
     hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, fused)
@@ -160,13 +206,15 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     """Linear warmup over `warmup_fraction` of the steps, then linear decay toward 0 at `total_steps`.
 
     As HF's "linear" scheduler, shifted by one step so that the first update is not wasted at lr 0:
-    step k (0-based) uses lr * (k + 1) / warmup while warming up.
+    step k (0-based) uses lr * (k + 1) / warmup while warming up; `optim.warmup_from_zero` keeps HF's
+    (and so upstream's) lr * k / warmup.
     """
     warmup = int(optim.warmup_fraction * total_steps)
+    shift = 0.0 if optim.get("warmup_from_zero", False) else 1.0
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        rising = optim.lr * (step + 1) / max(warmup, 1)
+        rising = optim.lr * (step + shift) / max(warmup, 1)
         falling = optim.lr * (total_steps - step) / max(total_steps - warmup, 1)
         return jnp.where(step < warmup, rising, jnp.clip(falling, 0.0, optim.lr))
 
@@ -191,8 +239,24 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
     return optax.chain(*stages)
 
 
+def loss_weights(loss_mask: jax.Array, normalization: str, group_size: int = 4) -> jax.Array:
+    """float32 [micro-batches, B]: each row's weight in the step's loss (its summed answer-token losses
+    times this), from the answer masks [micro-batches, B, R] of one step.
+
+    "tokens": 1 / the step's answer tokens (every token counts the same). "reference": upstream's
+    normalisation (c2c_reference.md §4.4): the token mean of each group of `group_size` consecutive
+    rows (upstream's per-GPU micro-batch), averaged over the groups, at any micro-batch size.
+    """
+    counts = loss_mask.sum(axis=-1).astype(jnp.float32)
+    if normalization == "tokens":
+        return jnp.full(counts.shape, 1.0) / jnp.maximum(counts.sum(), 1.0)
+    groups = counts.reshape(-1, group_size)
+    per_group = 1.0 / (jnp.maximum(groups.sum(axis=1, keepdims=True), 1.0) * groups.shape[0])
+    return jnp.broadcast_to(per_group, groups.shape).reshape(counts.shape)
+
+
 def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fuser_config, normalization,
-               schedule, param_shardings):
+               schedule, param_shardings, group_size: int = 4):
     """One optimizer step over `batch` ([micro_batches, B, ...]); returns the new state and metrics.
 
     Each data-parallel replica (the devices of one index along the mesh's "data" axis) accumulates
@@ -205,21 +269,17 @@ def train_step(state: TrainState, frozen, batch, base_key, *, graphdefs, tx, fus
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return _train_step(state, frozen, batch, base_key, mesh, graphdefs=graphdefs, tx=tx,
                            fuser_config=fuser_config, normalization=normalization, schedule=schedule,
-                           param_shardings=param_shardings)
+                           param_shardings=param_shardings, group_size=group_size)
 
 
 def _train_step(state: TrainState, frozen, batch, base_key, mesh, *, graphdefs, tx, fuser_config, normalization,
-                schedule, param_shardings):
+                schedule, param_shardings, group_size):
     temperature = gate_temperature(state.step, fuser_config)
     replica_axis = sharding.BATCH_AXES[0]
     replicas = mesh.shape[replica_axis]
     key = jax.random.fold_in(base_key, state.step)
     counts = batch.loss_mask.sum(axis=(1, 2)).astype(jnp.float32)
-    total = jnp.maximum(counts.sum(), 1.0)
-    if normalization == "tokens":
-        scales = jnp.full(counts.shape, 1.0) / total
-    else:  # upstream: token mean per micro-batch, then averaged over micro-batches
-        scales = 1.0 / (jnp.maximum(counts, 1.0) * counts.shape[0])
+    weights = loss_weights(batch.loss_mask, normalization, group_size)  # [micro-batches, B]
     fuser: Fuser = nnx.merge(graphdefs[2], state.params)
 
     def by_replica(x, spec):  # [replicas, ...]: one copy (or one gradient) per replica, sharded like the parameters
@@ -228,26 +288,29 @@ def _train_step(state: TrainState, frozen, batch, base_key, mesh, *, graphdefs, 
 
     replica_params = jax.tree.map(by_replica, state.params, param_shardings)
 
-    def scaled(replica_params, mb, noise, scale):
+    def scaled(replica_params, mb, noise, row_weights):
         row_losses, _ = micro_batch_loss(replica_params, frozen, mb, noise, temperature, graphdefs=graphdefs,
                                          mesh=mesh)
-        losses = row_losses.reshape(replicas, -1).sum(axis=1)
-        return losses.sum() * scale, losses
+        weighted = (row_losses * row_weights).reshape(replicas, -1).sum(axis=1)
+        return weighted.sum(), weighted
 
     def accumulate(grads_sum, xs):
-        mb, mb_key, scale = xs
+        mb, mb_key, row_weights = xs
         # The noise of the whole micro-batch: the same numbers on any number of devices.
-        noise = fuser.sample_noise(mb_key, *mb.prefix_tokens.shape)
-        (_, losses), grads = jax.value_and_grad(scaled, has_aux=True)(replica_params, mb, noise, scale)
-        return jax.tree.map(jnp.add, grads_sum, grads), losses
+        rows, width = mb.prefix_tokens.shape
+        if fuser_config.include_response:  # the answer's columns are fused too
+            width += mb.suffix_tokens.shape[1]
+        noise = fuser.sample_noise(mb_key, rows, width)
+        (_, weighted), grads = jax.value_and_grad(scaled, has_aux=True)(replica_params, mb, noise, row_weights)
+        return jax.tree.map(jnp.add, grads_sum, grads), weighted
 
     keys = jax.random.split(key, counts.shape[0])
     zeros = jax.tree.map(lambda p, s: by_replica(jnp.zeros_like(p), s), state.params, param_shardings)
-    grads_by_replica, losses = jax.lax.scan(accumulate, zeros, (batch, keys, scales))
+    grads_by_replica, weighted = jax.lax.scan(accumulate, zeros, (batch, keys, weights))
     grads = jax.tree.map(lambda g: g.sum(axis=0), grads_by_replica)  # the one cross-replica reduction
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loss = jnp.sum(losses.sum(axis=1) * scales)  # losses: [micro-batches, replicas]
+    loss = weighted.sum()  # weighted: [micro-batches, replicas]
     metrics = {
         "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
         "temperature": temperature, "answer_tokens": counts.sum(),
@@ -293,7 +356,10 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict) -> Run:
     from c2c_jax import data as data_lib
+    from c2c_jax.config import resolve_reproduce
 
+    config = resolve_reproduce(config)
+    check_train_settings(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
     n_devices = mesh.size
@@ -325,6 +391,21 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
 
 
+def check_train_settings(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for bad precision, normalisation and shuffle settings (before any model loads)."""
+    t = config.train
+    if t.param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train.param_dtype must be 'float32' or 'bfloat16', not {t.param_dtype!r}")
+    if t.loss_normalization not in ("tokens", "reference"):
+        raise ValueError(f"train.loss_normalization must be 'tokens' or 'reference', not {t.loss_normalization!r}")
+    if t.loss_normalization == "reference" and (t.reference_group_size < 1
+                                                or t.batch_size % t.reference_group_size):
+        raise ValueError(f"train.batch_size {t.batch_size} is not a multiple of train.reference_group_size "
+                         f"{t.reference_group_size} (the sequences of one token mean in the 'reference' loss)")
+    if config.data.shuffle not in ("bucketed", "uniform"):
+        raise ValueError(f"data.shuffle must be 'bucketed' or 'uniform', not {config.data.shuffle!r}")
+
+
 @dataclasses.dataclass
 class Steps:
     graphdefs: tuple
@@ -341,6 +422,10 @@ def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, shar
     sharer_def, sharer_state = nnx.split(sharer)
     fuser_def, fuser_state = nnx.split(fuser)
     params = nnx.to_pure_dict(fuser_state)
+    if config.train.param_dtype == "bfloat16":
+        # As upstream: the parameters themselves in bfloat16, so gradients and Adam's moments
+        # (`zeros_like` the parameters) are too, and updates below a bfloat16 step are lost.
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     tx = make_optimizer(config.optim, total_steps)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     state_sharding = train_state_shardings(config, mesh, tx, state)
@@ -366,6 +451,7 @@ def jit_train_step(config: ml_collections.ConfigDict, graphdefs, tx, fuser_confi
     return jax.jit(
         functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser_config,
                           normalization=config.train.loss_normalization,
+                          group_size=config.train.reference_group_size,
                           schedule=make_schedule(config.optim, total_steps), param_shardings=state_sharding.params),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
 
@@ -404,6 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                          "(gcsfuse, as launch/tpu_vm.sh does on every TPU worker) and pass the mount path.")
     workdir = Path(workdir)
     run = setup(config)
+    config = run.config  # with `reproduce` applied
     is_main = jax.process_index() == 0
     checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
                                      async_save=config.ckpt.async_save)

@@ -101,7 +101,7 @@ def _batch1(ex, *, p=None, r=None, positions="shared", pad=0, spad=0):
 
 
 def _row(batch):
-    return {k: v[0, 0] for k, v in vars(batch).items()}
+    return {k: v[0, 0] for k, v in vars(batch).items() if isinstance(v, np.ndarray)}
 
 
 # =========================================================================================== sources
@@ -372,7 +372,8 @@ def test_training_prefix_matches_inference_prompt(btok, wtok, aligned, positions
     row = _row(_batch1(ex, p=p, r=ex.length - ex.split + 3, positions=positions, pad=pad, spad=spad))
     penc = PromptEncoder(rtok, [stok], sharer_positions=positions)
     prompt = penc.batch([penc.encode_chat(MULTI[:-1])], width=p + 1)
-    inf = {k: np.asarray(v[0] if isinstance(v, tuple) else v)[0, :p] for k, v in vars(prompt).items()}
+    inf = {k: np.asarray(v[0] if isinstance(v, tuple) else v)[0, :p] for k, v in vars(prompt).items()
+           if not isinstance(v, int)}
     assert (penc.aligners[0] is not None) == aligned
     first = int(np.argmax(inf["valid"]))  # the prompt is left-padded to the width
     assert (~inf["valid"][first:]).any() == aligned  # alignment pads among the receiver's columns
@@ -408,10 +409,10 @@ def test_collate_padding_and_positions():
     b = _fake(1, split=8, length=10)
     shared = collate([a, b], prefix_length=8, suffix_length=6, pad_id=-1, sharer_pad_id=-2)
     assert shared.shape == (1, 2, 8, 6)
-    leaves = jax.tree_util.tree_leaves(shared)  # a pytree of 13 NumPy arrays, ready for device_put
-    assert len(leaves) == 13 and all(isinstance(x, np.ndarray) for x in leaves)
+    leaves = jax.tree_util.tree_leaves(shared)  # a pytree of 14 NumPy arrays, ready for device_put
+    assert len(leaves) == 14 and all(isinstance(x, np.ndarray) for x in leaves)
     assert {x.dtype for x in leaves} == {np.dtype(np.int32), np.dtype(bool)}
-    r = {k: v[0] for k, v in vars(shared).items()}
+    r = {k: v[0] for k, v in vars(shared).items() if isinstance(v, np.ndarray)}
     # prefix: each model's real tokens first, then padding; the receiver's alignment pad is dropped
     assert r["prefix_tokens"][0].tolist() == a.tokens[[0, 1, 3, 4]].tolist() + [-1] * 4
     assert r["prefix_valid"][0].tolist() == [True] * 4 + [False] * 4
@@ -435,7 +436,7 @@ def test_collate_padding_and_positions():
     assert r["suffix_positions"][1].tolist() == [8, 9, 0, 0, 0, 0]
     # own positions: per model, real tokens so far - 1; the receiver skips its pad, the sharer has none
     own = {k: v[0] for k, v in vars(collate([a, b], prefix_length=8, suffix_length=6, pad_id=-1, sharer_pad_id=-2,
-                                                sharer_positions="own")).items()}
+                                                sharer_positions="own")).items() if isinstance(v, np.ndarray)}
     assert own["prefix_positions"][0].tolist() == [0, 1, 2, 3, 0, 0, 0, 0]
     assert own["sharer_prefix_positions"][0].tolist() == [0, 1, 2, 3, 4, 0, 0, 0]
     assert own["suffix_positions"][0].tolist() == [4, 5, 6, 7, 0, 0]
@@ -505,6 +506,9 @@ def test_multi_process_rows_concatenate_to_the_global_batch():
         g, p0, p1 = next(full), next(parts[0]), next(parts[1])
         assert p0.shape[:2] == (2, 2)
         for name, value in vars(g).items():
+            if not isinstance(value, np.ndarray):  # the static layout: the whole step's, on every process
+                assert getattr(p0, name) == getattr(p1, name) == value
+                continue
             np.testing.assert_array_equal(np.concatenate([getattr(p0, name), getattr(p1, name)], axis=1), value)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         BatchIterator(ex, micro_batch_size=4, micro_batches=2, process_index=0, process_count=3, **ITER)
@@ -527,7 +531,7 @@ def test_state_restore_resumes_exactly_mid_epoch():
         a, b, h = next(uninterrupted), next(resumed), next(half)
         for name, value in vars(a).items():
             np.testing.assert_array_equal(getattr(b, name), value)
-            np.testing.assert_array_equal(getattr(h, name), value[:, 1:])
+            np.testing.assert_array_equal(getattr(h, name), value[:, 1:] if isinstance(value, np.ndarray) else value)
     assert uninterrupted.epoch >= 2 and resumed.state() == uninterrupted.state()
     with pytest.raises(ValueError, match="micro_batches"):
         BatchIterator(ex, **{**kw, "micro_batches": 3}).restore(state)

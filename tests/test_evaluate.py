@@ -330,3 +330,19 @@ def test_benchmark_file_with_missing_fields(assets, tmp_path, no_model_loading):
                    + json.dumps(dict(question="Q?", answer="A")) + "\n")
     with pytest.raises(ValueError, match=r"row 1 \(0-based\) has no field 'choices'"):
         ev.evaluate(make_config(assets, source=str(bad)), tmp_path)
+
+
+def test_text_to_text_budget_defaults_to_upstreams_per_answer_mode(tmp_path):
+    """Upstream gives the sharer's message 1024 new tokens in generate mode and 64 in logits mode."""
+    from c2c_jax.config import default_config
+
+    def settings(**overrides):
+        config = default_config()
+        config.eval.update(fuser="f", **overrides)
+        return ev.parse_settings(config, tmp_path)
+
+    assert settings(answer_mode="generate").t2t_message_tokens == 1024
+    assert settings(answer_mode="logits").t2t_message_tokens == 64
+    assert settings(answer_mode="logits", t2t_message_tokens=300).t2t_message_tokens == 300
+    with pytest.raises(ValueError, match="eval.t2t_message_tokens must be >= 1"):
+        settings(t2t_message_tokens=-2)

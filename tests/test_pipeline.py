@@ -1,6 +1,7 @@
 """Fused inference against an independent route: PyTorch models + NumPy fuser + PyTorch decode step."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,44 @@ def test_generation_stops_at_eos_and_pads(pair):
     out = jax.device_get(gen.generate_batch(batch, SamplingConfig(max_new_tokens=5)))
     assert out.lengths[0] == 1 and out.tokens[0, 0] == first
     assert np.all(out.tokens[0, 1:] == gen.encoder.pad_id)
+
+
+def test_generation_stops_on_every_eos_id_of_generation_config(pair, tmp_path):
+    """config.json names one eos id, generation_config.json two: generation stops at either, as
+    transformers' `generate` (which reads generation_config.json) does."""
+    import shutil
+
+    prompt = np.random.default_rng(4).integers(4, 149, 12)
+    with torch.no_grad():
+        free = pair["torch_receiver"].generate(torch.tensor(prompt[None]), max_new_tokens=10, do_sample=False,
+                                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].numpy()
+    # Stop on the first greedy token after the first that is new (the tiny model repeats itself; else
+    # on the first token), named only by generation_config.json.
+    n = next((k for k in range(1, len(free)) if free[k] not in free[:k]), 0) + 1
+    stop = int(free[n - 1])
+    directory = tmp_path / "receiver"
+    shutil.copytree(pair["root"] / "receiver", directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["eos_token_id"] = 3
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, stop]}))
+    receiver = load_model(directory, dtype=jnp.float32)
+    assert receiver.config.eos_token_ids == (3, stop)
+    gen = Generator(C2CModel(receiver), PromptEncoder(pair["tokenizer"], pad_to=1))
+    out = jax.device_get(gen.generate_batch(gen.encoder.batch([gen.encoder.encode_ids(prompt)]),
+                                            SamplingConfig(max_new_tokens=10), fuse=False))
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    assert list(torch_model.generation_config.eos_token_id) == [3, stop]
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor(prompt[None]), max_new_tokens=10, do_sample=False,
+                                   pad_token_id=0)[0, len(prompt):].numpy()
+    assert out.lengths[0] == n == len(ref)
+    np.testing.assert_array_equal(out.tokens[0, :n], ref)
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    (bad / "generation_config.json").write_text(json.dumps({"eos_token_id": "end"}))
+    with pytest.raises(ValueError, match="eos_token_id must be an integer"):
+        load_model(bad, dtype=jnp.float32)
 
 
 def test_chat_returns_text_for_both_modes(pair):

@@ -146,11 +146,12 @@ def test_frozen_models_run_on_the_whole_micro_batch_not_per_replica(monkeypatch)
     assert all(b == rows for calls in seen.values() for b in calls), seen
 
 
-def test_training_loss_equals_the_masked_route_on_each_example_alone():
+def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
     """The train step's layout (each model's real prefix tokens packed to the left, alignment pads
-    dropped, the sharer's cache moved onto the receiver's columns, no attention mask anywhere) gives
-    every row the answer loss of the inference route: each example alone in its own columns, with
-    alignment pads, masked prefix passes, fusion, and the answer on the written cache."""
+    dropped, the sharer's cache moved onto the receiver's columns, no attention mask anywhere) and
+    its section passes give every row the answer loss of upstream's route: each example alone in its
+    own columns, with alignment pads, masked passes section by section, each fused section fused
+    right after it ran, and the answer on the written cache."""
     from flax import nnx
 
     from c2c_jax.data import TrainExample, collate
@@ -179,16 +180,23 @@ def test_training_loss_equals_the_masked_route_on_each_example_alone():
     row_losses, _ = jax.jit(functools.partial(trainer.micro_batch_loss, graphdefs=run.graphdefs))(
         params, run.frozen, mb, None, None)
 
+    assert batch.fused_sections == 4 and batch.trailing_section  # several fused runs, some rows end unfused
     for ex, row_loss in zip(examples, np.asarray(row_losses)):
         s, n = ex.split, ex.length
-        columns = jnp.arange(s)[None]
-        receiver_cache = kv_pass(receiver, jnp.asarray(ex.tokens[None, :s]), columns, jnp.asarray(ex.valid[None, :s]),
-                                 receiver.config.num_layers)
-        sharer_cache = kv_pass(sharer, jnp.asarray(ex.sharer_tokens[None, :s]), columns,
-                               jnp.asarray(ex.sharer_valid[None, :s]), fuser.config.sharer_depth)
-        fuse_mask = jnp.asarray((ex.fusable & ex.sharer_valid)[None, :s])
-        fused = fuser(sharer_cache, receiver_cache, fuse_mask, noise=None)
-        logits, _ = receiver(jnp.asarray(ex.tokens[None, s:]), jnp.arange(s, n)[None], fused.with_capacity(n))
+        # Upstream's route (c2c_reference.md §2.3) through the cache API: the receiver extends its cache
+        # one section at a time (runs of fused columns, and the columns between them) and each fused
+        # section's K/V are rewritten right after it ran; the sharer never sees fusion (one pass).
+        fuse = ex.fusable[:s] & ex.sharer_valid[:s] & ex.valid[:s]
+        bounds = [0] + [c for c in range(1, s) if fuse[c] != fuse[c - 1]] + [s]
+        sharer_cache = kv_pass(sharer, jnp.asarray(ex.sharer_tokens[None, :s]), jnp.arange(s)[None],
+                               jnp.asarray(ex.sharer_valid[None, :s]), fuser.config.sharer_depth).with_capacity(n)
+        cache = receiver.init_cache(1, n)
+        for a, e in zip(bounds[:-1], bounds[1:]):
+            _, cache = receiver(jnp.asarray(ex.tokens[None, a:e]), jnp.arange(a, e)[None], cache,
+                                jnp.asarray(ex.valid[None, a:e]))
+            if fuse[a]:
+                cache = fuser(sharer_cache, cache, jnp.asarray((np.arange(n) >= a) & (np.arange(n) < e))[None])
+        logits, _ = receiver(jnp.asarray(ex.tokens[None, s:]), jnp.arange(s, n)[None], cache)
         logits = np.asarray(logits[0, :-1], np.float64)
         targets = ex.tokens[s + 1:]
         expected = np.sum(np.log(np.exp(logits).sum(-1)) - logits[np.arange(n - s - 1), targets])

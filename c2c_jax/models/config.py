@@ -111,8 +111,7 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         is_qwen2 = model_type == "qwen2"
         attention_bias = bool(hf.get("attention_bias", False))
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos_ids = _token_ids(hf.get("eos_token_id"), "config.json")
         return cls(
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),
@@ -137,13 +136,39 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
-        """Reads `config.json` from a checkpoint directory (or the file itself)."""
+        """Reads `config.json` from a checkpoint directory (or the file itself).
+
+        End-of-sequence ids are those of `generation_config.json` next to it, when it has any, then
+        config.json's: generation stops on every one of them, as transformers and upstream C2C do
+        (Qwen3's config.json names only <|im_end|>; its generation config adds <|endoftext|>).
+        """
         path = os.fspath(path)
         file = path if path.endswith(".json") else os.path.join(path, "config.json")
         if not os.path.exists(file):
             raise FileNotFoundError(f"no config.json in {path!r}: a Hugging Face checkpoint directory needs one")
         with open(file, encoding="utf-8") as f:
-            return cls.from_hf_dict(json.load(f))
+            config = cls.from_hf_dict(json.load(f))
+        generation_file = os.path.join(os.path.dirname(file), "generation_config.json")
+        if not os.path.exists(generation_file):
+            return config
+        with open(generation_file, encoding="utf-8") as f:
+            try:
+                generation = json.load(f)
+            except ValueError as error:
+                raise ValueError(f"{generation_file} is not valid JSON: {error}") from error
+        eos = generation.get("eos_token_id") if isinstance(generation, Mapping) else None
+        eos_ids = _token_ids(eos, generation_file)
+        return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(eos_ids + config.eos_token_ids)))
+
+
+def _token_ids(value, source: str) -> tuple[int, ...]:
+    """An `eos_token_id` field (one id, a list of ids, or absent) as a tuple of ints."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{source}: eos_token_id must be an integer or a list of integers, not {value!r}")
+    return tuple(dict.fromkeys(int(v) for v in values))
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:

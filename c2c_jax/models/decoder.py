@@ -214,10 +214,15 @@ class Decoder(nnx.Module):
                              capacity=capacity, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, token_mask: jax.Array | None = None,
-                 *, output: Output = "logits", one_row_gemm: bool = False) -> tuple[jax.Array | None, KVCache]:
+                 *, output: Output = "logits", one_row_gemm: bool = False, held: jax.Array | None = None
+                 ) -> tuple[jax.Array | None, KVCache]:
         """Runs `tokens` [B, T] at `positions` [B, T] on top of `cache`.
 
         token_mask: bool [B, T], False for padding tokens (default: all real).
+        held: bool [B, T], or None: new columns whose K/V the cache already holds at [cache.end,
+          cache.end + T) (fused ones). Every layer attends to, and keeps, those instead of the K/V it
+          computes there: a pass that recomputes only the other columns of a partly fused prompt,
+          one section after another, as upstream C2C runs aligned chats.
         The new tokens go to columns [cache.end, cache.end + T), which must fit in the cache. New
         tokens that fill a cache exactly are a fresh prefill (cache.end must then be 0): attention
         skips the cache and, without a token_mask, needs no mask at all.
@@ -250,7 +255,14 @@ class Decoder(nnx.Module):
         mask = None if unpadded_fresh else attention_mask(valid, end, t)
         cache_k, cache_v = (None, None) if fresh else (cache.k, cache.v)
 
+        def keep_held(new, stacked, layer=None):  # new [(layers,) B, T, ...]; stacked: the cache's k or v
+            held_part = stacked if layer is None else stacked[layer]
+            held_part = jax.lax.dynamic_slice_in_dim(held_part, end, t, axis=-3)
+            return jnp.where(held[:, :, None, None], held_part.astype(new.dtype), new)
+
         def attend(q, k_new, v_new, layer):  # layer i reads its slice of the stacked cache in place
+            if held is not None:
+                k_new, v_new = keep_held(k_new, cache.k, layer), keep_held(v_new, cache.v, layer)
             return cache_attention(q, k_new, v_new, cache_k, cache_v, layer, mask=mask, end=end,
                                    implementation=self.attention_impl, platform=self.platform)
 
@@ -269,6 +281,8 @@ class Decoder(nnx.Module):
             new_v.append(v_last[None])
         new_k = jnp.concatenate(new_k).astype(cache.k.dtype)
         new_v = jnp.concatenate(new_v).astype(cache.v.dtype)
+        if held is not None:
+            new_k, new_v = keep_held(new_k, cache.k), keep_held(new_v, cache.v)
         if fresh:
             k, v = new_k, new_v
         else:
@@ -281,7 +295,7 @@ class Decoder(nnx.Module):
         return (hidden if output == "hidden" else self.logits(hidden)), new_cache
 
     def extend(self, tokens: jax.Array, positions: jax.Array, prefix: KVCache, *,
-               output: Literal["logits", "hidden"] = "hidden") -> jax.Array:
+               output: Literal["logits", "hidden"] = "hidden", held: tuple | None = None) -> jax.Array:
         """Runs `tokens` [B, T] at `positions` [B, T] after `prefix`'s real columns, writing nothing.
 
         The training route: a receiver's answer on its fused prompt cache. Row b's real prefix
@@ -290,6 +304,8 @@ class Decoder(nnx.Module):
         token then sees the real prefix and the new tokens up to itself (what a padding token
         computes is unspecified). With that layout (`data.TrainBatch`) the attention needs no mask
         (`attention.prefix_attention`), unlike `__call__`'s over a cache it writes into.
+        held: None, or K and V [layers, B, T, kv_heads, head_dim] that every layer attends to in place
+          of the new tokens' own (decode-time fusion's fused K/V of the answer).
         Returns final-normed hidden states [B, T, hidden] or float32 logits [B, T, vocab].
         """
         if prefix.num_layers != self.config.num_layers:
@@ -300,13 +316,15 @@ class Decoder(nnx.Module):
                 raise ValueError("extend needs each row's real prefix columns first (prefix.valid a leading block)")
         lengths = prefix.lengths
 
-        def attend(q, k_new, v_new, layer, prefix_k, prefix_v):
-            del layer  # its prefix K/V come sliced (`_layers`' per_layer)
+        def attend(q, k_new, v_new, layer, prefix_k, prefix_v, *held_kv):
+            del layer  # its prefix K/V (and held K/V) come sliced (`_layers`' per_layer)
+            if held_kv:
+                k_new, v_new = (h.astype(k_new.dtype) for h in held_kv)
             return prefix_attention(q, prefix_k, prefix_v, lengths, k_new, v_new, implementation=self.attention_impl,
                                     platform=self.platform)
 
         cos, sin = rope_tables(positions, self.config.rope, self.config.head_dim)
-        per_layer = materialized_cotangent((prefix.k, prefix.v))
+        per_layer = materialized_cotangent((prefix.k, prefix.v) + (() if held is None else tuple(held)))
         x, _, _ = self._layers(self.embed_tokens(tokens), cos, sin, attend, per_layer, self.config.num_layers)
         hidden = self.norm(x)
         return hidden if output == "hidden" else self.logits(hidden)

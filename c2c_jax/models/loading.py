@@ -398,7 +398,9 @@ def gguf_config(reader) -> ModelConfig:
         "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": "blk.0.ffn_up.bias" in names,
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        # Every end-of-generation id the metadata names (end of text, of turn, of message), as llama.cpp stops on.
+        "eos_token_id": [int(i) for i in (get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
+                         if i is not None],
         "pad_token_id": get("tokenizer.ggml.padding_token_id"),
     }
     return dataclasses.replace(ModelConfig.from_hf_dict(hf), rope=rope)
