@@ -32,8 +32,17 @@ FAMILY_SHAPES = {"qwen3": (2, 24), "llama3": (2, 16)}  # receiver (kv heads, hea
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_SHAPES))
 def lockstep_pair(request, tmp_path_factory):
-    family = request.param
-    root = tmp_path_factory.mktemp(f"lockstep_{family}")
+    """Each receiver family's pair, for the reference test."""
+    return _make_pair(request.param, tmp_path_factory.mktemp(f"lockstep_{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_pair(tmp_path_factory):
+    """One pair, for the tests whose subject is not the receiver's family."""
+    return _make_pair("qwen3", tmp_path_factory.mktemp("lockstep_one"))
+
+
+def _make_pair(family, root):
     torch_receiver = make_tiny_model(family, root / "receiver")
     torch_sharer = make_tiny_model("qwen2", root / "sharer", seed=1, num_hidden_layers=2, num_key_value_heads=4)
     for d in ("receiver", "sharer"):
@@ -136,8 +145,8 @@ def test_decode_time_fusion_matches_a_pytorch_lockstep_decode(lockstep_pair):
     assert np.abs(np.asarray(plain_gen.next_token_logits(batch)) - first).max() > 1e-3
 
 
-def test_decode_time_fusion_is_recognised_on_import_and_kept_on_save(lockstep_pair, tmp_path):
-    pair = lockstep_pair
+def test_decode_time_fusion_is_recognised_on_import_and_kept_on_save(qwen3_pair, tmp_path):
+    pair = qwen3_pair
     imported = import_upstream_fuser(pair["root"] / "upstream")  # export wrote the recipe's include_response
     assert imported.config.include_response
     save_fuser(imported, tmp_path / "ours")
@@ -153,8 +162,8 @@ def test_decode_time_fusion_is_recognised_on_import_and_kept_on_save(lockstep_pa
     assert import_upstream_fuser(run_root / "final").config.include_response
 
 
-def test_a_fuser_is_used_only_the_way_it_was_trained(lockstep_pair):
-    pair = lockstep_pair
+def test_a_fuser_is_used_only_the_way_it_was_trained(qwen3_pair):
+    pair = qwen3_pair
     with pytest.raises(ValueError, match="trained with decode-time fusion .* cannot be used without it"):
         C2CModel(pair["receiver"], [pair["sharer"]], [pair["fuser"]], include_response=False)
     plain = Fuser(dataclasses.replace(pair["fuser"].config, include_response=False), rngs=nnx.Rngs(0))
@@ -164,13 +173,13 @@ def test_a_fuser_is_used_only_the_way_it_was_trained(lockstep_pair):
         C2CModel(pair["receiver"], [pair["sharer"]] * 2, [pair["fuser"], plain])
 
 
-def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(lockstep_pair):
+def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(qwen3_pair):
     """fuser.include_response training: each answer token's loss is that of the lockstep decode
     (checked against PyTorch above) fed the answer, from the same fuser."""
     from c2c_jax import trainer
     from c2c_jax.data import TrainExample, collate
 
-    pair = lockstep_pair
+    pair = qwen3_pair
     tokens = np.random.default_rng(3).integers(4, 149, 14).astype(np.int32)
     s, n = 8, 14
     valid = np.ones(n, bool)

@@ -3,7 +3,6 @@
 import functools
 
 import jax
-import numpy as np
 
 from c2c_jax.pipeline import IncrementalText, SamplingConfig
 from test_pipeline import generator, pair  # noqa: F401 - the tiny receiver/sharer/fuser fixture
