@@ -715,7 +715,10 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
               "c2c_sharers": list(settings.sharers[: len(settings.fusers)]) if fused else [],
               "fusers": list(settings.fusers) if fused else [],
               # What each fuser was trained to read as the sharer's K/V ("real", or a trained control).
-              "fuser_sharer_inputs": [f.config.sharer_input for f in fusers] if fused else []}
+              "fuser_sharer_inputs": [f.config.sharer_input for f in fusers] if fused else [],
+              # (open, all) gates per fuser: with none open, C2C and its controls are the receiver alone.
+              "fuser_gates_open": [[int(np.sum(f.gates_open())), int(np.size(f.gates_open()))] for f in fusers]
+              if fused else []}
     return runners, models
 
 
@@ -911,12 +914,15 @@ def verdict(summary: dict) -> str:
             found.append(text)
         if found:
             clauses.append(f"{b}: " + "; ".join(found) + f" ({receiver['items']} items)")
+    gates = summary.get("models", {}).get("fuser_gates_open") or []
+    closed = " (every gate of the fuser is closed, so C2C and its controls are the receiver alone)" \
+        if gates and not any(g[0] for g in gates) else ""
     if not clauses:
         if not any(summary["statistics"][b]["methods"].get("receiver", {}).get("items") for b in summary["benchmarks"]):
             return "Verdict: no receiver-alone run to compare with (add 'receiver' to eval.methods)."
         prefix = "pipeline check at this model size: the receiver is at chance and " if at_chance else ""
-        return f"Verdict: {prefix}no method differs from the receiver alone beyond its 95% interval."
-    return "Verdict: " + "; ".join(clauses) + "."
+        return f"Verdict: {prefix}no method differs from the receiver alone beyond its 95% interval{closed}."
+    return "Verdict: " + "; ".join(clauses) + closed + "."
 
 
 def _write_csv(path: Path, results: dict) -> None:
@@ -957,9 +963,11 @@ def results_markdown(summary: dict) -> str:
         desc.append(f"sharer `{models['sharer']}`")
     if models.get("fusers"):
         inputs = models.get("fuser_sharer_inputs") or ["real"] * len(models["fusers"])
+        gates = models.get("fuser_gates_open") or [None] * len(models["fusers"])
         desc.append("C2C: " + ", ".join(
-            f"`{s}` via fuser `{f}`" + (f" (trained control: sharer input `{i}`)" if i != "real" else "")
-            for s, f, i in zip(models["c2c_sharers"], models["fusers"], inputs)))
+            f"`{s}` via fuser `{f}`" + (f" ({g[0]} of {g[1]} gates open)" if g else "")
+            + (f" (trained control: sharer input `{i}`)" if i != "real" else "")
+            for s, f, i, g in zip(models["c2c_sharers"], models["fusers"], inputs, gates)))
     lines += ["; ".join(desc) + ".", ""]
     header = ["Method", *benches, "TTFT (ms)", "Latency (ms)", "Speedup vs T2T"]
     lines.append("| " + " | ".join(header) + " |")
