@@ -22,6 +22,8 @@ work and returns the summary, so notebooks and tests call it directly. Protocol 
     c2c_no_receiver_input  the projectors read zeros in place of the receiver's K/V (the sharer-only
                            projection; not for a fuser whose ablation reads no receiver anyway).
     A gain of c2c over the receiver that a control matches is a format effect, not the sharer's content.
+    In logits mode the receiver alone, c2c and the controls are scored from one prefill per batch
+    (`SharedPrefill`); each control then adds a fusion and the answer prefix's columns.
 * answer modes (`eval.answer_mode`):
     generate  the MC prompt as one user message, chat template with the generation prompt and thinking
               off, greedy `eval.max_new_tokens`, then `benchmarks.extract_answer`;
@@ -982,7 +984,8 @@ def results_markdown(summary: dict) -> str:
                                                    ".1f") for b in benches) + " | | | |")
     lines += ["", "Accuracy in % on the scored items, [95% percentile bootstrap interval]; chance = the mean of "
               "1 / options. Latency: batch size 1, mean over the first items of each benchmark, after a warm-up "
-              "call; text-to-text counts both stages; the controls cost what C2C costs and are not timed.", ""]
+              "call; text-to-text counts both stages; the controls are not timed (a control runs C2C's computation "
+              "on other inputs).", ""]
 
     lines += ["## Paired differences", "",
               "Accuracy of each method minus the receiver alone (and, for the controls, minus C2C) on the same "
@@ -1079,7 +1082,8 @@ def _plots(summary: dict, output_dir: Path) -> None:
         bottom = np.zeros(len(rows))
         for k, L in enumerate(letters):
             share = np.array([100 * r.get(L, 0.0) for _, r in rows])
-            ax.bar(np.arange(len(rows)), share, 0.7, bottom=bottom, label=L, color=f"C{k}" if L != "none" else "lightgray")
+            color = "lightgray" if L == "none" else f"C{k}"
+            ax.bar(np.arange(len(rows)), share, 0.7, bottom=bottom, label=L, color=color)
             bottom += share
         ax.set_xticks(np.arange(len(rows)), [name for name, _ in rows], rotation=60, ha="right", fontsize=7)
         ax.set_title(b)

@@ -278,7 +278,8 @@ def test_controls_are_reported_against_the_receiver_and_c2c(controlled):
         assert stats[method]["items"] == len(ROWS)
         assert stats[method]["vs_c2c"]["items"] == len(ROWS) and stats[method]["vs_receiver"]["items"] == len(ROWS)
         gold = {r["id"]: r for (m, _), r in c["rows"].items() if m == method}
-        assert stats[method]["gold_logprob"] == pytest.approx(np.mean([float(r["gold_logprob"]) for r in gold.values()]))
+        expected = np.mean([float(r["gold_logprob"]) for r in gold.values()])
+        assert stats[method]["gold_logprob"] == pytest.approx(expected)
     assert stats["c2c"]["vs_c2c"] is None and stats["receiver"]["vs_receiver"] is None
     table = (c["root"] / "eval" / "results.md").read_text()
     assert "| C2C, zero sharer |" in table and "vs C2C" in table and "## Answer distribution" in table
