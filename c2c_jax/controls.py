@@ -39,6 +39,12 @@ def check_sharer_input(sharer_input: str, *, trained: bool = False) -> None:
         raise ValueError(f"unknown sharer input {sharer_input!r}; choose one of {', '.join(valid)}")
 
 
+def zeros_like(x: jax.Array) -> jax.Array:
+    """Zeros that XLA does not constant-fold: folding the fuser's per-layer gather of a zero cache took
+    XLA's constant folder seconds per program (SmolLM2, CPU)."""
+    return jax.lax.optimization_barrier(jnp.zeros_like(x))
+
+
 def _moments(x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """float32 mean and variance of x [L, B, S, H, D] per (layer, row, head), over valid columns and D."""
     x = x.astype(jnp.float32)
@@ -60,7 +66,7 @@ def substitute_sharer_cache(cache: KVCache, sharer_input: str, *, key: jax.Array
     if sharer_input == "real":
         return cache
     if sharer_input == "zeros":
-        return dataclasses.replace(cache, k=jnp.zeros_like(cache.k), v=jnp.zeros_like(cache.v))
+        return dataclasses.replace(cache, k=zeros_like(cache.k), v=zeros_like(cache.v))
     if sharer_input == "noise":
         if key is None:
             raise ValueError("sharer input 'noise' needs a PRNG key")

@@ -23,6 +23,8 @@ work and returns the summary, so notebooks and tests call it directly. Protocol 
     c2c_no_receiver_input  the projectors read zeros in place of the receiver's K/V (the sharer-only
                            projection; not for a fuser whose ablation reads no receiver anyway).
     A gain of c2c over the receiver that a control matches is a format effect, not the sharer's content.
+    In logits mode the receiver alone, c2c and the controls are scored from one prefill per batch
+    (`SharedPrefill`); each control then adds a fusion and the answer prefix's columns.
 * answer modes (`eval.answer_mode`):
     generate  the MC prompt as one user message, chat template with the generation prompt and thinking
               off, greedy `eval.max_new_tokens`, then `benchmarks.extract_answer`;
@@ -735,7 +737,10 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) ->
               "c2c_sharers": list(settings.sharers[: len(settings.fusers)]) if fused else [],
               "fusers": list(settings.fusers) if fused else [],
               # What each fuser was trained to read as the sharer's K/V ("real", or a trained control).
-              "fuser_sharer_inputs": [f.config.sharer_input for f in fusers] if fused else []}
+              "fuser_sharer_inputs": [f.config.sharer_input for f in fusers] if fused else [],
+              # (open, all) gates per fuser: with none open, C2C and its controls are the receiver alone.
+              "fuser_gates_open": [[int(np.sum(f.gates_open())), int(np.size(f.gates_open()))] for f in fusers]
+              if fused else []}
     return runners, models
 
 
@@ -931,12 +936,15 @@ def verdict(summary: dict) -> str:
             found.append(text)
         if found:
             clauses.append(f"{b}: " + "; ".join(found) + f" ({receiver['items']} items)")
+    gates = summary.get("models", {}).get("fuser_gates_open") or []
+    closed = " (every gate of the fuser is closed, so C2C and its controls are the receiver alone)" \
+        if gates and not any(g[0] for g in gates) else ""
     if not clauses:
         if not any(summary["statistics"][b]["methods"].get("receiver", {}).get("items") for b in summary["benchmarks"]):
             return "Verdict: no receiver-alone run to compare with (add 'receiver' to eval.methods)."
         prefix = "pipeline check at this model size: the receiver is at chance and " if at_chance else ""
-        return f"Verdict: {prefix}no method differs from the receiver alone beyond its 95% interval."
-    return "Verdict: " + "; ".join(clauses) + "."
+        return f"Verdict: {prefix}no method differs from the receiver alone beyond its 95% interval{closed}."
+    return "Verdict: " + "; ".join(clauses) + closed + "."
 
 
 def _write_csv(path: Path, results: dict) -> None:
@@ -977,9 +985,11 @@ def results_markdown(summary: dict) -> str:
         desc.append(f"sharer `{models['sharer']}`")
     if models.get("fusers"):
         inputs = models.get("fuser_sharer_inputs") or ["real"] * len(models["fusers"])
+        gates = models.get("fuser_gates_open") or [None] * len(models["fusers"])
         desc.append("C2C: " + ", ".join(
-            f"`{s}` via fuser `{f}`" + (f" (trained control: sharer input `{i}`)" if i != "real" else "")
-            for s, f, i in zip(models["c2c_sharers"], models["fusers"], inputs)))
+            f"`{s}` via fuser `{f}`" + (f" ({g[0]} of {g[1]} gates open)" if g else "")
+            + (f" (trained control: sharer input `{i}`)" if i != "real" else "")
+            for s, f, i, g in zip(models["c2c_sharers"], models["fusers"], inputs, gates)))
     lines += ["; ".join(desc) + ".", ""]
     header = ["Method", *benches, "TTFT (ms)", "Latency (ms)", "Speedup vs T2T"]
     lines.append("| " + " | ".join(header) + " |")
@@ -994,7 +1004,8 @@ def results_markdown(summary: dict) -> str:
                                                    ".1f") for b in benches) + " | | | |")
     lines += ["", "Accuracy in % on the scored items, [95% percentile bootstrap interval]; chance = the mean of "
               "1 / options. Latency: batch size 1, mean over the first items of each benchmark, after a warm-up "
-              "call; text-to-text counts both stages; the controls cost what C2C costs and are not timed.", ""]
+              "call; text-to-text counts both stages; the controls are not timed (a control runs C2C's computation "
+              "on other inputs).", ""]
 
     lines += ["## Paired differences", "",
               "Accuracy of each method minus the receiver alone (and, for the controls, minus C2C) on the same "
@@ -1091,7 +1102,8 @@ def _plots(summary: dict, output_dir: Path) -> None:
         bottom = np.zeros(len(rows))
         for k, L in enumerate(letters):
             share = np.array([100 * r.get(L, 0.0) for _, r in rows])
-            ax.bar(np.arange(len(rows)), share, 0.7, bottom=bottom, label=L, color=f"C{k}" if L != "none" else "lightgray")
+            color = "lightgray" if L == "none" else f"C{k}"
+            ax.bar(np.arange(len(rows)), share, 0.7, bottom=bottom, label=L, color=color)
             bottom += share
         ax.set_xticks(np.arange(len(rows)), [name for name, _ in rows], rotation=60, ha="right", fontsize=7)
         ax.set_title(b)

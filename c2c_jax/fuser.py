@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c2c_jax.controls import check_sharer_input
+from c2c_jax.controls import check_sharer_input, zeros_like
 from c2c_jax.models.kv_cache import KVCache
 
 GateNoise = Literal["gumbel", "logistic"]
@@ -291,7 +291,7 @@ class Fuser(nnx.Module):
         def projector_input(sharer_cache, receiver_cache):
             """[L, B, S, in_dim]: in_proj's input per receiver layer, the mapped sharer layer first."""
             if not receiver_input:
-                receiver_cache = jnp.zeros_like(receiver_cache)
+                receiver_cache = zeros_like(receiver_cache)
             parts = [sharer_cache[layer_map]] + ([receiver_cache] if c.uses_receiver else [])
             return jnp.concatenate([p.reshape(*p.shape[:3], -1).astype(dtype) for p in parts], axis=-1)
 

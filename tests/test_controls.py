@@ -16,7 +16,7 @@ from c2c_jax import build, checkpoint, evaluate as ev, sharding, trainer
 from c2c_jax.benchmarks import ANSWER_PREFIX, LETTERS, build_mc_prompt, load_benchmark
 from c2c_jax.controls import CONTROL_METHODS, FusionControl, substitute_sharer_cache
 from c2c_jax.models import KVCache, load_model, load_tokenizer
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder
+from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import tiny  # noqa: E402
@@ -193,16 +193,43 @@ def _rows_logits(c, method):
     return {i: np.asarray(json.loads(r["option_logits"])) for (m, i), r in c["rows"].items() if m == method}
 
 
-def test_zero_control_is_a_sharer_with_zero_key_and_value_projections(controlled):
-    c = controlled
-    graphdef, state = nnx.split(c["sharer"])
+def _silent_sharer(sharer):
+    """`sharer` with zero key and value projections (weights and biases): its K/V cache is all zeros."""
+    graphdef, state = nnx.split(sharer)
     params = nnx.to_pure_dict(state)
-    q_width = c["sharer"].config.num_heads * c["sharer"].config.head_dim
+    q_width = sharer.config.num_heads * sharer.config.head_dim
     qkv = params["layers"]["self_attn"]["qkv_proj"]
     qkv["kernel"] = qkv["kernel"].at[..., q_width:].set(0.0)
     qkv["bias"] = qkv["bias"].at[..., q_width:].set(0.0)
     nnx.replace_by_pure_dict(state, params)
-    silent = nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, state)
+
+
+def test_controls_in_generate_mode(controlled, tmp_path):
+    """Generate mode runs each control on its own (no shared prefill): the zero control generates what a
+    silent sharer makes C2C generate, and the mismatched control still deranges the items."""
+    c = controlled
+    config = tiny.get_config()
+    config.eval.update(dict(fuser=str(c["root"] / "fuser"), source=str(c["bench"]), benchmarks="openbookqa",
+                            methods="c2c_zero,c2c_mismatched", answer_mode="generate", batch_size=2,
+                            max_new_tokens=4, latency_items=0))
+    ev.evaluate(config, tmp_path)
+    with open(tmp_path / "eval" / "openbookqa.csv", newline="") as f:
+        rows = {(r["method"], r["id"]): r for r in csv.DictReader(f)}
+    tok = c["tokenizer"]
+    generator = Generator(C2CModel(c["receiver"], [_silent_sharer(c["sharer"])], [c["fuser"]]),
+                          PromptEncoder(tok, [tok], pad_to=1))
+    items = load_benchmark("openbookqa", source=c["bench"]).items
+    texts = [generator.chat([ev.mc_messages(it)], SamplingConfig(max_new_tokens=4))[0] for it in items[:2]]
+    assert [rows[("c2c_zero", it.id)]["generated_text"] for it in items[:2]] == texts
+    donors = {i: r["sharer_item"] for (m, i), r in rows.items() if m == "c2c_mismatched"}
+    assert len(donors) == len(ROWS) and all(d and d != i for i, d in donors.items())
+    assert sorted(donors.values()) == sorted(donors)
+
+
+def test_zero_control_is_a_sharer_with_zero_key_and_value_projections(controlled):
+    c = controlled
+    silent = _silent_sharer(c["sharer"])
     expected = _letter_logits(c, silent, c["fuser"], [r["id"] for r in ROWS])
     got = _rows_logits(c, "c2c_zero")
     for item_id, logits in expected.items():
@@ -251,7 +278,8 @@ def test_controls_are_reported_against_the_receiver_and_c2c(controlled):
         assert stats[method]["items"] == len(ROWS)
         assert stats[method]["vs_c2c"]["items"] == len(ROWS) and stats[method]["vs_receiver"]["items"] == len(ROWS)
         gold = {r["id"]: r for (m, _), r in c["rows"].items() if m == method}
-        assert stats[method]["gold_logprob"] == pytest.approx(np.mean([float(r["gold_logprob"]) for r in gold.values()]))
+        expected = np.mean([float(r["gold_logprob"]) for r in gold.values()])
+        assert stats[method]["gold_logprob"] == pytest.approx(expected)
     assert stats["c2c"]["vs_c2c"] is None and stats["receiver"]["vs_receiver"] is None
     table = (c["root"] / "eval" / "results.md").read_text()
     assert "| C2C, zero sharer |" in table and "vs C2C" in table and "## Answer distribution" in table

@@ -103,6 +103,10 @@ def runs(assets):
     return out
 
 
+def runs_fuser_dir(run) -> str:
+    return run["summary"]["models"]["fusers"][0]
+
+
 def _main_table(path: Path) -> dict[str, list[str]]:
     """results.md's first table: {first cell: cells} (the header and the alignment row left out)."""
     lines = path.read_text().splitlines()
@@ -168,9 +172,12 @@ def test_outputs_are_complete_and_consistent(runs, mode):
             assert share == pytest.approx(sum(r["prediction"] == ("" if letter == "none" else letter)
                                               for r in mine) / len(mine))
     chance = np.mean([1 / len(r["choices"]) for r in SCORED])
-    assert stats["chance"] == pytest.approx(chance) and float(body["Chance"][1]) == pytest.approx(100 * chance, abs=0.05)
+    assert stats["chance"] == pytest.approx(chance)
+    assert float(body["Chance"][1]) == pytest.approx(100 * chance, abs=0.05)
     assert summary["verdict"].startswith("Verdict: ") and (out_dir / "results.md").read_text().rstrip().endswith(
         summary["verdict"])
+    gates = np.asarray(checkpoint.load_fuser(runs_fuser_dir(run)).gates_open())
+    assert summary["models"]["fuser_gates_open"] == [[int(gates.sum()), gates.size]] and 0 < gates.sum() < gates.size
     assert summary["config"]["eval"]["answer_mode"] == mode
 
 

@@ -70,6 +70,10 @@ def test_verdict_names_what_the_run_shows():
     line = ev.verdict(_summary({"receiver": chance, "c2c": chance.copy()}))
     assert line == ("Verdict: pipeline check at this model size: the receiver is at chance and no method differs "
                     "from the receiver alone beyond its 95% interval.")
+    # A fuser with every gate closed says so.
+    closed = dict(_summary({"receiver": chance, "c2c": chance.copy()}), models=dict(fuser_gates_open=[[0, 56]]))
+    assert ev.verdict(closed).endswith("(every gate of the fuser is closed, so C2C and its controls are the "
+                                       "receiver alone).")
     # C2C gains, no control run.
     line = ev.verdict(_summary({"receiver": chance, "c2c": better}))
     assert "bench: c2c +" in line and "no controls run" in line

@@ -431,8 +431,6 @@ def _gguf_reader(path: Path):
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None,
               param_sharding: ParamSharding | None = None, **decoder_kwargs) -> Decoder:
     """Loads a (possibly quantized) GGUF file; tensors are dequantized one at a time."""
-    import gguf
-
     path = Path(path)
     reader = _gguf_reader(path)
     config = gguf_config(reader)
