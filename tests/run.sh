@@ -13,6 +13,6 @@ else
 fi
 echo "tests/run.sh: installing $torch and the test dependencies"
 python -m pip install --quiet "$torch" --extra-index-url https://download.pytorch.org/whl/cpu
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test,lm_eval]"
 echo "tests/run.sh: running the tests"
 python -m pytest -q -n 2 tests "$@"
