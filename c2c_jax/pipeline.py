@@ -678,7 +678,7 @@ class InferencePrograms:
         out = None
         try:
             self._sink = lambda tokens, new: steps.put((np.asarray(tokens), np.asarray(new)))
-            cache = self._prompt_cache(state, batch, fuse=fuse, suffix_length=1)
+            cache = self._prompt_cache(state, batch, None, fuse=fuse, suffix_length=1)
             out = self._generate(state, batch, cache, key, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
                                  stream=True)
             while True:  # the program runs on while the host reads its steps
@@ -791,7 +791,7 @@ class Generator:
         batch = self.encoder.batch([self.encoder.encode_chat(c) for c in conversations])
         self._check_fits(batch, sampling)
         texts = [IncrementalText(self.encoder.receiver_tokenizer) for _ in conversations]
-        for tokens, new in self.programs.stream(self.state, batch, jax.random.key(seed), sampling=sampling,
+        for tokens, new in self.programs.stream(self.state, self.placed(batch), jax.random.key(seed), sampling=sampling,
                                                 eos_ids=self.eos_ids, pad_id=self.encoder.pad_id, fuse=fuse):
             yield [text.add(int(t)) if n else "" for text, t, n in zip(texts, tokens, new)]
         tail = [text.flush() for text in texts]
