@@ -29,7 +29,7 @@ def test_streamed_pieces_join_to_the_chat_answers(pair):  # noqa: F811
 def test_only_the_streaming_program_calls_back_to_the_host(pair):  # noqa: F811
     gen = generator(pair, pad_to=16)
     batch = gen.encoder.batch([gen.encoder.encode_chat(c) for c in CHATS])
-    cache = gen.programs._prompt_cache(gen.state, batch, fuse=True, suffix_length=1)
+    cache = gen.programs._prompt_cache(gen.state, batch, None, fuse=True, suffix_length=1)
 
     def program(stream):
         return str(jax.make_jaxpr(functools.partial(
