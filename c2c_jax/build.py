@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -14,6 +15,7 @@ from c2c_jax.alignment import layer_map
 from c2c_jax.checkpoint import check_pair, load_any_fuser, read_fuser_config
 from c2c_jax.fuser import Fuser, FuserConfig
 from c2c_jax.models import Decoder, load_model, load_tokenizer
+from c2c_jax.models.attention import TPU_BLOCK
 from c2c_jax.models.loading import read_config
 from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder
 
@@ -92,9 +94,14 @@ def new_fuser(config: ml_collections.ConfigDict, receiver: Decoder, sharer: Deco
 
 
 def prompt_encoder(config: ml_collections.ConfigDict, receiver_tok, sharer_toks=(), **kwargs) -> PromptEncoder:
-    """The config's alignment settings; `kwargs` (pad_to, enable_thinking) override PromptEncoder defaults."""
+    """The config's alignment settings; `kwargs` (pad_to, enable_thinking) override PromptEncoder defaults.
+
+    On a TPU prompts are padded to multiples of the TPU attention kernels' block
+    (`attention.TPU_BLOCK`), which they need to take a prompt at all."""
     a = config.alignment
     kwargs.setdefault("enable_thinking", config.data.enable_thinking)
+    if jax.default_backend() == "tpu":
+        kwargs.setdefault("pad_to", TPU_BLOCK)
     return PromptEncoder(receiver_tok, list(sharer_toks), alignment=a.tokens, strategy=a.strategy,
                          sharer_positions=a.sharer_positions, **kwargs)
 
