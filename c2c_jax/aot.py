@@ -240,7 +240,7 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
                           (columns(jnp.bool_),), (columns(jnp.int32),), (columns(jnp.bool_),))
     # The program's function, not its jit: a jit traced here would not be traced again (nor its
     # attention routes recorded) when it is lowered.
-    cache = jax.eval_shape(lambda s, b: programs._prompt_cache_program(s, b, fuse=True, suffix_length=1),
+    cache = jax.eval_shape(lambda s, b: programs._prompt_cache_program(s, b, None, fuse=True, suffix_length=1),
                            state, prompts)
     cache_rows = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, 1 if x.ndim == 5 else 0)
                               if x.ndim else sharding.replicated(mesh), cache)
@@ -249,10 +249,11 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
     receiver = model.receiver.config
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     return [
-        ("prompt_cache", programs._prompt_cache, (state, prompts), dict(fuse=True, suffix_length=1)),
+        ("prompt_cache", programs._prompt_cache, (state, prompts, None), dict(fuse=True, suffix_length=1)),
         ("logits", programs._logits, (state, prompts, cache), dict(suffix_length=1)),
         ("generate", programs._generate, (state, prompts, cache, key),
-         dict(sampling=sampling, eos_ids=tuple(receiver.eos_token_ids), pad_id=int(receiver.pad_token_id or 0))),
+         dict(sampling=sampling, eos_ids=tuple(receiver.eos_token_ids), pad_id=int(receiver.pad_token_id or 0),
+              stream=False)),
     ]
 
 
