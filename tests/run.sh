@@ -14,5 +14,10 @@ fi
 echo "tests/run.sh: installing $torch and the test dependencies"
 python -m pip install --quiet "$torch" --extra-index-url https://download.pytorch.org/whl/cpu
 python -m pip install --quiet -e ".[test,lm_eval]"
+if [ "$(uname -s)" = Linux ]; then
+  # libtpu, for the TPU compile check (tests/test_aot.py compiles for a v5e slice on this CPU; it skips
+  # without libtpu). Only one process can hold libtpu: those tests share one xdist group.
+  python -m pip install --quiet "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"
+fi
 echo "tests/run.sh: running the tests"
-python -m pytest -q -n 2 tests "$@"
+python -m pytest -q -n 2 --dist loadgroup tests "$@"
