@@ -302,5 +302,5 @@ def test_corrupt_own_format_is_reported(tmp_path):
     (directory / "fuser.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(FuserCheckpointError, match="corrupt"):
         load_fuser(directory)
-    with pytest.raises(FileNotFoundError, match="not a c2c_jax fuser directory"):
+    with pytest.raises(FileNotFoundError, match="is not a fuser directory: it has neither fuser.json"):
         load_fuser(tmp_path)
