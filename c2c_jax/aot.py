@@ -201,6 +201,8 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
     shape = {"prefix": (batch_size // micro, micro, prefix), "suffix": (batch_size // micro, micro, suffix)}
     fields = {}
     for f in dataclasses.fields(data.TrainBatch):
+        if f.metadata.get("static"):  # the step's layout: one fused section, as for one tokenizer
+            continue
         dims = shape["suffix" if f.name.startswith("suffix") or f.name in ("targets", "loss_mask") else "prefix"]
         dtype = jnp.bool_ if f.name.endswith(("valid", "mask")) else jnp.int32
         fields[f.name] = jax.ShapeDtypeStruct(dims, dtype, sharding=sharding.batch_sharding(mesh, 3, 1))
