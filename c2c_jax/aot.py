@@ -405,11 +405,12 @@ def run(config, topology: Topology, *, programs=PROGRAMS, prefix: int = 0, suffi
 
 
 def main() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from c2c_jax.config import parse_flags
+    from c2c_jax import cli
 
+    cli.starting("aot")
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     topology_flag = flags.DEFINE_string("topology", "v5e-16", "Accelerator type (v5e-16) or topology (v5e:4x4).")
     programs_flag = flags.DEFINE_list("programs", list(PROGRAMS), "Programs to compile.")
@@ -423,15 +424,11 @@ def main() -> None:
     json_flag = flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
     flags.mark_flags_as_required(["config"])
 
-    def main_(argv):
-        del argv
-        try:
-            topology = topology_named(topology_flag.value)
-            reports = run(config_flag.value, topology, programs=programs_flag.value, prefix=prefix_flag.value,
-                          suffix=suffix_flag.value, eval_batch=batch_flag.value, prompt_length=length_flag.value,
-                          receiver_config_file=receiver_flag.value, sharer_config_file=sharer_flag.value)
-        except (RuntimeError, ValueError, FileNotFoundError) as error:
-            sys.exit(f"error: {error}")
+    def main_():
+        topology = topology_named(topology_flag.value)
+        reports = run(config_flag.value, topology, programs=programs_flag.value, prefix=prefix_flag.value,
+                      suffix=suffix_flag.value, eval_batch=batch_flag.value, prompt_length=length_flag.value,
+                      receiver_config_file=receiver_flag.value, sharer_config_file=sharer_flag.value)
         if json_flag.value:
             with open(json_flag.value, "w") as f:
                 json.dump({"topology": dataclasses.asdict(topology),
@@ -440,7 +437,7 @@ def main() -> None:
         print(f"{topology.name}: " + (f"{', '.join(failed)} do(es) not fit" if failed else "every program fits"))
         sys.exit(1 if failed else 0)
 
-    app.run(main_, flags_parser=parse_flags)
+    cli.run(main_)
 
 
 if __name__ == "__main__":
