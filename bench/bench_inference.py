@@ -1,14 +1,14 @@
 """Inference benchmarks at Qwen3-0.6B <- Qwen2.5-0.5B shapes, random bf16 weights.
 
-Models (issue 2): prefill of 512 and 2048 tokens (full logits and KV-only), decode ms/token at
+Models: prefill of 512 and 2048 tokens (full logits and KV-only), decode ms/token at
 batch 1 and 64, for both models, next to transformers' PyTorch models on the same card.
-Fusion (issue 3): fusing all 28 layers, C2C time-to-first-token and receiver-only TTFT at 512 and
+Fusion: fusing all 28 layers, C2C time-to-first-token and receiver-only TTFT at 512 and
 2048 prompt tokens, batch 1 and 16.
 TTFT alone (`--only ttft`): the fusion part's TTFT rows without its fusion timings.
-TTFT parts (issue 3, `--only ttft_parts`): the four steps of the C2C TTFT route timed one by one.
+TTFT parts (`--only ttft_parts`): the four steps of the C2C TTFT route timed one by one.
 Generate (`--only generate`): the library's decode loop (`pipeline.decode`, a while loop that
 checks for EOS after every token) for Qwen3-0.6B at a 512-token context, ms per token.
-Methods (issue 5): first-token latency of receiver, sharer, text-to-text (sharer writes an
+Methods: first-token latency of receiver, sharer, text-to-text (sharer writes an
 80-token message first) and C2C at a 512-token prompt.
 
     python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts,generate]
@@ -224,8 +224,7 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
 
 def bench_ttft(report, programs: InferencePrograms, state, batch):
     """C2C and receiver-only time to first token: the library's route to the first token's logits
-    (`InferencePrograms.next_token_logits`: two programs, for C2C since session 9 and for
-    receiver-only since session 10; before, one program, up to session 8 with an argmax)."""
+    (`InferencePrograms.next_token_logits`, two programs)."""
     def ttft(state, batch, fuse_flag):
         return programs.next_token_logits(state, batch, fuse=fuse_flag)
 
@@ -262,7 +261,7 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
         return jnp.argmax(logits, -1)
 
     # The receiver's prefix pass over `width` columns, with the pipeline's all-valid padding mask or
-    # none: what the width (t - 1 before session 3's last change, t now) and the mask cost it.
+    # none: what the width and the mask cost it.
     @functools.partial(jax.jit, static_argnames=("width", "masked"))
     def receiver_prefix(state, tokens, positions, valid, width=t, masked=True):
         m = nnx.merge(graphdef, state)

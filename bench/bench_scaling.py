@@ -1,4 +1,4 @@
-"""Data-parallel training over the GPUs of one host: numerics against one GPU, and scaling (issue 6).
+"""Data-parallel training over the GPUs of one host: numerics against one GPU, and scaling.
 
 The same global micro-batch (default 8 x 2048 tokens at the configs/qwen.py shapes, random bf16
 weights) runs a few optimizer steps on a one-device mesh and on a data-parallel mesh over all local

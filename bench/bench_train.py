@@ -1,4 +1,4 @@
-"""Training throughput at the configs/qwen.py shapes with random bf16 weights (issue 4).
+"""Training throughput at the configs/qwen.py shapes with random bf16 weights.
 
 Qwen3-0.6B receiver <- Qwen2.5-0.5B sharer, fuser h = m = 1024, L = 3 (477,848,056 parameters),
 micro-batch 4 x 2048 tokens (prefix P + suffix R = 2048, default 1024 + 1024), one optimizer

@@ -607,7 +607,7 @@ class InferencePrograms:
     first token from 7.23 to 6.57 ms. Receiver-only takes the same cut, so that with closed gates
     both routes compile the last token alike and give bit-identical logits (in one program XLA may
     round it differently); the cut costs it nothing measurable (4.46 ms against 4.58 ms as one
-    program, same H200; docs/performance.md, session 11).
+    program, same H200).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None):

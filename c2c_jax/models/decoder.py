@@ -234,8 +234,7 @@ class Decoder(nnx.Module):
           reduction over the weights' major axis, which reads them at about 1 TB/s on an H200;
           carrying the copy from the embedding on (attention runs once) spares a concatenation
           before each projection. Faster in a one-off program such as prefill's last prompt token
-          (0.9-1.3 ms off a 512-token receiver-only prefill on an H200), slower in a decode loop
-          (docs/performance.md, session 8).
+          (0.9-1.3 ms off a 512-token receiver-only prefill on an H200), slower in a decode loop.
         """
         cfg = self.config
         b, t = tokens.shape
