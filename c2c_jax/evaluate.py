@@ -846,7 +846,7 @@ def _summarise(settings: EvalSettings, models: dict, per_bench: dict, config) ->
         latency=latency, latency_per_benchmark=lat_bench, speedup_vs_t2t=speedup,
         run_seconds={b: out["run_seconds"] for b, out in per_bench.items()},
         files=dict(csv={b: f"{b}.csv" for b in per_bench}, summary="summary.json", results="results.md",
-                   plots=["accuracy.png", "answers.png", "latency.png"]),
+                   plots=["accuracy.png", "answers.png"] + (["latency.png"] if settings.latency_items else [])),
         config=config_dict)
     summary["verdict"] = verdict(summary)
     return summary
@@ -1114,6 +1114,8 @@ def _plots(summary: dict, output_dir: Path) -> None:
     fig.savefig(output_dir / "answers.png", dpi=120)
 
     timed = [m for m in methods if summary["latency"][m]["items"]]
+    if not timed:  # eval.latency_items=0: nothing was timed, and an empty plot would say nothing
+        return
     fig = Figure(figsize=(max(6.0, 1.2 * len(timed) + 3), 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()

@@ -277,6 +277,7 @@ def test_multi_sharer_c2c_matches_sequential_fusion(assets, tmp_path):
     summary = ev.evaluate(config, tmp_path)
     assert summary["models"]["fusers"] == [str(assets["fuser"]), str(assets["fuser_open"])]
     assert summary["latency"]["c2c"]["items"] == 0 and summary["counts"]["openbookqa"]["c2c"]["scored"] == 3
+    assert not (tmp_path / "eval" / "latency.png").exists()  # nothing timed, no empty plot
     with open(tmp_path / "eval" / "openbookqa.csv", newline="") as f:
         rows = {r["id"]: json.loads(r["option_logits"]) for r in csv.DictReader(f)}
     generator = _independent_generator(assets, [assets["fuser"], assets["fuser_open"]], pad_to=64)
