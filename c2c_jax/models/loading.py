@@ -203,13 +203,18 @@ def _build(config: ModelConfig, get_tensor, available: Iterable[str], *, dtype, 
 # Public entry points.
 
 
+def _is_hub_id(text: str) -> bool:
+    """Whether a path that does not exist could be a hub id ("owner/name"), not a missing local path."""
+    return not (text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(".gguf"))
+
+
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     """A local checkpoint directory or GGUF file; hub ids are fetched with `huggingface_hub`."""
     path = Path(os.fspath(path_or_id)).expanduser()
     if path.exists():
         return path
     text = os.fspath(path_or_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(".gguf"):
+    if not _is_hub_id(text):
         raise FileNotFoundError(f"checkpoint {text!r} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -236,7 +241,7 @@ def read_config(path_or_id: str | os.PathLike) -> ModelConfig | None:
         return tiny_config(text[len(RANDOM_PREFIX):])
     path = Path(text).expanduser()
     if not path.exists():
-        if text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith(".gguf"):
+        if not _is_hub_id(text):
             raise FileNotFoundError(f"checkpoint {text!r} does not exist")
         return None
     if path.is_file() and path.suffix == ".gguf":
