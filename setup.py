@@ -46,7 +46,7 @@ EXTRAS = {
     "tpu": ["jax[tpu]>=0.10.2"],
     "tfds": ["tensorflow-datasets"],
     "tensorboard": ["tensorboard"],  # the viewer for WORKDIR/tensorboard
-    # c2c_jax.lm_eval_adapter: c2c-jax as an lm-evaluation-harness model. Pulls no torch of its own (it
+    # c2c_jax.evaluate.lm_eval_adapter: c2c-jax as an lm-evaluation-harness model. Pulls no torch of its own (it
     # uses the installed one; 0.4.13 checked against torch 2.13 CPU).
     "lm_eval": ["lm_eval>=0.4.13"],
 }

@@ -6,7 +6,7 @@ Fusion: fusing all 28 layers, C2C time-to-first-token and receiver-only TTFT at 
 2048 prompt tokens, batch 1 and 16.
 TTFT alone (`--only ttft`): the fusion part's TTFT rows without its fusion timings.
 TTFT parts (`--only ttft_parts`): the four steps of the C2C TTFT route timed one by one.
-Generate (`--only generate`): the library's decode loop (`pipeline.decode`, a while loop that
+Generate (`--only generate`): the library's decode loop (`infer.decode.decode`, a while loop that
 checks for EOS after every token) for Qwen3-0.6B at a 512-token context, ms per token.
 Methods: first-token latency of receiver, sharer, text-to-text (sharer writes an
 80-token message first) and C2C at a 512-token prompt.
@@ -38,10 +38,12 @@ import common  # noqa: E402
 from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Report, device_name,  # noqa: E402
                     random_decoder, time_ms)
 
-from c2c_jax.fuser import Fuser  # noqa: E402
+from c2c_jax.c2c.fuser import Fuser  # noqa: E402
 from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
-from c2c_jax.pipeline import (C2CModel, InferencePrograms, PromptBatch, SamplingConfig, decode,  # noqa: E402
-                              kv_pass)
+from c2c_jax.c2c.model import C2CModel, kv_pass  # noqa: E402
+from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
+from c2c_jax.c2c.prompt import PromptBatch  # noqa: E402
+from c2c_jax.infer.decode import SamplingConfig, decode  # noqa: E402
 
 
 def prefill_fn(graphdef, output):
@@ -313,7 +315,7 @@ def bench_methods(report, receiver_cfg, sharer_cfg, prompt, message_tokens):
 
 
 def bench_generate(report, cfg, batches, context, new_tokens):
-    """Qwen3-0.6B's decode loop as the library runs it (`pipeline.decode`: a `lax.while_loop` that
+    """Qwen3-0.6B's decode loop as the library runs it (`infer.decode.decode`: a `lax.while_loop` that
     checks for EOS after every token; no EOS here, so every row runs `new_tokens`). `decode_fn`'s
     rows time a `fori_loop` of the same steps, whose trip count XLA knows."""
     model = random_decoder(cfg)

@@ -54,9 +54,10 @@ def serve(args) -> None:
     from flax import nnx
 
     import common
-    from c2c_jax.engine import Engine, EngineLimits, Route, Sampling
-    from c2c_jax.fuser import Fuser
-    from c2c_jax.pipeline import C2CModel, PromptEncoder
+    from c2c_jax.infer.engine import Engine, EngineLimits, Route, Sampling
+    from c2c_jax.c2c.fuser import Fuser
+    from c2c_jax.c2c.model import C2CModel
+    from c2c_jax.c2c.prompt import PromptEncoder
     from c2c_jax.serve import create_app
 
     receiver_cfg, sharer_cfg = ((common.SMOKE_RECEIVER, common.SMOKE_SHARER) if args.smoke

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from c2c_jax import build
-from c2c_jax.config import default_config
-from c2c_jax.fuser import FuserConfig
-from c2c_jax.models import Decoder, ModelConfig
+from c2c_jax.config import default_config  # noqa: E402
+from c2c_jax.c2c.fuser import FuserConfig  # noqa: E402
+from c2c_jax.models import Decoder, ModelConfig  # noqa: E402
 
 # Architectures of the paper's main pair (their HF config.json files), so no weights are needed.
 QWEN3_0_6B = dict(

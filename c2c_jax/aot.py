@@ -153,7 +153,7 @@ def abstract_models(config, platform: str, *, remat: bool, receiver_config_file=
     from flax import nnx
 
     from c2c_jax import build
-    from c2c_jax.fuser import Fuser
+    from c2c_jax.c2c.fuser import Fuser
     from c2c_jax.models import Decoder
     from c2c_jax.models.architectures import architecture_of
 
@@ -179,7 +179,9 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
     import jax.numpy as jnp
     from flax import nnx
 
-    from c2c_jax import data, sharding, trainer
+    from c2c_jax import sharding
+    from c2c_jax.train.batching import TrainBatch
+    from c2c_jax.train.step import TrainState, jit_train_step, make_optimizer, train_state_shardings
 
     make_receiver, make_sharer, make_fuser = models
     receiver_def, receiver_state = nnx.split(nnx.eval_shape(make_receiver))
@@ -187,12 +189,12 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
     fuser_abstract = nnx.eval_shape(lambda: make_fuser(make_receiver(), make_sharer()))
     fuser_def, fuser_state = nnx.split(fuser_abstract)
     total_steps = max(config.train.max_steps, 1)
-    tx = trainer.make_optimizer(config.optim, total_steps)
+    tx = make_optimizer(config.optim, total_steps)
     params = nnx.to_pure_dict(fuser_state)
-    state = trainer.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
-    state_sharding = trainer.train_state_shardings(config, mesh, tx, state)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+    state_sharding = train_state_shardings(config, mesh, tx, state)
     graphdefs = (receiver_def, sharer_def, fuser_def)
-    step = trainer.jit_train_step(config, graphdefs, tx, fuser_abstract.config, total_steps, state_sharding)
+    step = jit_train_step(config, graphdefs, tx, fuser_abstract.config, total_steps, state_sharding)
 
     micro, batch_size = config.train.micro_batch_size, config.train.batch_size
     if batch_size % micro or micro % mesh.size:
@@ -200,7 +202,7 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
                          f"{mesh.size} chips (micro_batch_size must be a multiple of the chip count)")
     shape = {"prefix": (batch_size // micro, micro, prefix), "suffix": (batch_size // micro, micro, suffix)}
     fields = {}
-    for f in dataclasses.fields(data.TrainBatch):
+    for f in dataclasses.fields(TrainBatch):
         if f.metadata.get("static"):  # the step's layout: one fused section, as for one tokenizer
             continue
         dims = shape["suffix" if f.name.startswith("suffix") or f.name in ("targets", "loss_mask") else "prefix"]
@@ -209,7 +211,7 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
     frozen = (_sharded_state(receiver_state, mesh, shard=config.mesh.shard_frozen),
               _sharded_state(sharer_state, mesh, shard=config.mesh.shard_frozen))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-    args = (_with_shardings(state, state_sharding), frozen, data.TrainBatch(**fields), key)
+    args = (_with_shardings(state, state_sharding), frozen, TrainBatch(**fields), key)
     return step, args, state_sharding
 
 
@@ -221,7 +223,10 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
     from flax import nnx
 
     from c2c_jax import sharding
-    from c2c_jax.pipeline import C2CModel, InferencePrograms, PromptBatch, SamplingConfig
+    from c2c_jax.c2c.model import C2CModel
+    from c2c_jax.infer.generator import InferencePrograms
+    from c2c_jax.c2c.prompt import PromptBatch
+    from c2c_jax.infer.decode import SamplingConfig
 
     make_receiver, make_sharer, make_fuser = models
 

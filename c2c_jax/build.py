@@ -11,22 +11,25 @@ import ml_collections
 from flax import nnx
 
 from c2c_jax import cli
-from c2c_jax.alignment import layer_map
-from c2c_jax.checkpoint import check_pair, load_any_fuser, read_fuser_config
-from c2c_jax.fuser import Fuser, FuserConfig
+from c2c_jax.c2c.layer_map import layer_map
+from c2c_jax.c2c.fuser import check_pair
+from c2c_jax.infer.fuser_io import load_any_fuser, read_fuser_config
+from c2c_jax.c2c.fuser import Fuser, FuserConfig
 from c2c_jax.models import Decoder, load_model, load_tokenizer
 from c2c_jax.models.attention import TPU_BLOCK
 from c2c_jax.models.loading import read_config
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import PromptEncoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
 def _offline_models():
-    from c2c_jax import assets
+    from c2c_jax import offline
 
     # Real models that install from PyPI, by short name (no model hub needed).
-    return {"smollm2": assets.smollm2_gguf}
+    return {"smollm2": offline.smollm2_gguf}
 
 
 def resolve_model_path(path: str) -> str:

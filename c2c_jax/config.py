@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from c2c_jax.benchmarks import T2T_BACKGROUND_PROMPT
+from c2c_jax.evaluate.scoring import T2T_BACKGROUND_PROMPT
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
         ablation="none",  # none | no_weight | no_weight_no_gate | project | fuse
         zero_init=False,
         # "real"; "zeros" / "noise": the trained control, the same recipe with the sharer's K/V withheld
-        # (c2c_jax/controls.py). Saved with the fuser, which then reads the same input at inference.
+        # (c2c_jax/c2c/controls.py). Saved with the fuser, which then reads the same input at inference.
         sharer_input="real",
         include_response=False,  # decode-time fusion (upstream's include_response): response tokens fused too
         dtype="bfloat16",  # compute dtype; parameters and optimizer state are float32

@@ -26,7 +26,10 @@ def main() -> None:
     def run():
         import time
 
-        from c2c_jax import evaluate, sharding, trainer
+        from c2c_jax import sharding
+        from c2c_jax.evaluate.report import results_markdown
+        from c2c_jax.evaluate.run import evaluate
+        from c2c_jax.train.loop import train_and_evaluate
 
         sharding.maybe_initialize_distributed()
         logging.set_verbosity(logging.INFO)
@@ -34,12 +37,12 @@ def main() -> None:
         config, workdir = config_flag.value, Path(workdir_flag.value)
         started = time.monotonic()
         cli.phase(f"training a fuser ({config.train.max_steps} steps) in {workdir}")
-        trainer.train_and_evaluate(config, workdir)
+        train_and_evaluate(config, workdir)
         trained = time.monotonic()
         config.eval.fuser = str(workdir / "final")
         cli.phase(f"evaluating {config.eval.methods} on {config.eval.benchmarks}")
-        summary = evaluate.evaluate(config, workdir)
-        print(evaluate.results_markdown(summary))
+        summary = evaluate(config, workdir)
+        print(results_markdown(summary))
         cli.phase(f"done in {time.monotonic() - started:.0f} s (training {trained - started:.0f} s, evaluation "
                   f"{time.monotonic() - trained:.0f} s); outputs in {workdir}/eval, fuser in {workdir}/final")
 

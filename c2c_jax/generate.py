@@ -109,7 +109,7 @@ def main() -> None:
 
     def run():
         from c2c_jax import build, sharding
-        from c2c_jax.pipeline import SamplingConfig
+        from c2c_jax.infer.decode import SamplingConfig
 
         sharding.maybe_initialize_distributed()
         g = config_flag.value.generate

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from c2c_jax.engine import Engine, InvalidRequest, Metrics, QueueFull, Request, Sampling
+from c2c_jax.infer.engine import Engine, InvalidRequest, Metrics, QueueFull, Request, Sampling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -468,9 +468,9 @@ def build_engine(config, limits, *, routes: list[str] = (), receiver_name: str =
     import ml_collections
 
     from c2c_jax import build
-    from c2c_jax.checkpoint import load_any_fuser
-    from c2c_jax.engine import Engine, Route, stop_token_ids
-    from c2c_jax.pipeline import C2CModel
+    from c2c_jax.infer.fuser_io import load_any_fuser
+    from c2c_jax.infer.engine import Engine, Route, stop_token_ids
+    from c2c_jax.c2c.model import C2CModel
 
     receiver, receiver_tok = build.load_frozen(config.receiver)
     specs = [(c2c_name, config.generate.fuser, "")] if config.generate.fuser else []
@@ -522,7 +522,7 @@ def main() -> None:
         del argv
         import uvicorn
 
-        from c2c_jax.engine import EngineLimits
+        from c2c_jax.infer.engine import EngineLimits
 
         g = config_flag.value.generate
         limits = EngineLimits(slots=slots.value, max_prompt_tokens=max_prompt.value, max_tokens=max_tokens.value,

@@ -29,7 +29,7 @@ def get_config():
     c.ckpt.update(every=16, keep=2)
     # Receiver and sharer are the same model here, so "sharer alone" would repeat "receiver alone".
     # The controls run the same fuser without the sharer's content for the prompt: a gain they match is a
-    # format effect (c2c_jax/controls.py). In logits mode the receiver, c2c and the controls share one
+    # format effect (c2c_jax/c2c/controls.py). In logits mode the receiver, c2c and the controls share one
     # prefill per batch; 24 items (three batches) per benchmark keep the evaluation to a few minutes on
     # 2 CPU cores.
     # Batch-1 latency on a CPU says nothing about C2C and costs compiles, so the demo times none.

@@ -1,4 +1,4 @@
-"""Independent NumPy implementation of the C2C formulas (c2c_reference.md §1), on upstream state dicts."""
+"""Independent NumPy implementation of the C2C formulas (docs/upstream_reference.md §1), on upstream state dicts."""
 
 import numpy as np
 from scipy.special import erf

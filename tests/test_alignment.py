@@ -14,13 +14,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from c2c_jax.alignment import (
-    AlignedChat,
-    TokenAligner,
-    _find_spans,
-    _token_ranges,
-    tokenizers_compatible,
-)
+from c2c_jax.c2c.token_alignment import AlignedChat, TokenAligner, _find_spans, _token_ranges, tokenizers_compatible
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -409,9 +403,9 @@ def test_message_missing_from_one_template(rtok, backends):
 
 
 # ------------------------------------------------------------------------------------------------
-# Layer maps (c2c_reference.md §2.8), written out by hand for the published pairs.
+# Layer maps (docs/upstream_reference.md §2.8), written out by hand for the published pairs.
 
-from c2c_jax.alignment import layer_map  # noqa: E402
+from c2c_jax.c2c.layer_map import layer_map  # noqa: E402
 
 
 def test_terminal_layer_maps_of_published_pairs():

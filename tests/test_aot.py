@@ -12,8 +12,8 @@ import jax
 import pytest
 
 from c2c_jax import aot
-from c2c_jax.alignment import layer_map
-from c2c_jax.fuser import FuserConfig
+from c2c_jax.c2c.layer_map import layer_map
+from c2c_jax.c2c.fuser import FuserConfig
 from c2c_jax.models.architectures import architecture_of
 from configs import tiny
 
@@ -86,7 +86,7 @@ def test_a_held_libtpu_lock_names_its_process(tmp_path):
 
 
 def test_pinned_architectures_give_the_published_fuser_sizes():
-    """c2c_reference.md §1.7: the fuser of each pair (h = m = 1024, 3 layers) has the size the paper's
+    """docs/upstream_reference.md §1.7: the fuser of each pair (h = m = 1024, 3 layers) has the size the paper's
     checkpoints have, which the architectures' layer counts, kv heads and head dims decide."""
     def fuser_params(receiver, sharer):
         r, s = architecture_of(receiver), architecture_of(sharer)

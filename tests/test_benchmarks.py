@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from c2c_jax import benchmarks as B
-from c2c_jax.benchmarks import MCItem
+from c2c_jax.evaluate import benchmarks as B, scoring
+from c2c_jax.evaluate.benchmarks import MCItem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,22 +75,22 @@ EXTRACTION_CASES = [
 
 @pytest.mark.parametrize("text,expected", EXTRACTION_CASES)
 def test_extract_answer_table(text, expected):
-    assert B.extract_answer(text) == expected
+    assert scoring.extract_answer(text) == expected
 
 
 def test_extract_answer_num_choices():
-    assert B.extract_answer("E", num_choices=5) == "E"
-    assert B.extract_answer("The correct answer is E", num_choices=5) == "E"
-    assert B.extract_answer("E", num_choices=4) is None
-    assert B.extract_answer("The correct answer is E", num_choices=4) is None
-    assert B.extract_answer("C", num_choices=2) is None
-    assert B.extract_answer("The answer is (J)", num_choices=10) == "J"
-    assert B.extract_answer("j", num_choices=10) == "J"
-    assert B.extract_answer(None) is None
+    assert scoring.extract_answer("E", num_choices=5) == "E"
+    assert scoring.extract_answer("The correct answer is E", num_choices=5) == "E"
+    assert scoring.extract_answer("E", num_choices=4) is None
+    assert scoring.extract_answer("The correct answer is E", num_choices=4) is None
+    assert scoring.extract_answer("C", num_choices=2) is None
+    assert scoring.extract_answer("The answer is (J)", num_choices=10) == "J"
+    assert scoring.extract_answer("j", num_choices=10) == "J"
+    assert scoring.extract_answer(None) is None
     with pytest.raises(ValueError):
-        B.extract_answer("A", num_choices=0)
+        scoring.extract_answer("A", num_choices=0)
     with pytest.raises(ValueError):
-        B.extract_answer("A", num_choices=27)
+        scoring.extract_answer("A", num_choices=27)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,26 +143,26 @@ EXPECTED_COT_PROMPT = (
 
 
 def test_prompt_exact():
-    prompt = B.build_mc_prompt(ITEM)
+    prompt = scoring.build_mc_prompt(ITEM)
     assert prompt == EXPECTED_PROMPT
-    assert prompt.endswith(B.ANSWER_PREFIX)
-    assert B.ANSWER_PREFIX == "The correct answer is"
+    assert prompt.endswith(scoring.ANSWER_PREFIX)
+    assert scoring.ANSWER_PREFIX == "The correct answer is"
 
 
 def test_prompt_cot_exact():
-    assert B.build_mc_prompt(ITEM, use_cot=True) == EXPECTED_COT_PROMPT
+    assert scoring.build_mc_prompt(ITEM, use_cot=True) == EXPECTED_COT_PROMPT
     assert len(EXPECTED_COT_PROMPT.split("\n")[1]) == 19
 
 
 def test_prompt_without_template():
     expected = "Which gas do plants absorb from the air?\n\nChoices:\nA. Oxygen\nB. Carbon dioxide\nC. Nitrogen\nD. Helium\n"
-    assert B.build_mc_prompt(ITEM, use_template=False) == expected
-    assert B.build_mc_prompt(ITEM, use_template=False, use_cot=True) == expected
+    assert scoring.build_mc_prompt(ITEM, use_template=False) == expected
+    assert scoring.build_mc_prompt(ITEM, use_template=False, use_cot=True) == expected
 
 
 def test_prompt_five_options_and_braces():
     item = MCItem("q", "Pick {{choices}}", ("a", "b", "c", "d", "e"), "E")
-    prompt = B.build_mc_prompt(item)
+    prompt = scoring.build_mc_prompt(item)
     assert "\nPick {{choices}}\n" in prompt
     assert "D. d\nE. e\n\n\nInstructions:" in prompt
 

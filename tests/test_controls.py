@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from c2c_jax import build, checkpoint, evaluate as ev, sharding, trainer
-from c2c_jax.benchmarks import ANSWER_PREFIX, LETTERS, build_mc_prompt, load_benchmark
-from c2c_jax.controls import CONTROL_METHODS, FusionControl, substitute_sharer_cache
+from c2c_jax import build, sharding
+from c2c_jax.evaluate.methods import Route
+from c2c_jax.evaluate.run import evaluate
+from c2c_jax.evaluate.scoring import mc_messages
+from c2c_jax.infer.fuser_io import load_fuser, save_fuser
+from c2c_jax.train import loop
+from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt
+from c2c_jax.evaluate.benchmarks import load_benchmark
+from c2c_jax.c2c.controls import CONTROL_METHODS, FusionControl, substitute_sharer_cache
 from c2c_jax.models import KVCache, load_model, load_tokenizer
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.infer.decode import SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import tiny  # noqa: E402
@@ -113,15 +122,15 @@ def test_donors_form_a_derangement_within_batches_of_neighbouring_lengths():
         suffix: int = 1
 
     prompts = [Stub(w) for w in widths]
-    chunks = ev.Route._chunks(prompts, 3, min_rows=2)
+    chunks = Route._chunks(prompts, 3, min_rows=2)
     assert [len(c) for c in chunks] == [3, 2, 2] and all(len(c) > 1 for c in chunks)
     assert [[widths[i] for i in c] for c in chunks] == [[10, 20, 30], [40, 50], [60, 70]]
-    donors = ev.Route.donors(chunks)
+    donors = Route.donors(chunks)
     assert sorted(donors) == list(range(7)) and sorted(donors.values()) == list(range(7))
     assert all(donors[i] != i for i in donors)
     assert all(any(i in c and donors[i] in c for c in chunks) for i in donors)
     # The batch control's row permutation is the same derangement.
-    control = ev.Route._batch_control(FusionControl("mismatched"), 0, 3, 4, seed=0)
+    control = Route._batch_control(FusionControl("mismatched"), 0, 3, 4, seed=0)
     assert list(np.asarray(control.donor_rows)) == [1, 2, 0, 3]
 
 
@@ -148,11 +157,11 @@ def controlled(tmp_path_factory):
     sharer = load_model("random:qwen2", dtype=jnp.float32)
     fuser = build.new_fuser(config, receiver, sharer)
     fuser.projectors.gate_logit[...] = jnp.ones_like(fuser.projectors.gate_logit[...])  # every gate open
-    checkpoint.save_fuser(fuser, root / "fuser")
+    save_fuser(fuser, root / "fuser")
     config.eval.update(dict(fuser=str(root / "fuser"), source=str(bench), benchmarks="openbookqa", limit=0,
                             methods="receiver,c2c," + ",".join(CONTROL_METHODS), answer_mode="logits",
                             batch_size=4, latency_items=0))
-    summary = ev.evaluate(config, root)
+    summary = evaluate(config, root)
     with open(root / "eval" / "openbookqa.csv", newline="") as f:
         rows = {(r["method"], r["id"]): r for r in csv.DictReader(f)}
     return dict(root=root, bench=bench, receiver=receiver, sharer=sharer, fuser=fuser, summary=summary, rows=rows,
@@ -213,14 +222,14 @@ def test_controls_in_generate_mode(controlled, tmp_path):
     config.eval.update(dict(fuser=str(c["root"] / "fuser"), source=str(c["bench"]), benchmarks="openbookqa",
                             methods="c2c_zero,c2c_mismatched", answer_mode="generate", batch_size=2,
                             max_new_tokens=4, latency_items=0))
-    ev.evaluate(config, tmp_path)
+    evaluate(config, tmp_path)
     with open(tmp_path / "eval" / "openbookqa.csv", newline="") as f:
         rows = {(r["method"], r["id"]): r for r in csv.DictReader(f)}
     tok = c["tokenizer"]
     generator = Generator(C2CModel(c["receiver"], [_silent_sharer(c["sharer"])], [c["fuser"]]),
                           PromptEncoder(tok, [tok], pad_to=1))
     items = load_benchmark("openbookqa", source=c["bench"]).items
-    texts = [generator.chat([ev.mc_messages(it)], SamplingConfig(max_new_tokens=4))[0] for it in items[:2]]
+    texts = [generator.chat([mc_messages(it)], SamplingConfig(max_new_tokens=4))[0] for it in items[:2]]
     assert [rows[("c2c_zero", it.id)]["generated_text"] for it in items[:2]] == texts
     donors = {i: r["sharer_item"] for (m, i), r in rows.items() if m == "c2c_mismatched"}
     assert len(donors) == len(ROWS) and all(d and d != i for i, d in donors.items())
@@ -288,11 +297,11 @@ def test_controls_are_reported_against_the_receiver_and_c2c(controlled):
 def test_no_receiver_input_refuses_a_fuser_that_reads_no_receiver(controlled, tmp_path):
     config = tiny.get_config()
     config.fuser.ablation = "project"
-    checkpoint.save_fuser(build.new_fuser(config, controlled["receiver"], controlled["sharer"]), tmp_path / "fuser")
+    save_fuser(build.new_fuser(config, controlled["receiver"], controlled["sharer"]), tmp_path / "fuser")
     config.eval.update(dict(fuser=str(tmp_path / "fuser"), source=str(controlled["bench"]), benchmarks="openbookqa",
                             methods="c2c_no_receiver_input", answer_mode="logits"))
     with pytest.raises(ValueError, match="reads no receiver input, so the control would repeat c2c"):
-        ev.evaluate(config, tmp_path)
+        evaluate(config, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,7 +328,7 @@ def _other_sharer(state):
 
 def test_real_sharer_input_depends_on_the_sharer():
     """The negative control of the test below: the same check fails for the real sharer input."""
-    run = trainer.setup(_config("real"))
+    run = loop.setup(_config("real"))
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     receiver_state, sharer_state = run.frozen
     params = _open_gates(run.state.params)
@@ -329,7 +338,7 @@ def test_real_sharer_input_depends_on_the_sharer():
 
 
 def test_trained_control_fuser_does_not_depend_on_the_sharer(tmp_path):
-    run = trainer.setup(_config("zeros"))
+    run = loop.setup(_config("zeros"))
     assert run.fuser_template.config.sharer_input == "zeros"
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     state = run.state
@@ -344,8 +353,8 @@ def test_trained_control_fuser_does_not_depend_on_the_sharer(tmp_path):
 
     # Saved with the fuser, and inference feeds it what it was trained on: its logits ignore the sharer too.
     fuser = nnx.merge(run.graphdefs[2], jax.device_get(params))
-    checkpoint.save_fuser(fuser, tmp_path / "fuser")
-    loaded = checkpoint.load_fuser(tmp_path / "fuser")
+    save_fuser(fuser, tmp_path / "fuser")
+    loaded = load_fuser(tmp_path / "fuser")
     assert loaded.config.sharer_input == "zeros"
     receiver = nnx.merge(run.graphdefs[0], receiver_state)
     tok = run.tokenizers[0]
@@ -360,7 +369,7 @@ def test_trained_control_fuser_does_not_depend_on_the_sharer(tmp_path):
 
 
 def test_noise_trained_control_runs_and_is_saved(tmp_path):
-    run = trainer.setup(_config("noise"))
+    run = loop.setup(_config("noise"))
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     state, metrics = run.step_fn(run.state, run.frozen, batch, jax.random.key(0))
     assert np.isfinite(float(metrics["loss"])) and run.fuser_template.config.sharer_input == "noise"

@@ -15,12 +15,16 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from c2c_jax import data
-from c2c_jax.alignment import TokenAligner, tokenizers_compatible
+from c2c_jax.c2c.prompt import PREFIX_MISMATCH, TOO_LONG
+from c2c_jax.c2c.token_alignment import pad_id_of
+from c2c_jax.train.batching import batch_iterator, bucket_of, load_train_data
+from c2c_jax.train.sources import load_chats, row_to_chat, synthetic_chats
+from c2c_jax.c2c.token_alignment import TokenAligner, tokenizers_compatible
 from c2c_jax.config import default_config
-from c2c_jax.data import BatchIterator, ChatEncoder, TrainExample, collate, encode_chat
+from c2c_jax.train.batching import BatchIterator, collate
+from c2c_jax.c2c.prompt import ChatEncoder, TrainExample, encode_chat
 from c2c_jax.models.tiny import VOCAB_SIZE, byte_tokenizer
-from c2c_jax.pipeline import PromptEncoder
+from c2c_jax.c2c.prompt import PromptEncoder
 
 CORPUS = [
     "What is the capital of France? The capital of France is Paris.",
@@ -106,8 +110,8 @@ def _row(batch):
 
 # =========================================================================================== sources
 def test_synthetic_chats_deterministic_short_and_varied(btok):
-    chats = data.synthetic_chats(200, seed=3)
-    assert chats == data.synthetic_chats(200, seed=3) and chats != data.synthetic_chats(200, seed=4)
+    chats = synthetic_chats(200, seed=3)
+    assert chats == synthetic_chats(200, seed=3) and chats != synthetic_chats(200, seed=4)
     assert all(c[-1]["role"] == "assistant" and c[0]["role"] == "user" for c in chats)
     assert any(len(c) == 4 for c in chats) and any(len(c) == 2 for c in chats)
     assert max(len(btok(_render(btok, c, False), add_special_tokens=False)["input_ids"]) for c in chats) <= 128
@@ -122,12 +126,12 @@ def test_synthetic_chats_deterministic_short_and_varied(btok):
 def test_row_conversion_openhermes_and_messages():
     conv = [{"from": "system", "value": "be nice"}, {"from": "human", "value": "  hi there \n"},
             {"from": "gpt", "value": " Hello! \n"}]
-    chat, reason = data.row_to_chat({"conversations": conv})
+    chat, reason = row_to_chat({"conversations": conv})
     assert reason is None and chat == [{"role": "user", "content": "hi there"},
                                        {"role": "assistant", "content": " Hello! \n"}]
     msgs = [{"role": "system", "content": "be nice"}, {"role": "user", "content": " hi "},
             {"role": "assistant", "content": "yo"}]
-    assert data.row_to_chat({"messages": msgs}) == (msgs, None)  # kept as given, system included
+    assert row_to_chat({"messages": msgs}) == (msgs, None)  # kept as given, system included
 
 
 def _write_rows(tmp_path, name, rows):
@@ -147,7 +151,7 @@ def _write_rows(tmp_path, name, rows):
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
 @pytest.mark.parametrize("fmt", ["messages", "conversations"])
 def test_local_files_load_in_both_row_formats(tmp_path, suffix, fmt):
-    chats = data.synthetic_chats(7, seed=1)
+    chats = synthetic_chats(7, seed=1)
     if fmt == "messages":
         rows = [{"messages": c, "id": i} for i, c in enumerate(chats)]
     else:
@@ -155,9 +159,9 @@ def test_local_files_load_in_both_row_formats(tmp_path, suffix, fmt):
         rows = [{"conversations": [{"from": "system", "value": "sys"}]
                  + [{"from": names[m["role"]], "value": m["content"]} for m in c]} for c in chats]
     path = _write_rows(tmp_path, "chats" + suffix, rows)
-    loaded, stats = data.load_chats(str(path), max_rows=None)
+    loaded, stats = load_chats(str(path), max_rows=None)
     assert loaded == chats and stats["rows"] == 7
-    loaded, stats = data.load_chats(str(path), max_rows=3)  # the first rows, in file order
+    loaded, stats = load_chats(str(path), max_rows=3)  # the first rows, in file order
     assert loaded == chats[:3] and stats["rows"] == 3
 
 
@@ -180,7 +184,7 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path):
         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
         good,
     ]
-    chats, stats = data.load_chats(str(_write_rows(tmp_path, "bad.jsonl", rows)))
+    chats, stats = load_chats(str(_write_rows(tmp_path, "bad.jsonl", rows)))
     assert chats == [SINGLE, SINGLE]
     assert dict(stats) == {"rows": 15, "invalid_json": 1, "missing_field": 3, "unknown_role": 2,
                            "empty_content": 2, "bad_content": 1, "last_not_assistant": 1, "no_user_turn": 1,
@@ -190,9 +194,9 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path):
 def test_empty_dataset_and_missing_source_are_clear_errors(tmp_path):
     path = _write_rows(tmp_path, "empty.jsonl", [{"messages": SINGLE[:1]}, {"foo": 1}])
     with pytest.raises(ValueError, match="no usable chat.*last_not_assistant: 1.*missing_field: 1"):
-        data.load_chats(str(path))
+        load_chats(str(path))
     with pytest.raises(FileNotFoundError, match="openhermes, mc_train, synthetic"):
-        data.load_chats(str(tmp_path / "nope.jsonl"))
+        load_chats(str(tmp_path / "nope.jsonl"))
 
 
 def test_openhermes_hub_error_names_alternatives(monkeypatch):
@@ -203,7 +207,7 @@ def test_openhermes_hub_error_names_alternatives(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(RuntimeError, match=r"(?s)OpenHermes.*local file.*'mc_train'.*'synthetic'"):
-        data.load_chats("openhermes", max_rows=10)
+        load_chats("openhermes", max_rows=10)
 
 
 def test_openhermes_takes_first_rows_and_converts(monkeypatch):
@@ -219,7 +223,7 @@ def test_openhermes_takes_first_rows_and_converts(monkeypatch):
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", load)
-    chats, stats = data.load_chats("openhermes", max_rows=4)
+    chats, stats = load_chats("openhermes", max_rows=4)
     assert calls == [("teknium/OpenHermes-2.5", "train")]
     assert chats == [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} "}]
                      for i in (0, 2, 3)]
@@ -227,7 +231,6 @@ def test_openhermes_takes_first_rows_and_converts(monkeypatch):
 
 
 def test_mc_train_source(monkeypatch):
-    from c2c_jax import benchmarks
 
     seen = {}
 
@@ -235,8 +238,10 @@ def test_mc_train_source(monkeypatch):
         seen.update(limit=limit, seed=seed)
         return [SINGLE] * 3
 
+    from c2c_jax.evaluate import benchmarks
+
     monkeypatch.setattr(benchmarks, "mc_training_chats", fake)
-    chats, _ = data.load_chats("mc_train", max_rows=3, seed=7)
+    chats, _ = load_chats("mc_train", max_rows=3, seed=7)
     assert chats == [SINGLE] * 3 and seen == {"limit": 3, "seed": 7}
 
 
@@ -272,7 +277,7 @@ def test_enable_thinking_is_passed_through():
 
 def test_prefix_property_check_skips_and_counts():
     tok = _with_template(BROKEN_TEMPLATE)
-    assert encode_chat(MULTI, tok) == data.PREFIX_MISMATCH
+    assert encode_chat(MULTI, tok) == PREFIX_MISMATCH
     assert isinstance(encode_chat(SINGLE, tok), TrainExample)  # the template only breaks multi-turn chats
     examples, stats = ChatEncoder(tok).encode_chats([SINGLE, MULTI, SINGLE])
     assert [e is None for e in examples] == [False, True, False] and stats == {"prefix_mismatch": 1}
@@ -282,7 +287,7 @@ def test_too_long_and_template_errors_are_counted(btok):
     n = len(btok(_render(btok, SINGLE, False), add_special_tokens=False)["input_ids"])
     enc = ChatEncoder(btok, max_length=n)
     assert isinstance(enc.encode_chat(SINGLE), TrainExample)
-    assert ChatEncoder(btok, max_length=n - 1).encode_chat(SINGLE) == data.TOO_LONG
+    assert ChatEncoder(btok, max_length=n - 1).encode_chat(SINGLE) == TOO_LONG
     bad = _with_template("{{ raise_exception('no') if messages[0]['content'] == 'boom' }}{% for m in messages %}"
                          "<|im_start|>{{ m['content'] }}{% endfor %}")
     out, stats = ChatEncoder(bad).encode_chats([SINGLE, [{"role": "user", "content": "boom"}, SINGLE[1]]])
@@ -321,7 +326,7 @@ def test_aligned_labels_fused_columns_and_pads(pair, messages):
     r_full = rtok(full, add_special_tokens=False)["input_ids"]
     r_instr = rtok(instruction, add_special_tokens=False)["input_ids"]
     assert ex.answer.tolist() == r_full[len(r_instr):]
-    row = _row(_batch1(ex, pad=data.pad_id_of(rtok), spad=data.pad_id_of(stok)))
+    row = _row(_batch1(ex, pad=pad_id_of(rtok), spad=pad_id_of(stok)))
     assert row["targets"][row["loss_mask"]].tolist() == r_full[len(r_instr):]
     assert rtok.decode(row["targets"][row["loss_mask"]], skip_special_tokens=False).strip() == \
         full[len(instruction):].strip()
@@ -368,7 +373,7 @@ def test_training_prefix_matches_inference_prompt(btok, wtok, aligned, positions
     rtok, stok = (wtok, btok) if aligned else (btok, btok)
     ex = ChatEncoder(rtok, stok).encode_chat(MULTI)
     p = ex.split + 5
-    pad, spad = data.pad_id_of(rtok), data.pad_id_of(stok)
+    pad, spad = pad_id_of(rtok), pad_id_of(stok)
     row = _row(_batch1(ex, p=p, r=ex.length - ex.split + 3, positions=positions, pad=pad, spad=spad))
     penc = PromptEncoder(rtok, [stok], sharer_positions=positions)
     prompt = penc.batch([penc.encode_chat(MULTI[:-1])], width=p + 1)
@@ -471,7 +476,7 @@ def test_iterator_buckets_shapes_and_determinism():
         a_, b_, p, r = b.shape
         assert (a_, b_) == (3, 2) and p in ITER["prefix_buckets"] and r in ITER["suffix_buckets"]
         for i in _ids(b):  # the step's bucket is each row's own smallest fitting bucket
-            assert data.bucket_of(ex[i], ITER["prefix_buckets"], ITER["suffix_buckets"]) == (p, r)
+            assert bucket_of(ex[i], ITER["prefix_buckets"], ITER["suffix_buckets"]) == (p, r)
             assert i != len(ex) - 1
         # prefix and suffix both start with a real token at column 0
         assert b.prefix_valid[..., 0].all() and b.suffix_valid[..., 0].all()
@@ -555,21 +560,21 @@ def _config(source="synthetic", **data_kw):
 
 def test_load_train_data_split_and_stats(btok):
     c = _config()
-    train, evals, stats = data.load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    train, evals, stats = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert len(evals) == 12 and len(train) == 108
     assert stats == {"rows": 120, "chats": 120, "examples": 120, "train": 108, "eval": 12}
     # a partition of the encoded chats (by index: synthetic chats are all distinct)
-    chats, _ = data.load_chats("synthetic", max_rows=120, seed=c.seed)
+    chats, _ = load_chats("synthetic", max_rows=120, seed=c.seed)
     assert len({json.dumps(ch) for ch in chats}) == 120
     key = lambda e: e.tokens.tobytes()  # noqa: E731
     everything = [key(e) for e in ChatEncoder(btok).encode_chats(chats)[0]]
     assert sorted(everything) == sorted(map(key, train + evals)) and not set(map(key, train)) & set(map(key, evals))
-    train2, evals2, _ = data.load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    train2, evals2, _ = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert [e.tokens.tolist() for e in evals2] == [e.tokens.tolist() for e in evals]
     c.seed = 1
-    _, evals3, _ = data.load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    _, evals3, _ = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert [e.tokens.tolist() for e in evals3] != [e.tokens.tolist() for e in evals]
-    it = data.batch_iterator(c, train, pad_id=data.pad_id_of(btok), sharer_pad_id=data.pad_id_of(btok))
+    it = batch_iterator(c, train, pad_id=pad_id_of(btok), sharer_pad_id=pad_id_of(btok))
     batch = next(it)
     assert batch.shape[:2] == (2, 4) and it.num_steps_per_epoch() >= 108 // 8 - 2
 
@@ -580,13 +585,13 @@ def test_load_train_data_counts_skips_and_errors(tmp_path, btok):
     path = _write_rows(tmp_path, "mix.jsonl", rows)
     c = _config(str(path), max_length=200)
     c.data.eval_fraction = 0.0
-    train, evals, stats = data.load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    train, evals, stats = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert len(train) == 1 and not evals
     assert stats == {"rows": 4, "chats": 3, "examples": 1, "train": 1, "eval": 0, "skipped/too_long": 1,
                      "skipped/too_long_for_buckets": 1, "skipped/last_not_assistant": 1}
     c.data.max_length = 20
     with pytest.raises(ValueError, match="no training example.*too_long: 3"):
-        data.load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+        load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     c.data.max_length = 200
     with pytest.raises(ValueError, match="vocabulary of 100"):
-        data.load_train_data(c, btok, btok, VOCAB_SIZE, 100)
+        load_train_data(c, btok, btok, VOCAB_SIZE, 100)

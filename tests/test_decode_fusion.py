@@ -1,4 +1,4 @@
-"""Decode-time fusion (upstream's `include_response`, c2c_reference.md §2.6) against a PyTorch lockstep decode.
+"""Decode-time fusion (upstream's `include_response`, docs/upstream_reference.md §2.6) against a PyTorch lockstep decode.
 
 The reference is upstream's route on transformers' models (same tiny random configs) and the NumPy
 fuser: the prompt but its last token is fused from the receiver's unfused pass; then for the last
@@ -19,11 +19,14 @@ import torch
 import transformers
 from flax import nnx
 
-from c2c_jax.alignment import layer_map
-from c2c_jax.checkpoint import export_upstream_fuser, import_upstream_fuser, load_fuser, save_fuser
-from c2c_jax.fuser import Fuser, FuserConfig
+from c2c_jax.c2c.layer_map import layer_map
+from c2c_jax.infer.fuser_io import export_upstream_fuser, import_upstream_fuser, load_fuser, save_fuser
+from c2c_jax.c2c.fuser import Fuser, FuserConfig
 from c2c_jax.models import load_model, load_tokenizer
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.infer.decode import SamplingConfig
 from reference_c2c import reference_fuse
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
@@ -176,8 +179,9 @@ def test_a_fuser_is_used_only_the_way_it_was_trained(qwen3_pair):
 def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(qwen3_pair):
     """fuser.include_response training: each answer token's loss is that of the lockstep decode
     (checked against PyTorch above) fed the answer, from the same fuser."""
-    from c2c_jax import trainer
-    from c2c_jax.data import TrainExample, collate
+    from c2c_jax.train.step import micro_batch_loss
+    from c2c_jax.c2c.prompt import TrainExample
+    from c2c_jax.train.batching import collate
 
     pair = qwen3_pair
     tokens = np.random.default_rng(3).integers(4, 149, 14).astype(np.int32)
@@ -187,7 +191,7 @@ def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(q
     mb = jax.tree.map(lambda x: jnp.asarray(x[0]), collate([example], prefix_length=16, suffix_length=8, pad_id=0,
                                                            sharer_pad_id=0))
     graphdefs, states = zip(*(nnx.split(m) for m in (pair["receiver"], pair["sharer"], pair["fuser"])))
-    row_losses, count = trainer.micro_batch_loss(nnx.to_pure_dict(states[2]), states[:2], mb, None, None,
+    row_losses, count = micro_batch_loss(nnx.to_pure_dict(states[2]), states[:2], mb, None, None,
                                                  graphdefs=graphdefs)
     assert int(count) == n - s - 1
 
@@ -206,10 +210,11 @@ def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(q
 
 
 def test_a_train_step_with_decode_time_fusion_moves_the_fuser_and_saves_the_mode(tmp_path):
-    from c2c_jax import sharding, trainer
+    from c2c_jax import sharding
+    from c2c_jax.train import loop
     from test_train import host, tiny_config
 
-    run = trainer.setup(tiny_config(**{"fuser.include_response": True}))
+    run = loop.setup(tiny_config(**{"fuser.include_response": True}))
     assert run.fuser_template.config.include_response
     before = host(run.state.params)
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)

@@ -12,12 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2c_jax import build, checkpoint, evaluate as ev
-from c2c_jax.benchmarks import ANSWER_PREFIX, LETTERS, build_mc_prompt, extract_answer, load_benchmark
-from c2c_jax.checkpoint import FuserCheckpointError
+from c2c_jax import build
+from c2c_jax.evaluate.report import CSV_FIELDS
+from c2c_jax.evaluate.run import evaluate
+from c2c_jax.evaluate.scoring import T2T_BACKGROUND_PROMPT, t2t_messages
+from c2c_jax.evaluate.settings import METHOD_LABELS, parse_settings
+from c2c_jax.infer.fuser_io import load_fuser, save_fuser
+from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt, extract_answer
+from c2c_jax.evaluate.benchmarks import load_benchmark
+from c2c_jax.c2c.fuser import FuserCheckpointError
 from c2c_jax.models import load_model, load_tokenizer
 from c2c_jax.models.tiny import tiny_config
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, SamplingConfig
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.infer.decode import SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.tiny import get_config  # noqa: E402
@@ -52,13 +61,13 @@ def assets(tmp_path_factory):
     gates = np.zeros(fuser.projectors.gate_logit[...].shape, np.float32)
     gates[::2] = 1.0  # open both gates of every other receiver layer
     fuser.projectors.gate_logit[...] = jnp.asarray(gates)
-    checkpoint.save_fuser(fuser, root / "fuser")
+    save_fuser(fuser, root / "fuser")
     # The same fuser shape with every gate open: a second fuser for multi-sharer C2C.
     fuser.projectors.gate_logit[...] = jnp.ones_like(fuser.projectors.gate_logit[...])
-    checkpoint.save_fuser(fuser, root / "fuser_open")
+    save_fuser(fuser, root / "fuser_open")
     # A fuser for another pair: sharer random:llama (2 KV heads of 16; qwen2 has 1). Only its config is needed.
     llama = types.SimpleNamespace(config=tiny_config("llama"))
-    checkpoint.save_fuser(build.new_fuser(config, receiver, llama), root / "fuser_llama")
+    save_fuser(build.new_fuser(config, receiver, llama), root / "fuser_llama")
     return dict(root=root, bench=bench_file, fuser=root / "fuser", fuser_open=root / "fuser_open",
                 fuser_llama=root / "fuser_llama", receiver=receiver, sharer=sharer,
                 tokenizer=load_tokenizer("random:qwen3"))
@@ -94,7 +103,7 @@ def runs(assets):
         for mode, batch_size in (("generate", 4), ("logits", 1)):
             config = make_config(assets, answer_mode=mode, batch_size=batch_size)
             workdir = assets["root"] / f"run_{mode}"
-            summary = ev.evaluate(config, workdir)
+            summary = evaluate(config, workdir)
             out_dir = workdir / "eval"
             with open(out_dir / "openbookqa.csv", newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -124,7 +133,7 @@ def test_outputs_are_complete_and_consistent(runs, mode):
     for name in ("openbookqa.csv", "summary.json", "results.md", "accuracy.png", "answers.png", "latency.png"):
         assert (out_dir / name).stat().st_size > 0, name
     assert json.loads((out_dir / "summary.json").read_text())["accuracy"] == summary["accuracy"]
-    assert tuple(rows[0]) == ev.CSV_FIELDS
+    assert tuple(rows[0]) == CSV_FIELDS
 
     # One row per scored item and method; the unscorable and the too-long item are counted, not dropped.
     assert len(rows) == len(SCORED) * len(METHODS)
@@ -158,13 +167,13 @@ def test_outputs_are_complete_and_consistent(runs, mode):
 
     # results.md: a row per method and the chance row, a column per benchmark, accuracy in % [interval].
     body = _main_table(out_dir / "results.md")
-    assert set(body) == {ev.METHOD_LABELS[m] for m in METHODS} | {"Chance"}
+    assert set(body) == {METHOD_LABELS[m] for m in METHODS} | {"Chance"}
     stats = summary["statistics"]["openbookqa"]
     for method in METHODS:
         entry = stats["methods"][method]
         assert entry["items"] == len(SCORED) and entry["accuracy"] == summary["accuracy"]["openbookqa"][method]
         assert entry["low"] <= entry["accuracy"] <= entry["high"]
-        assert body[ev.METHOD_LABELS[method]][1] == (f"{100 * entry['accuracy']:.1f} [{100 * entry['low']:.1f}, "
+        assert body[METHOD_LABELS[method]][1] == (f"{100 * entry['accuracy']:.1f} [{100 * entry['low']:.1f}, "
                                                      f"{100 * entry['high']:.1f}]")
         # The answer distribution counts every scored row once.
         mine = [r for r in rows if r["method"] == method]
@@ -176,7 +185,7 @@ def test_outputs_are_complete_and_consistent(runs, mode):
     assert float(body["Chance"][1]) == pytest.approx(100 * chance, abs=0.05)
     assert summary["verdict"].startswith("Verdict: ") and (out_dir / "results.md").read_text().rstrip().endswith(
         summary["verdict"])
-    gates = np.asarray(checkpoint.load_fuser(runs_fuser_dir(run)).gates_open())
+    gates = np.asarray(load_fuser(runs_fuser_dir(run)).gates_open())
     assert summary["models"]["fuser_gates_open"] == [[int(gates.sum()), gates.size]] and 0 < gates.sum() < gates.size
     assert summary["config"]["eval"]["answer_mode"] == mode
 
@@ -192,7 +201,7 @@ def test_generate_mode_extracts_answers_from_the_text(runs):
 
 def _independent_generator(assets, fuser_dirs=(), pad_to=1):
     tok = assets["tokenizer"]
-    fusers = [checkpoint.load_fuser(d) for d in fuser_dirs]
+    fusers = [load_fuser(d) for d in fuser_dirs]
     model = C2CModel(assets["receiver"], [assets["sharer"]] * len(fusers), fusers)
     return Generator(model, PromptEncoder(tok, [tok] * len(fusers), pad_to=pad_to))
 
@@ -254,7 +263,7 @@ def test_t2t_feeds_the_sharers_text_to_the_receiver(runs, assets):
     stage2 = [c for c in runs["chats"] if len(c) == 3]
     receiver_rows = {r["id"]: r for r in runs["generate"]["rows"] if r["method"] == "receiver"}
     # Stage 1, recomputed independently: the sharer alone, greedy, on the background prompt (no options).
-    backgrounds = [ev.BACKGROUND_PROMPT.format(question=items[r["id"]].question) for r in rows]
+    backgrounds = [T2T_BACKGROUND_PROMPT.format(question=items[r["id"]].question) for r in rows]
     assert not any("Choices:" in b for b in backgrounds)
     sharer = Generator(C2CModel(assets["sharer"]), PromptEncoder(load_tokenizer("random:qwen2")))
     expected = sharer.chat([[{"role": "user", "content": b}] for b in backgrounds], SamplingConfig(max_new_tokens=12))
@@ -266,7 +275,7 @@ def test_t2t_feeds_the_sharers_text_to_the_receiver(runs, assets):
         assert int(r["prompt_tokens"]) > int(receiver_rows[r["id"]]["prompt_tokens"]) + len(message)
     # And the receiver answered that three-turn chat: regenerating from it gives the same text.
     receiver = Generator(C2CModel(assets["receiver"]), PromptEncoder(assets["tokenizer"]))
-    chats = [ev.t2t_messages(items[r["id"]], r["message"]) for r in rows[:2]]
+    chats = [t2t_messages(items[r["id"]], r["message"]) for r in rows[:2]]
     assert receiver.chat(chats, SamplingConfig(max_new_tokens=6)) == [r["generated_text"] for r in rows[:2]]
 
 
@@ -274,7 +283,7 @@ def test_multi_sharer_c2c_matches_sequential_fusion(assets, tmp_path):
     config = make_config(assets, methods="c2c", answer_mode="logits", limit=3, batch_size=2,
                          fuser=f"{assets['fuser']},{assets['fuser_open']}", sharers="random:qwen2,random:qwen2")
     config.eval.latency_items = 0
-    summary = ev.evaluate(config, tmp_path)
+    summary = evaluate(config, tmp_path)
     assert summary["models"]["fusers"] == [str(assets["fuser"]), str(assets["fuser_open"])]
     assert summary["latency"]["c2c"]["items"] == 0 and summary["counts"]["openbookqa"]["c2c"]["scored"] == 3
     assert not (tmp_path / "eval" / "latency.png").exists()  # nothing timed, no empty plot
@@ -308,28 +317,28 @@ def no_model_loading(monkeypatch):
 ])
 def test_bad_configuration_fails_before_loading_models(assets, tmp_path, no_model_loading, field, value, message):
     with pytest.raises(ValueError, match=message):
-        ev.evaluate(make_config(assets, **{field: value}), tmp_path)
+        evaluate(make_config(assets, **{field: value}), tmp_path)
 
 
 def test_unknown_offline_benchmark_fails_before_loading_models(assets, tmp_path, no_model_loading):
     # With a local file any name goes (a multiple-choice set of one's own); offline names must be known.
     with pytest.raises(ValueError, match=r"unknown benchmark\(s\) mmlu-pro.*valid: openbookqa, arc-challenge"):
-        ev.evaluate(make_config(assets, benchmarks="openbookqa,mmlu-pro", source="offline"), tmp_path)
+        evaluate(make_config(assets, benchmarks="openbookqa,mmlu-pro", source="offline"), tmp_path)
 
 
 def test_no_output_directory(assets):
     with pytest.raises(ValueError, match="no output directory"):
-        ev.evaluate(make_config(assets), None)
+        evaluate(make_config(assets), None)
 
 
 def test_fuser_for_another_pair(assets, tmp_path):
     with pytest.raises(FuserCheckpointError, match="belongs to another model pair"):
-        ev.evaluate(make_config(assets, fuser=str(assets["fuser_llama"])), tmp_path)
+        evaluate(make_config(assets, fuser=str(assets["fuser_llama"])), tmp_path)
 
 
 def test_missing_fuser_directory(assets, tmp_path):
     with pytest.raises(FileNotFoundError, match="fuser directory .*nowhere does not exist"):
-        ev.evaluate(make_config(assets, fuser=str(tmp_path / "nowhere")), tmp_path)
+        evaluate(make_config(assets, fuser=str(tmp_path / "nowhere")), tmp_path)
 
 
 def test_benchmark_file_with_missing_fields(assets, tmp_path, no_model_loading):
@@ -337,7 +346,7 @@ def test_benchmark_file_with_missing_fields(assets, tmp_path, no_model_loading):
     bad.write_text(json.dumps(dict(question="Q?", choices=["a", "b"], answer="A")) + "\n"
                    + json.dumps(dict(question="Q?", answer="A")) + "\n")
     with pytest.raises(ValueError, match=r"row 1 \(0-based\) has no field 'choices'"):
-        ev.evaluate(make_config(assets, source=str(bad)), tmp_path)
+        evaluate(make_config(assets, source=str(bad)), tmp_path)
 
 
 def test_text_to_text_budget_defaults_to_upstreams_per_answer_mode(tmp_path):
@@ -347,7 +356,7 @@ def test_text_to_text_budget_defaults_to_upstreams_per_answer_mode(tmp_path):
     def settings(**overrides):
         config = default_config()
         config.eval.update(fuser="f", **overrides)
-        return ev.parse_settings(config, tmp_path)
+        return parse_settings(config, tmp_path)
 
     assert settings(answer_mode="generate").t2t_message_tokens == 1024
     assert settings(answer_mode="logits").t2t_message_tokens == 64

@@ -1,4 +1,4 @@
-"""The fuser against an independent NumPy implementation of the reference formulas (c2c_reference.md §1)."""
+"""The fuser against an independent NumPy implementation of the reference formulas (docs/upstream_reference.md §1)."""
 
 import dataclasses
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from flax import nnx
 
-from c2c_jax.checkpoint import (FuserCheckpointError, export_upstream_fuser, flat_params, fuser_from_flat,
-                                import_upstream_fuser, load_fuser, save_fuser)
-from c2c_jax.fuser import ABLATIONS, Fuser, FuserConfig, FuserNoise, count_params, gate_temperature
+from c2c_jax.c2c.fuser import FuserCheckpointError
+from c2c_jax.infer.fuser_io import export_upstream_fuser, flat_params, fuser_from_flat, import_upstream_fuser, load_fuser, save_fuser
+from c2c_jax.c2c.fuser import ABLATIONS, Fuser, FuserConfig, FuserNoise, count_params, gate_temperature
 from c2c_jax.models import KVCache
-from c2c_jax.torch_pickle import load_state_dict
+from c2c_jax.infer.torch_pickle import load_state_dict
 from reference_c2c import reference_fuse
 
 RECEIVER_LAYERS, HT, DT = 3, 2, 8  # receiver: 3 layers, 2 KV heads x 8
@@ -27,7 +27,7 @@ LAYER_MAP = (0, 0, 1)
 
 
 def random_state_dicts(rng, level=0):
-    """Per receiver layer, a state dict under the exact upstream key names (c2c_reference.md §7.2)."""
+    """Per receiver layer, a state dict under the exact upstream key names (docs/upstream_reference.md §7.2)."""
     in_dim = HS * DS + (0 if level == 3 else HT * DT)
     dicts = []
     for t in range(RECEIVER_LAYERS):

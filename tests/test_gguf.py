@@ -436,7 +436,7 @@ def transformers_gguf_model(path):
 
 
 def test_smollm2_gguf_matches_transformers(monkeypatch):
-    from c2c_jax.assets import smollm2_gguf
+    from c2c_jax.offline import smollm2_gguf
 
     # transformers' legacy loader rebuilds gguf's (pure) tensor-name map for each of ~400 submodules: 5 s.
     monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))

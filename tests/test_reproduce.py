@@ -13,9 +13,11 @@ import pytest
 import torch
 import transformers
 
-from c2c_jax import sharding, trainer
+from c2c_jax import sharding
+from c2c_jax.train.step import loss_weights, make_optimizer, make_schedule
+from c2c_jax.train import loop
 from c2c_jax.config import UPSTREAM_TRAINING, resolve_reproduce
-from c2c_jax.data import BatchIterator
+from c2c_jax.train.batching import BatchIterator
 from test_data import ITER, _examples, _ids
 from test_train import tiny_config
 
@@ -29,7 +31,7 @@ def test_reproduce_upstream_sets_every_upstream_setting_and_nothing_else():
     assert config.train.param_dtype == "float32"  # the caller's config is left alone
     assert resolve_reproduce(config).to_dict() == config.to_dict()
     optim = resolved.optim
-    schedule = trainer.make_schedule(optim, 100)  # HF's linear schedule with warmup, as upstream steps it
+    schedule = make_schedule(optim, 100)  # HF's linear schedule with warmup, as upstream steps it
     hf = transformers.get_linear_schedule_with_warmup(
         torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr), num_warmup_steps=10,
         num_training_steps=100)
@@ -52,10 +54,10 @@ def test_reference_loss_is_upstreams_mean_of_group_token_means_at_any_micro_batc
     groups = [slice(g, g + 4) for g in range(0, rows, 4)]
     upstream = np.mean([token_losses[g].sum() / mask[g].sum() for g in groups])
     shape = (rows // micro_batch_size, micro_batch_size)
-    weights = trainer.loss_weights(jnp.asarray(mask.reshape(*shape, r)), "reference", 4)
+    weights = loss_weights(jnp.asarray(mask.reshape(*shape, r)), "reference", 4)
     ours = float(jnp.sum(weights * token_losses.sum(-1).reshape(shape)))
     assert ours == pytest.approx(upstream, rel=1e-6)
-    tokens = trainer.loss_weights(jnp.asarray(mask.reshape(*shape, r)), "tokens")
+    tokens = loss_weights(jnp.asarray(mask.reshape(*shape, r)), "tokens")
     assert float(jnp.sum(tokens * token_losses.sum(-1).reshape(shape))) == pytest.approx(
         token_losses.sum() / mask.sum(), rel=1e-6)
     assert abs(upstream - token_losses.sum() / mask.sum()) > 1e-3  # the two normalisations differ here
@@ -67,7 +69,7 @@ def test_bfloat16_adamw_matches_torch_adamw_on_bfloat16_parameters():
     optim = tiny_config().optim.copy_and_resolve_references()
     optim.update(lr=1e-4, warmup_fraction=0.0, clip_norm=1e9, weight_decay=0.01)
     total = 10**6  # the linear decay barely moves the learning rate over the few steps here
-    tx = trainer.make_optimizer(optim, total)
+    tx = make_optimizer(optim, total)
     rng = np.random.default_rng(0)
     start = np.concatenate([[0.03, -0.03, 0.5], rng.normal(size=61) * 0.2]).astype(np.float32)
     params = {"w": jnp.asarray(start, jnp.bfloat16)}
@@ -75,7 +77,7 @@ def test_bfloat16_adamw_matches_torch_adamw_on_bfloat16_parameters():
     torch_param = torch.nn.Parameter(torch.tensor(start).to(torch.bfloat16))
     torch_opt = torch.optim.AdamW([torch_param], lr=1e-4, betas=(optim.b1, optim.b2), eps=optim.eps,
                                   weight_decay=0.01, foreach=False)
-    schedule = trainer.make_schedule(optim, total)
+    schedule = make_schedule(optim, total)
     for step in range(5):
         grad = rng.normal(size=start.shape).astype(np.float32)
         grads = {"w": jnp.asarray(grad, jnp.bfloat16)}
@@ -123,7 +125,7 @@ def test_train_step_in_reproduce_mode_keeps_everything_in_bfloat16():
     config = tiny_config()
     config.reproduce = "upstream"
     config.train.micro_batch_size = 2
-    run = trainer.setup(config)
+    run = loop.setup(config)
     assert run.config.data.shuffle == "uniform" and run.config.train.loss_normalization == "reference"
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     state, metrics = run.step_fn(run.state, run.frozen, batch, jax.random.key(0))
@@ -142,4 +144,4 @@ def test_bad_training_settings_are_clear_errors():
         if field == "train.reference_group_size":
             config.train.loss_normalization = "reference"
         with pytest.raises(ValueError, match=message):
-            trainer.setup(config)
+            loop.setup(config)

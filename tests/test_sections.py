@@ -1,4 +1,4 @@
-"""Token-aligned prompts run as upstream runs them: section by section (c2c_reference.md §2.3).
+"""Token-aligned prompts run as upstream runs them: section by section (docs/upstream_reference.md §2.3).
 
 The reference is upstream's `RosettaModel.forward` route rebuilt on transformers' models (same tiny
 random configs) and the NumPy fuser: the aligned chat is cut into sections where fusion switches on
@@ -15,11 +15,14 @@ from flax import nnx
 
 import jax.numpy as jnp
 
-from c2c_jax.alignment import TokenAligner, layer_map
-from c2c_jax.checkpoint import export_upstream_fuser
-from c2c_jax.fuser import Fuser, FuserConfig
+from c2c_jax.c2c.token_alignment import TokenAligner
+from c2c_jax.c2c.layer_map import layer_map
+from c2c_jax.infer.fuser_io import export_upstream_fuser
+from c2c_jax.c2c.fuser import Fuser, FuserConfig
 from c2c_jax.models import load_model
-from c2c_jax.pipeline import C2CModel, Generator, PromptEncoder, fusion_sections
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import PromptEncoder, fusion_sections
 from reference_c2c import reference_fuse
 from test_alignment import _receiver_backend, _sharer_backend, _wrap_receiver, _wrap_sharer
 from tiny_models import make_tiny_model
@@ -136,10 +139,11 @@ def test_a_token_aligned_train_step_runs_its_sections():
     runs the chat template before each answer after fusion."""
     import jax
 
-    from c2c_jax import sharding, trainer
+    from c2c_jax import sharding
+    from c2c_jax.train import loop
     from test_train import tiny_config
 
-    run = trainer.setup(tiny_config(**{"alignment.tokens": "on"}))
+    run = loop.setup(tiny_config(**{"alignment.tokens": "on"}))
     host_batch = next(run.train_iter)
     assert host_batch.trailing_section and host_batch.fused_sections >= 1
     state, metrics = run.step_fn(run.state, run.frozen, sharding.place_batch(host_batch, run.mesh, batch_axis=1),

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from c2c_jax import build
-from c2c_jax.checkpoint import save_fuser
-from c2c_jax.engine import EngineLimits, Sampling, filtered_logits
-from c2c_jax.pipeline import Generator, SamplingConfig
+from c2c_jax.infer.fuser_io import save_fuser
+from c2c_jax.infer.engine import EngineLimits, Sampling, filtered_logits
+from c2c_jax.infer.generator import Generator
+from c2c_jax.infer.decode import SamplingConfig
 from c2c_jax.serve import TextAssembler, build_engine, create_app
 from configs import tiny
 
@@ -234,7 +235,7 @@ def test_a_failing_program_fails_its_requests_not_the_server(served, expected, m
 def idle_server(served):
     """A server whose engine does not run: requests stay queued (1 slot, 2 places in the queue)."""
     _, engine, tokenizer = served
-    from c2c_jax.engine import Engine
+    from c2c_jax.infer.engine import Engine
 
     idle = Engine(engine.receiver, list(engine.routes.values()), EngineLimits(slots=1, max_queue=2, max_tokens=4),
                   eos_ids=engine.eos_ids, pad_id=engine.pad_id)
@@ -274,7 +275,7 @@ def test_a_full_queue_answers_429_and_clients_that_leave_are_cancelled(idle_serv
 
 def test_a_cancelled_request_frees_its_row_at_once(served):
     _, engine, _ = served
-    from c2c_jax.engine import Engine, Request
+    from c2c_jax.infer.engine import Engine, Request
 
     local = Engine(engine.receiver, list(engine.routes.values()),
                    EngineLimits(slots=2, max_tokens=12, max_prompt_tokens=64, max_prefill_batch=1),

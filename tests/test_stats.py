@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from c2c_jax import evaluate as ev
-from c2c_jax.stats import bootstrap_interval, mcnemar_exact, paired_comparison
+from c2c_jax.evaluate.methods import ItemResult
+from c2c_jax.evaluate.report import _statistics, verdict
+from c2c_jax.evaluate.stats import bootstrap_interval, mcnemar_exact, paired_comparison
 
 
 @pytest.mark.parametrize("only_a, only_b, both, neither", [
@@ -54,12 +55,12 @@ def _summary(correct_by_method, num_choices=4):
     """A summary built by the evaluator's own statistics from per-item outcomes."""
     methods = tuple(correct_by_method)
     n = len(next(iter(correct_by_method.values())))
-    results = {m: [ev.ItemResult(id=str(i), subject="", method=m, gold="A", prediction="A" if ok else "B",
+    results = {m: [ItemResult(id=str(i), subject="", method=m, gold="A", prediction="A" if ok else "B",
                                  correct=bool(ok)) for i, ok in enumerate(outcomes)]
                for m, outcomes in correct_by_method.items()}
     settings = type("S", (), dict(methods=methods, seed=0))()
     out = dict(results=results, num_choices={str(i): num_choices for i in range(n)})
-    return dict(benchmarks=["bench"], statistics={"bench": ev._statistics(settings, out)})
+    return dict(benchmarks=["bench"], statistics={"bench": _statistics(settings, out)})
 
 
 def test_verdict_names_what_the_run_shows():
@@ -67,20 +68,20 @@ def test_verdict_names_what_the_run_shows():
     chance = rng.random(400) < 0.25
     better = chance | (rng.random(400) < 0.3)  # about +22 pp on the same items
     # Nothing differs, at chance.
-    line = ev.verdict(_summary({"receiver": chance, "c2c": chance.copy()}))
+    line = verdict(_summary({"receiver": chance, "c2c": chance.copy()}))
     assert line == ("Verdict: pipeline check at this model size: the receiver is at chance and no method differs "
                     "from the receiver alone beyond its 95% interval.")
     # A fuser with every gate closed says so.
     closed = dict(_summary({"receiver": chance, "c2c": chance.copy()}), models=dict(fuser_gates_open=[[0, 56]]))
-    assert ev.verdict(closed).endswith("(every gate of the fuser is closed, so C2C and its controls are the "
+    assert verdict(closed).endswith("(every gate of the fuser is closed, so C2C and its controls are the "
                                        "receiver alone).")
     # C2C gains, no control run.
-    line = ev.verdict(_summary({"receiver": chance, "c2c": better}))
+    line = verdict(_summary({"receiver": chance, "c2c": better}))
     assert "bench: c2c +" in line and "no controls run" in line
     # C2C gains and so does a control: a format effect.
-    line = ev.verdict(_summary({"receiver": chance, "c2c": better, "c2c_zero": better.copy()}))
+    line = verdict(_summary({"receiver": chance, "c2c": better, "c2c_zero": better.copy()}))
     assert "but c2c_zero does not fall below it: not the sharer's content" in line
     # C2C gains and beats every control.
-    line = ev.verdict(_summary({"receiver": chance, "c2c": better, "c2c_zero": chance.copy(),
+    line = verdict(_summary({"receiver": chance, "c2c": better, "c2c_zero": chance.copy(),
                                 "c2c_mismatched": chance.copy()}))
     assert "above every control: the sharer's content helps" in line

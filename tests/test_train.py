@@ -16,7 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from c2c_jax import sharding, trainer
+from c2c_jax import sharding
+from c2c_jax.train.loop import train_and_evaluate
+from c2c_jax.train.step import make_optimizer, micro_batch_loss
+from c2c_jax.train import loop
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ def host(tree):
 
 
 def test_one_step_moves_only_the_fuser_and_checkpoints_hold_only_the_fuser(tmp_path):
-    run = trainer.setup(tiny_config())
+    run = loop.setup(tiny_config())
     frozen_before = host(run.frozen)
     params_before = host(run.state.params)
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
@@ -53,7 +56,7 @@ def test_one_step_moves_only_the_fuser_and_checkpoints_hold_only_the_fuser(tmp_p
     assert all(np.shape(x) in fuser_shapes | {()} for x in jax.tree.leaves(state.opt_state))
 
     # A checkpoint holds the fuser, its optimizer state and metadata, nothing of the LLMs.
-    from c2c_jax.checkpoint import TrainCheckpointer
+    from c2c_jax.train.checkpointer import TrainCheckpointer
 
     ckpt = TrainCheckpointer(tmp_path / "ckpt", async_save=False)
     ckpt.save(1, state, {"data": run.train_iter.state()})
@@ -73,10 +76,10 @@ def test_one_step_moves_only_the_fuser_and_checkpoints_hold_only_the_fuser(tmp_p
 
 def test_step_on_8_device_fsdp_mesh_equals_single_device():
     assert jax.device_count() == 8
-    single = trainer.setup(tiny_config(**{"train.micro_batch_size": 8}))
+    single = loop.setup(tiny_config(**{"train.micro_batch_size": 8}))
     sharded_config = tiny_config(**{"train.micro_batch_size": 8, "mesh.data": 4, "mesh.fsdp": 2,
                                     "mesh.shard_frozen": True, "mesh.shard_fuser": True})
-    sharded = trainer.setup(sharded_config)
+    sharded = loop.setup(sharded_config)
     assert sharded.mesh.size == 8
     # Parameters really are split across the fsdp axis.
     spec = jax.tree.leaves(sharded.state.params)[3].sharding.spec
@@ -105,7 +108,7 @@ def _train_args(workdir, steps):
 def test_data_parallel_step_all_reduces_gradients_once_per_update():
     """With 4 micro-batches per update on a 2-device data mesh, the compiled step's only cross-device
     reductions are outside the accumulation loop: gradients are summed over replicas once."""
-    run = trainer.setup(tiny_config(**{"mesh.data": 2, "train.micro_batch_size": 2, "train.batch_size": 8}))
+    run = loop.setup(tiny_config(**{"mesh.data": 2, "train.micro_batch_size": 2, "train.batch_size": 8}))
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     assert batch.prefix_tokens.shape[0] == 4
     hlo = run.step_fn.lower(run.state, run.frozen, batch, jax.random.key(0)).compile().as_text()
@@ -127,7 +130,7 @@ def test_frozen_models_run_on_the_whole_micro_batch_not_per_replica(monkeypatch)
     pass's (`prefix_attention`, which binds cuDNN's primitives itself)."""
     from c2c_jax.models import decoder
 
-    run = trainer.setup(tiny_config(**{"mesh.data": 2, "train.micro_batch_size": 4, "train.batch_size": 8}))
+    run = loop.setup(tiny_config(**{"mesh.data": 2, "train.micro_batch_size": 4, "train.batch_size": 8}))
     batch = sharding.place_batch(next(run.train_iter), run.mesh, batch_axis=1)
     rows = batch.prefix_tokens.shape[1]
     seen = {"dot_product_attention": [], "prefix_attention": []}
@@ -154,10 +157,11 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
     right after it ran, and the answer on the written cache."""
     from flax import nnx
 
-    from c2c_jax.data import TrainExample, collate
-    from c2c_jax.pipeline import kv_pass
+    from c2c_jax.c2c.prompt import TrainExample
+    from c2c_jax.train.batching import collate
+    from c2c_jax.c2c.model import kv_pass
 
-    run = trainer.setup(tiny_config())
+    run = loop.setup(tiny_config())
     receiver_def, sharer_def, fuser_def = run.graphdefs
     receiver, sharer = nnx.merge(receiver_def, run.frozen[0]), nnx.merge(sharer_def, run.frozen[1])
     rng = np.random.default_rng(0)
@@ -177,13 +181,13 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
                 example(5, 12, receiver_pads=(0,), sharer_pads=(1, 4))]
     batch = collate(examples, prefix_length=16, suffix_length=8, pad_id=0, sharer_pad_id=0)
     mb = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
-    row_losses, _ = jax.jit(functools.partial(trainer.micro_batch_loss, graphdefs=run.graphdefs))(
+    row_losses, _ = jax.jit(functools.partial(micro_batch_loss, graphdefs=run.graphdefs))(
         params, run.frozen, mb, None, None)
 
     assert batch.fused_sections == 4 and batch.trailing_section  # several fused runs, some rows end unfused
     for ex, row_loss in zip(examples, np.asarray(row_losses)):
         s, n = ex.split, ex.length
-        # Upstream's route (c2c_reference.md §2.3) through the cache API: the receiver extends its cache
+        # Upstream's route (docs/upstream_reference.md §2.3) through the cache API: the receiver extends its cache
         # one section at a time (runs of fused columns, and the columns between them) and each fused
         # section's K/V are rewritten right after it ran; the sharer never sees fusion (one pass).
         fuse = ex.fusable[:s] & ex.sharer_valid[:s] & ex.valid[:s]
@@ -203,13 +207,13 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
         assert float(row_loss) == pytest.approx(expected, rel=2e-5)
     # ... and the fuser does matter to these losses.
     closed = dict(params, projectors=dict(params["projectors"], gate_logit=-params["projectors"]["gate_logit"]))
-    row_losses_closed, _ = trainer.micro_batch_loss(closed, run.frozen, mb, None, None, graphdefs=run.graphdefs)
+    row_losses_closed, _ = micro_batch_loss(closed, run.frozen, mb, None, None, graphdefs=run.graphdefs)
     assert np.abs(np.asarray(row_losses_closed) - np.asarray(row_losses)).min() > 1e-3
 
 
 def test_killed_run_resumes_exactly(tmp_path):
     steps = 30
-    full = trainer.train_and_evaluate(
+    full = train_and_evaluate(
         tiny_config(**{"train.max_steps": steps, "train.log_every": 1, "train.eval_every": 100000,
                        "ckpt.every": 3}), tmp_path / "full")
     losses = {h["step"]: h["loss"] for h in full["history"]}
@@ -237,7 +241,7 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, caplog):
     overrides = {"train.log_every": 1, "train.eval_every": 100000, "ckpt.every": 3, "ckpt.async_save": False}
-    first = trainer.train_and_evaluate(tiny_config(**{**overrides, "train.max_steps": 6}), tmp_path)
+    first = train_and_evaluate(tiny_config(**{**overrides, "train.max_steps": 6}), tmp_path)
     losses = {h["step"]: h["loss"] for h in first["history"]}
     # Truncate the largest array file of the newest checkpoint, as a crash mid-write or a full disk leaves it.
     files = [p for p in (tmp_path / "checkpoints" / "6" / "params").rglob("*") if p.is_file()]
@@ -245,7 +249,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, 
     largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
     with caplog.at_level("WARNING"):
-        resumed = trainer.train_and_evaluate(tiny_config(**{**overrides, "train.max_steps": 6}), tmp_path)
+        resumed = train_and_evaluate(tiny_config(**{**overrides, "train.max_steps": 6}), tmp_path)
     assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
     for h in resumed["history"]:  # steps 4-6 again, from step 3's checkpoint: the same losses
         assert h["loss"] == pytest.approx(losses[h["step"]], rel=1e-6, abs=1e-7), h["step"]
@@ -261,24 +265,24 @@ def test_tiny_fuser_overfits_a_small_set(tmp_path):
         "data.max_rows": 8, "data.eval_fraction": 0.0, "train.max_steps": 150, "train.micro_batch_size": 8,
         "train.log_every": 1, "train.eval_every": 100000, "ckpt.every": 100000, "optim.lr": 3e-3,
         "optim.warmup_fraction": 0.05, "fuser.dropout": 0.0, "fuser.hidden_dim": 64, "fuser.intermediate_dim": 128})
-    history = trainer.train_and_evaluate(config, tmp_path)["history"]
+    history = train_and_evaluate(config, tmp_path)["history"]
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-5:]])
     assert first / last >= 5, (first, last)
     assert (tmp_path / "final" / "fuser.safetensors").exists() and (tmp_path / "gates.png").exists()
     # Running a finished run again changes nothing and reports what it did.
-    assert trainer.train_and_evaluate(config, tmp_path)["history"] == history
+    assert train_and_evaluate(config, tmp_path)["history"] == history
 
 
 def test_url_workdir_is_a_clear_error():
     with pytest.raises(ValueError, match="Mount the bucket"):
-        trainer.train_and_evaluate(tiny_config(), "gs://bucket/run")
+        train_and_evaluate(tiny_config(), "gs://bucket/run")
 
 
 def test_bad_batch_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="not a multiple of train.micro_batch_size"):
-        trainer.setup(tiny_config(**{"train.batch_size": 10, "train.micro_batch_size": 4}))
+        loop.setup(tiny_config(**{"train.batch_size": 10, "train.micro_batch_size": 4}))
     with pytest.raises(ValueError, match="does not fit the 8 available devices"):
-        trainer.setup(tiny_config(**{"mesh.data": 16}))
+        loop.setup(tiny_config(**{"mesh.data": 16}))
 
 
 @pytest.mark.parametrize("module", ["train", "evaluate", "generate"])
@@ -304,14 +308,14 @@ def test_gate_lr_multiplier_scales_only_the_gate_updates_decay_included():
     for multiplier in (1.0, 10.0):
         optim = ml_collections.ConfigDict(default_config().optim.to_dict())
         optim.update(gate_lr_multiplier=multiplier, warmup_fraction=0.0)
-        tx = trainer.make_optimizer(optim, total_steps=10)
+        tx = make_optimizer(optim, total_steps=10)
         updates[multiplier], _ = tx.update(grads, tx.init(params), params)
     base, scaled = updates[1.0]["projectors"], updates[10.0]["projectors"]
     np.testing.assert_allclose(scaled["gate_logit"], 10 * base["gate_logit"], rtol=1e-6)
     np.testing.assert_array_equal(scaled["kernel"], base["kernel"])
     # The decoupled weight decay (lr * wd * param) is part of the gates' update, as in a torch param group.
     optim.update(gate_lr_multiplier=10.0, weight_decay=0.5)
-    tx = trainer.make_optimizer(optim, total_steps=10)
+    tx = make_optimizer(optim, total_steps=10)
     zero = jax.tree.map(jnp.zeros_like, grads)
     decayed, _ = tx.update(zero, tx.init(params), params)
     # (step 0 with no warmup runs at the full lr)

@@ -301,7 +301,7 @@ class Decoder(nnx.Module):
         columns must be its first `prefix.lengths[b]` (`prefix.valid` a leading block; `prefix.end`
         is not read), and padding among the new tokens must follow each row's real ones: each real
         token then sees the real prefix and the new tokens up to itself (what a padding token
-        computes is unspecified). With that layout (`data.TrainBatch`) the attention needs no mask
+        computes is unspecified). With that layout (`train.batching.TrainBatch`) the attention needs no mask
         (`attention.prefix_attention`), unlike `__call__`'s over a cache it writes into.
         held: None, or K and V [layers, B, T, kv_heads, head_dim] that every layer attends to in place
           of the new tokens' own (decode-time fusion's fused K/V of the answer).

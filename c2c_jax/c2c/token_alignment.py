@@ -1,4 +1,4 @@
-"""Token alignment between a receiver and a sharer tokenizer (C2C reference §3).
+"""Token alignment between a receiver and a sharer tokenizer (docs/upstream_reference.md §3).
 
 C2C fuses the sharer's KV-cache into the receiver's position by position, so the sharer must be fed
 exactly one token per receiver token. The receiver tokenisation is the master:
@@ -33,11 +33,6 @@ def pad_id_of(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
-
-
-def own_positions(valid: np.ndarray) -> np.ndarray:
-    """Positions that count only a model's own real tokens (no gaps at padding), per row."""
-    return np.maximum(np.cumsum(valid, axis=-1) - 1, 0).astype(np.int32)
 
 
 def tokenizers_compatible(receiver_tok, sharer_tok) -> bool:
@@ -314,34 +309,3 @@ def _token_ranges(offsets: list, spans: list) -> list:
     return ranges
 
 
-# ------------------------------------------------------------------------------------------------
-# Layer alignment: which sharer layer each receiver layer reads (c2c_reference.md §2.8).
-
-LAYER_MAPS = ("terminal", "nearest")
-
-
-def terminal_layer_map(receiver_layers: int, sharer_layers: int) -> tuple[int, ...]:
-    """The paper's terminal alignment: top layers align, s(t) = clamp(t + M - N, 0, M - 1).
-
-    With a shallower sharer the bottom receiver layers all read sharer layer 0 (as upstream).
-    """
-    offset = sharer_layers - receiver_layers
-    return tuple(min(max(t + offset, 0), sharer_layers - 1) for t in range(receiver_layers))
-
-
-def nearest_layer_map(receiver_layers: int, sharer_layers: int) -> tuple[int, ...]:
-    """k-nearest with k = 1 on normalised depth t / (N - 1) vs s / (M - 1); the lower index wins ties."""
-    def depth(i, n):
-        return 0.0 if n == 1 else i / (n - 1)
-
-    return tuple(
-        min(range(sharer_layers), key=lambda s: (abs(depth(s, sharer_layers) - depth(t, receiver_layers)), s))
-        for t in range(receiver_layers))
-
-
-def layer_map(strategy: str, receiver_layers: int, sharer_layers: int) -> tuple[int, ...]:
-    if strategy == "terminal":
-        return terminal_layer_map(receiver_layers, sharer_layers)
-    if strategy == "nearest":
-        return nearest_layer_map(receiver_layers, sharer_layers)
-    raise ValueError(f"unknown layer map {strategy!r}; choose one of {', '.join(LAYER_MAPS)}")

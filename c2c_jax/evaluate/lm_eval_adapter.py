@@ -3,8 +3,8 @@
     pip install 'c2c-jax[lm_eval]'
     lm_eval --model c2c-jax --model_args config=configs/demo.py,fuser=runs/demo/final,route=c2c --tasks arc_easy
 
-(`import c2c_jax.lm_eval_adapter` registers the model; the `lm_eval` command line needs the import, see
-`python -m c2c_jax.lm_eval_adapter`, which is `lm_eval`'s own CLI with the model registered.)
+(`import c2c_jax.evaluate.lm_eval_adapter` registers the model; the `lm_eval` command line needs the import, see
+`python -m c2c_jax.evaluate.lm_eval_adapter`, which is `lm_eval`'s own CLI with the model registered.)
 
 Routes: `route=receiver` is the receiver alone; `route=c2c` (needs `fuser=`) fuses the sharer's cache of
 the request's context into the receiver's, as C2C does for a prompt:
@@ -35,9 +35,12 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("c2c_jax.lm_eval_adapter needs lm-evaluation-harness: pip install 'c2c-jax[lm_eval]'") from error
+    raise ImportError("c2c_jax.evaluate.lm_eval_adapter needs lm-evaluation-harness: "
+                      "pip install 'c2c-jax[lm_eval]'") from error
 
-from c2c_jax.pipeline import Generator, PromptBatch, SamplingConfig
+from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import PromptBatch
+from c2c_jax.infer.decode import SamplingConfig
 
 ROUTES = ("receiver", "c2c")
 

@@ -1,7 +1,7 @@
 """The C2C fuser: maps a sharer's per-layer K/V into the receiver's K/V space.
 
 One projector per receiver layer and per branch (K and V), exactly the reference C2CProjector
-(c2c_reference.md §1):
+(docs/upstream_reference.md §1):
 
     a = in_proj(concat(flat sharer kv, flat receiver kv))          sharer first
     a = trunk(a)                                                   one FFN block
@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c2c_jax.controls import check_sharer_input, zeros_like
+from c2c_jax.c2c.controls import check_sharer_input, zeros_like
+from c2c_jax.models.config import ModelConfig
 from c2c_jax.models.kv_cache import KVCache
 
 GateNoise = Literal["gumbel", "logistic"]
-# The reference's AblationProjector levels (c2c_reference.md §1.8) under readable names.
+# The reference's AblationProjector levels (docs/upstream_reference.md §1.8) under readable names.
 ABLATIONS = {
     "none": 0,  # full C2C: receiver + gate * alpha * P
     "no_weight": 1,  # alpha := 1
@@ -68,7 +69,7 @@ class FuserConfig:
     sharer_input: str = "real"
     # Decode-time fusion (upstream's `include_response`): the fuser also rewrites the K/V of the
     # unfused suffix and of every generated token, with the sharer decoding in lockstep. A fuser
-    # trained this way is only used this way (`pipeline.C2CModel`).
+    # trained this way is only used this way (`c2c.model.C2CModel`).
     include_response: bool = False
 
     def __post_init__(self):
@@ -112,7 +113,7 @@ class FuserConfig:
         return max(self.layer_map) + 1
 
     def num_params(self) -> int:
-        """Closed form of c2c_reference.md §1.7 (both branches, all receiver layers)."""
+        """Closed form of docs/upstream_reference.md §1.7 (both branches, all receiver layers)."""
         h, m, out = self.hidden_dim, self.intermediate_dim, self.receiver_dim
         ffn = lambda inner: h + 2 * h * inner  # noqa: E731
         branch = (self.in_dim * h + h) + ffn(m) + (self.num_layers - 2) * ffn(m) + (h * out + out)
@@ -331,4 +332,34 @@ class Fuser(nnx.Module):
 
 def count_params(fuser: Fuser) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(fuser, nnx.Param)))
+
+
+class FuserCheckpointError(ValueError):
+    """A fuser checkpoint is incomplete, corrupt, or belongs to another model pair."""
+
+
+def check_pair(config: FuserConfig, receiver: ModelConfig, sharer: ModelConfig, source: str = "fuser") -> None:
+    """Raises unless the fuser's shapes fit this (receiver, sharer) pair."""
+    expected = (receiver.num_layers, receiver.num_kv_heads, receiver.head_dim, sharer.num_kv_heads, sharer.head_dim)
+    actual = (config.receiver_layers, config.receiver_kv_heads, config.receiver_head_dim, config.sharer_kv_heads,
+              config.sharer_head_dim)
+    if expected != actual or config.sharer_depth > sharer.num_layers:
+        raise FuserCheckpointError(
+            f"{source} belongs to another model pair: it fuses a sharer with {config.sharer_kv_heads} KV heads x "
+            f"{config.sharer_head_dim} (reading up to layer {config.sharer_depth - 1}) into a {config.receiver_layers}-layer "
+            f"receiver with {config.receiver_kv_heads} KV heads x {config.receiver_head_dim}; the given receiver has "
+            f"{receiver.num_layers} layers with {receiver.num_kv_heads} x {receiver.head_dim} and the sharer "
+            f"{sharer.num_layers} layers with {sharer.num_kv_heads} x {sharer.head_dim}")
+
+
+def inference_copy(fuser: Fuser) -> Fuser:
+    """The fuser with parameters stored in its compute dtype.
+
+    Training keeps float32 master weights; at inference, casting ~0.5B parameters to bfloat16 on
+    every call would cost more memory traffic than the fusion's matmuls themselves.
+    """
+    graphdef, state = nnx.split(fuser)
+    dtype = jnp.dtype(fuser.config.dtype)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+
 

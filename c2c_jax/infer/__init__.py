@@ -1,0 +1,1 @@
+"""Inference: decoding, the jitted programs and `Generator`, fuser files, continuous batching."""

@@ -1,0 +1,273 @@
+"""The training loop: data, models and fuser from a config, the jitted steps (`train.step`), periodic
+evaluation, checkpoints (`train.checkpointer`) and the final fuser (`infer.fuser_io`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from c2c_jax import build, cli, sharding
+from c2c_jax.c2c.fuser import Fuser
+from c2c_jax.c2c.token_alignment import pad_id_of
+from c2c_jax.infer.fuser_io import export_upstream_fuser, save_fuser
+from c2c_jax.train.batching import batch_iterator, load_train_data
+from c2c_jax.train.checkpointer import TrainCheckpointer
+from c2c_jax.train.sources import check_source
+from c2c_jax.train.step import TrainState, build_steps
+
+log = logging.getLogger("c2c_jax.train")
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds between steps (built by `setup`, used by `train_and_evaluate`)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdefs: tuple
+    frozen: tuple
+    state: TrainState
+    step_fn: Any
+    eval_fn: Any
+    train_iter: Any
+    eval_examples: list
+    total_steps: int
+    fuser_template: Fuser
+    tokenizers: tuple
+    data_stats: dict
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+    from c2c_jax.config import resolve_reproduce
+
+    config = resolve_reproduce(config)
+    check_train_settings(config)
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(config.mesh)
+    n_devices = mesh.size
+    micro, batch_size = config.train.micro_batch_size, config.train.batch_size
+    if batch_size % micro:
+        raise ValueError(f"train.batch_size {batch_size} is not a multiple of train.micro_batch_size {micro}")
+    if micro % n_devices:
+        raise ValueError(f"train.micro_batch_size {micro} must be divisible by the {n_devices} devices")
+    check_source(config.data.source)
+    build.check_before_loading(config, [(config.fuser.init_from, config.sharer.path)] if config.fuser.init_from else [])
+    param_sharding = sharding.param_sharding_fn(mesh, config.mesh.shard_frozen)
+    receiver, receiver_tok, sharer, sharer_tok = build.load_pair(
+        config, param_sharding=param_sharding, remat=config.train.remat, platform=sharding.platform_of(mesh))
+    fuser = build.new_fuser(config, receiver, sharer)
+
+    cli.phase(f"reading and tokenizing the training data ({config.data.source})")
+    train_examples, eval_examples, stats = load_train_data(
+        config, receiver_tok, sharer_tok, receiver.config.vocab_size, sharer.config.vocab_size)
+    train_iter = batch_iterator(
+        config, train_examples, pad_id=pad_id_of(receiver_tok), sharer_pad_id=pad_id_of(sharer_tok),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    steps_per_epoch = train_iter.num_steps_per_epoch()
+    total_steps = config.train.max_steps if config.train.max_steps > 0 else config.train.epochs * steps_per_epoch
+    if total_steps <= 0:
+        raise ValueError(f"no training steps: {len(train_examples)} examples do not fill one batch of {batch_size}")
+
+    steps = build_steps(config, mesh, receiver, sharer, fuser, total_steps)
+    return Run(config, mesh, steps.graphdefs, steps.frozen, steps.state, steps.step_fn, steps.eval_fn, train_iter,
+               eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
+
+
+def check_train_settings(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for bad precision, normalisation and shuffle settings (before any model loads)."""
+    t = config.train
+    if t.param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train.param_dtype must be 'float32' or 'bfloat16', not {t.param_dtype!r}")
+    if t.loss_normalization not in ("tokens", "reference"):
+        raise ValueError(f"train.loss_normalization must be 'tokens' or 'reference', not {t.loss_normalization!r}")
+    if t.loss_normalization == "reference" and (t.reference_group_size < 1
+                                                or t.batch_size % t.reference_group_size):
+        raise ValueError(f"train.batch_size {t.batch_size} is not a multiple of train.reference_group_size "
+                         f"{t.reference_group_size} (the sequences of one token mean in the 'reference' loss)")
+    if config.data.shuffle not in ("bucketed", "uniform"):
+        raise ValueError(f"data.shuffle must be 'bucketed' or 'uniform', not {config.data.shuffle!r}")
+
+
+def _batch_tokens(batch) -> int:
+    return int(np.sum(batch.prefix_valid) + np.sum(batch.suffix_valid))
+
+
+def evaluate_loss(run: Run, params) -> float:
+
+    if not run.eval_examples:
+        return float("nan")
+    c = run.config
+    eval_config = c.copy_and_resolve_references()
+    eval_config.train.batch_size = c.train.micro_batch_size  # one micro-batch per eval step
+    it = batch_iterator(
+        eval_config, run.eval_examples, pad_id=pad_id_of(run.tokenizers[0]),
+        sharer_pad_id=pad_id_of(run.tokenizers[1]), process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=c.seed + 1)
+    n = min(c.train.eval_batches, max(it.num_steps_per_epoch(), 1))
+    total_loss, total_count = 0.0, 0
+    for _ in range(n):
+        batch = sharding.place_batch(next(it), run.mesh, batch_axis=1)
+        loss, count = jax.device_get(run.eval_fn(params, run.frozen, batch))
+        total_loss, total_count = total_loss + float(loss), total_count + int(count)
+    return total_loss / max(total_count, 1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains a fuser; checkpoints under `workdir/checkpoints`, exports `workdir/final`. Resumes if it can."""
+    from tqdm import tqdm
+
+    if str(workdir).startswith(("gs://", "s3://", "http://", "https://")):
+        raise ValueError(f"workdir {workdir} is a URL; c2c_jax writes through the local filesystem. Mount the bucket "
+                         "(gcsfuse, as launch/tpu_vm.sh does on every TPU worker) and pass the mount path.")
+    workdir = Path(workdir)
+    run = setup(config)
+    config = run.config  # with `reproduce` applied
+    is_main = jax.process_index() == 0
+    checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
+                                     async_save=config.ckpt.async_save)
+    resumed = checkpointer.restore_newest_intact(run.state)
+    if resumed is not None:
+        run.state, meta, _ = resumed
+        run.train_iter.restore(meta["data"])
+        cli.phase(f"resuming from the checkpoint of step {int(run.state.step)}")
+    elif is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = _summary_writer(workdir) if is_main else None
+    start = int(run.state.step)
+    if is_main:
+        stats, buckets = run.data_stats, run.train_iter.bucket_counts
+        cli.phase(f"data {config.data.source!r}: {stats['train']} training and {stats['eval']} held-out examples "
+                  f"of {stats['rows']} rows; {len(buckets)} batch shape(s) (prompt x answer tokens: "
+                  + ", ".join(f"{p}x{a}" for p, a in sorted(buckets)) + ")")
+        cli.phase(f"fuser: {run.fuser_template.config.num_params():,} parameters; steps {start + 1}-{run.total_steps}")
+
+    base_key = jax.random.key(config.seed)
+    summary_file = workdir / "train_summary.json"
+    if start >= run.total_steps and summary_file.exists():
+        log.info("%s already finished all %d steps; nothing to do", workdir, run.total_steps)
+        return json.loads(summary_file.read_text())
+    bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train",
+               smoothing=0.1)
+    history, compiled = [], {}
+    tokens_since, time_since = 0, time.perf_counter()
+
+    def pause(seconds: float) -> None:  # compiling and held-out evaluation stay out of the reported rates
+        nonlocal time_since
+        time_since += seconds
+        if not bar.disable:
+            bar.unpause()
+
+    def step_program(batch):
+        """The train step compiled for this batch shape, announced, and kept out of the bar's rate."""
+        shape = (batch.prefix_tokens.shape[-1], batch.suffix_tokens.shape[-1])
+        if shape not in compiled:
+            cli.phase(f"compiling the train step for {shape[0]} prompt + {shape[1]} answer tokens "
+                      f"(once per batch shape; {len(compiled)} compiled so far)")
+            began = time.perf_counter()
+            compiled[shape] = run.step_fn.lower(run.state, run.frozen, batch, base_key).compile()
+            took = time.perf_counter() - began
+            cli.phase(f"compiled in {took:.0f} s")
+            pause(took)
+        return compiled[shape]
+
+    for step in range(start, run.total_steps):
+        host_batch = next(run.train_iter)
+        tokens_since += _batch_tokens(host_batch) * jax.process_count()
+        batch = sharding.place_batch(host_batch, run.mesh, batch_axis=1)
+        run.state, metrics = step_program(batch)(run.state, run.frozen, batch, base_key)
+        done = step + 1
+        jax.block_until_ready(metrics["loss"])  # the bar counts finished steps, not queued ones
+        bar.update(1)
+        if done % config.train.log_every == 0 or done == run.total_steps:
+            m = jax.device_get(metrics)
+            elapsed = time.perf_counter() - time_since
+            tokens_per_s = tokens_since / max(elapsed, 1e-9)
+            tokens_since, time_since = 0, time.perf_counter()
+            record = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                      "lr": float(m["lr"]), "temperature": float(m["temperature"]), "tokens_per_s": tokens_per_s}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if writer:
+                for key in ("loss", "grad_norm", "lr", "temperature", "tokens_per_s"):
+                    writer.add_scalar(f"train/{key}", record[key], done)
+                for (layer, branch), logit in np.ndenumerate(np.asarray(m["gate_logits"]).reshape(-1, 2)):
+                    writer.add_scalar(f"gates/layer{layer:02d}_{'kv'[branch]}", float(logit), done)
+        if (done % config.train.eval_every == 0 or done == run.total_steps) and run.eval_examples:
+            began = time.perf_counter()
+            eval_loss = evaluate_loss(run, run.state.params)
+            pause(time.perf_counter() - began)
+            if is_main:
+                cli.phase(f"step {done}: held-out loss {eval_loss:.4f} (train loss {history[-1]['loss']:.4f})"
+                          if history else f"step {done}: held-out loss {eval_loss:.4f}")
+            if history:
+                history[-1]["eval_loss"] = eval_loss
+            if writer:
+                writer.add_scalar("eval/loss", eval_loss, done)
+        if done % config.ckpt.every == 0 or done == run.total_steps:
+            checkpointer.save(done, run.state, {"data": run.train_iter.state(), "step": done})
+    bar.close()
+    checkpointer.wait()
+    shapes = sorted(compiled)
+    log.info("compiled %d distinct batch shapes: %s", len(shapes), shapes)
+
+    fuser = nnx.merge(run.graphdefs[2], jax.device_get(run.state.params))
+    summary = {"steps": run.total_steps, "history": history, "batch_shapes": shapes}
+    if is_main:
+        save_fuser(fuser, workdir / "final")
+        if config.ckpt.export_upstream:
+            export_upstream_fuser(fuser, workdir / "final_upstream")
+        plot_gates(fuser, workdir / "gates.png")
+        summary_file.write_text(json.dumps(summary, indent=2))
+    if writer:
+        writer.close()
+    return summary
+
+
+def _summary_writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard logging is optional
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def plot_gates(fuser: Fuser, path: Path) -> None:
+    """Per-layer gate logits of the K and V branches, open ones highlighted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's plotting backend alone
+
+    if not fuser.config.uses_gate:
+        return
+    logits = np.asarray(fuser.projectors.gate_logit[...], np.float32)
+    layers = np.arange(logits.shape[0])
+    fig = Figure(figsize=(max(6, 0.3 * len(layers)), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for branch, (name, offset, marker) in enumerate((("K", -0.2, "o"), ("V", 0.2, "s"))):
+        values = logits[:, branch]
+        colors = ["tab:green" if v > 0 else "tab:gray" for v in values]
+        ax.bar(layers + offset, values, width=0.4, color=colors, edgecolor="black")
+        # A marker at each value, so a logit at (or near) 0 is still seen.
+        ax.scatter(layers + offset, values, c=colors, marker=marker, edgecolors="black", zorder=3, label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(layers[:: max(1, len(layers) // 16)])  # whole layer numbers only
+    ax.legend(loc="best", fontsize="small")
+    ax.set_xlabel("receiver layer")
+    ax.set_ylabel("gate logit (open if > 0)")
+    ax.set_title(f"fuser gates: {int((logits > 0).sum())} of {logits.size} open at inference (green: logit > 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
