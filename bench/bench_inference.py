@@ -39,11 +39,11 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
                     random_decoder, time_ms)
 
 from c2c_jax.c2c.fuser import Fuser  # noqa: E402
-from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 from c2c_jax.c2c.model import C2CModel, kv_pass  # noqa: E402
-from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
 from c2c_jax.c2c.prompt import PromptBatch  # noqa: E402
 from c2c_jax.infer.decode import SamplingConfig, decode  # noqa: E402
+from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
+from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 
 
 def prefill_fn(graphdef, output):

@@ -28,11 +28,11 @@ from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repor
     time_ms  # noqa: E402
 
 from c2c_jax import sharding  # noqa: E402
-from c2c_jax.train.step import build_steps  # noqa: E402
-from c2c_jax.config import default_config  # noqa: E402
-from c2c_jax.train.batching import TrainBatch  # noqa: E402
 from c2c_jax.c2c.fuser import Fuser, FuserConfig  # noqa: E402
+from c2c_jax.config import default_config  # noqa: E402
 from c2c_jax.models import ModelConfig  # noqa: E402
+from c2c_jax.train.batching import TrainBatch  # noqa: E402
+from c2c_jax.train.step import build_steps  # noqa: E402
 
 
 def layer_flops_per_token(c: ModelConfig, context: float) -> tuple[float, float]:

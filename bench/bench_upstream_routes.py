@@ -34,9 +34,9 @@ from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, devic
 
 from c2c_jax.c2c.fuser import Fuser  # noqa: E402
 from c2c_jax.c2c.model import C2CModel  # noqa: E402
-from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
 from c2c_jax.c2c.prompt import PromptBatch, section_layout  # noqa: E402
 from c2c_jax.infer.decode import SamplingConfig  # noqa: E402
+from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
 
 
 def batch_of(b, t, vocab, fuse=None):

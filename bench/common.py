@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from c2c_jax import build
-from c2c_jax.config import default_config  # noqa: E402
 from c2c_jax.c2c.fuser import FuserConfig  # noqa: E402
+from c2c_jax.config import default_config  # noqa: E402
 from c2c_jax.models import Decoder, ModelConfig  # noqa: E402
 
 # Architectures of the paper's main pair (their HF config.json files), so no weights are needed.

@@ -45,8 +45,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import bench_inference as bi  # noqa: E402
-from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
+from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 from common import QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, random_decoder  # noqa: E402
 
 

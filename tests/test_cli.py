@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from c2c_jax import build
-from c2c_jax.infer.fuser_io import save_fuser
 from c2c_jax.c2c.fuser import Fuser
+from c2c_jax.infer.fuser_io import save_fuser
 from c2c_jax.models import load_model
 from configs import tiny
 

@@ -13,19 +13,19 @@ import pytest
 from flax import nnx
 
 from c2c_jax import build, sharding
+from c2c_jax.c2c.controls import CONTROL_METHODS, FusionControl, substitute_sharer_cache
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.evaluate.benchmarks import load_benchmark
 from c2c_jax.evaluate.methods import Route
 from c2c_jax.evaluate.run import evaluate
 from c2c_jax.evaluate.scoring import mc_messages
-from c2c_jax.infer.fuser_io import load_fuser, save_fuser
-from c2c_jax.train import loop
 from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt
-from c2c_jax.evaluate.benchmarks import load_benchmark
-from c2c_jax.c2c.controls import CONTROL_METHODS, FusionControl, substitute_sharer_cache
-from c2c_jax.models import KVCache, load_model, load_tokenizer
-from c2c_jax.c2c.model import C2CModel
-from c2c_jax.infer.generator import Generator
-from c2c_jax.c2c.prompt import PromptEncoder
 from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.fuser_io import load_fuser, save_fuser
+from c2c_jax.infer.generator import Generator
+from c2c_jax.models import KVCache, load_model, load_tokenizer
+from c2c_jax.train import loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import tiny  # noqa: E402

@@ -16,15 +16,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from c2c_jax.c2c.prompt import PREFIX_MISMATCH, TOO_LONG
+from c2c_jax.c2c.prompt import TrainExample
+from c2c_jax.c2c.prompt import PromptEncoder
 from c2c_jax.c2c.token_alignment import pad_id_of
-from c2c_jax.train.batching import batch_iterator, bucket_of, load_train_data
-from c2c_jax.train.sources import load_chats, row_to_chat, synthetic_chats
 from c2c_jax.c2c.token_alignment import TokenAligner, tokenizers_compatible
 from c2c_jax.config import default_config
-from c2c_jax.train.batching import BatchIterator, collate
-from c2c_jax.c2c.prompt import ChatEncoder, TrainExample, encode_chat
 from c2c_jax.models.tiny import VOCAB_SIZE, byte_tokenizer
-from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.train.batching import batch_iterator, bucket_of, load_train_data
+from c2c_jax.train.batching import BatchIterator, collate
+from c2c_jax.train.sources import load_chats, row_to_chat, synthetic_chats
 
 CORPUS = [
     "What is the capital of France? The capital of France is Paris.",
@@ -246,9 +246,15 @@ def test_mc_train_source(monkeypatch):
 
 
 # =========================================================================================== encoding
+def encode_example(messages, receiver_tok, sharer_tok=None, **kwargs):
+    """One chat as a training example (or its skip reason), as `load_train_data` encodes it."""
+    sharers = [] if sharer_tok is None else [sharer_tok]
+    return PromptEncoder(receiver_tok, sharers, **kwargs).encode_example(messages)
+
+
 @pytest.mark.parametrize("messages", [SINGLE, MULTI])
 def test_plain_labels_are_exactly_the_final_assistant_turn(btok, messages):
-    ex = encode_chat(messages, btok, btok, receiver_vocab_size=VOCAB_SIZE, sharer_vocab_size=VOCAB_SIZE)
+    ex = encode_example(messages, btok, btok, receiver_vocab_size=VOCAB_SIZE, sharer_vocab_size=VOCAB_SIZE)
     assert isinstance(ex, TrainExample)
     instruction, full = _render(btok, messages[:-1], True), _render(btok, messages, False)
     answer_text = full[len(instruction):]
@@ -266,44 +272,44 @@ def test_plain_labels_are_exactly_the_final_assistant_turn(btok, messages):
 
 def test_enable_thinking_is_passed_through():
     tok = _with_template(THINK_TEMPLATE)
-    ex = encode_chat(SINGLE, tok, enable_thinking=False)
+    ex = encode_example(SINGLE, tok, enable_thinking=False)
     text = tok.decode(ex.tokens[: ex.split + 1])
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tok.decode(ex.answer) == SINGLE[-1]["content"] + "<|im_end|>\n"
     # with thinking on, the template renders no think block: the instruction ends at the header
-    on = encode_chat(SINGLE, tok, enable_thinking=True)
+    on = encode_example(SINGLE, tok, enable_thinking=True)
     assert tok.decode(on.tokens[: on.split + 1]).endswith("<|im_start|>assistant\n")
 
 
 def test_prefix_property_check_skips_and_counts():
     tok = _with_template(BROKEN_TEMPLATE)
-    assert encode_chat(MULTI, tok) == PREFIX_MISMATCH
-    assert isinstance(encode_chat(SINGLE, tok), TrainExample)  # the template only breaks multi-turn chats
-    examples, stats = ChatEncoder(tok).encode_chats([SINGLE, MULTI, SINGLE])
+    assert encode_example(MULTI, tok) == PREFIX_MISMATCH
+    assert isinstance(encode_example(SINGLE, tok), TrainExample)  # the template only breaks multi-turn chats
+    examples, stats = PromptEncoder(tok).encode_examples([SINGLE, MULTI, SINGLE])
     assert [e is None for e in examples] == [False, True, False] and stats == {"prefix_mismatch": 1}
 
 
 def test_too_long_and_template_errors_are_counted(btok):
     n = len(btok(_render(btok, SINGLE, False), add_special_tokens=False)["input_ids"])
-    enc = ChatEncoder(btok, max_length=n)
-    assert isinstance(enc.encode_chat(SINGLE), TrainExample)
-    assert ChatEncoder(btok, max_length=n - 1).encode_chat(SINGLE) == TOO_LONG
+    enc = PromptEncoder(btok, max_length=n)
+    assert isinstance(enc.encode_example(SINGLE), TrainExample)
+    assert PromptEncoder(btok, max_length=n - 1).encode_example(SINGLE) == TOO_LONG
     bad = _with_template("{{ raise_exception('no') if messages[0]['content'] == 'boom' }}{% for m in messages %}"
                          "<|im_start|>{{ m['content'] }}{% endfor %}")
-    out, stats = ChatEncoder(bad).encode_chats([SINGLE, [{"role": "user", "content": "boom"}, SINGLE[1]]])
+    out, stats = PromptEncoder(bad).encode_examples([SINGLE, [{"role": "user", "content": "boom"}, SINGLE[1]]])
     assert out[0] is not None and out[1] is None and stats == {"template_error": 1}
 
 
 def test_vocab_size_mismatch_is_a_clear_error(btok, wtok):
     with pytest.raises(ValueError, match="receiver token id .* outside the receiver model's vocabulary of 200"):
-        encode_chat(SINGLE, btok, btok, receiver_vocab_size=200, sharer_vocab_size=VOCAB_SIZE)
+        encode_example(SINGLE, btok, btok, receiver_vocab_size=200, sharer_vocab_size=VOCAB_SIZE)
     with pytest.raises(ValueError, match="sharer token id .* outside the sharer model's vocabulary of 100"):
-        encode_chat(SINGLE, btok, wtok, receiver_vocab_size=VOCAB_SIZE, sharer_vocab_size=100)
+        encode_example(SINGLE, btok, wtok, receiver_vocab_size=VOCAB_SIZE, sharer_vocab_size=100)
     with pytest.raises(ValueError, match="pad id"):
-        ChatEncoder(btok, receiver_vocab_size=256)  # pad <|endoftext|> is id 256
+        PromptEncoder(btok, receiver_vocab_size=256)  # pad <|endoftext|> is id 256
     # alignment "off" feeds receiver ids to a sharer with a smaller vocabulary: caught before any compile
     with pytest.raises(ValueError, match="alignment.tokens"):
-        encode_chat(SINGLE, btok, wtok, alignment="off", receiver_vocab_size=VOCAB_SIZE,
+        encode_example(SINGLE, btok, wtok, alignment="off", receiver_vocab_size=VOCAB_SIZE,
                     sharer_vocab_size=len(wtok))
 
 
@@ -316,9 +322,9 @@ def pair(request, btok, wtok):
 def test_aligned_labels_fused_columns_and_pads(pair, messages):
     rtok, stok = pair
     assert not tokenizers_compatible(rtok, stok)
-    enc = ChatEncoder(rtok, stok, receiver_vocab_size=len(rtok), sharer_vocab_size=len(stok))
+    enc = PromptEncoder(rtok, [stok], receiver_vocab_size=len(rtok), sharer_vocab_size=len(stok))
     assert enc.aligned
-    ex = enc.encode_chat(messages)
+    ex = enc.encode_example(messages)
     assert isinstance(ex, TrainExample)
     instruction, full = _render(rtok, messages[:-1], True), _render(rtok, messages, False)
     assert full.startswith(instruction)
@@ -346,8 +352,8 @@ def test_aligned_labels_fused_columns_and_pads(pair, messages):
 
 
 def test_aligned_pads_land_on_the_expected_side(btok, wtok):
-    bpe_receiver = ChatEncoder(wtok, btok).encode_chat(MULTI)
-    byte_receiver = ChatEncoder(btok, wtok).encode_chat(MULTI)
+    bpe_receiver = PromptEncoder(wtok, [btok]).encode_example(MULTI)
+    byte_receiver = PromptEncoder(btok, [wtok]).encode_example(MULTI)
     assert (~bpe_receiver.valid).any()  # compact receiver: receiver pads in template sections ...
     assert (~byte_receiver.sharer_valid).any()  # ... byte receiver: sharer pads
     # the uncompacted alignment of the bpe receiver has receiver pads after the split (before the answer)
@@ -371,11 +377,11 @@ def test_training_prefix_matches_inference_prompt(btok, wtok, aligned, positions
     """The prefix + first suffix column hold what `PromptEncoder` builds for the same instruction:
     each model's real tokens with their positions, packed to the left, and the same fused pairs."""
     rtok, stok = (wtok, btok) if aligned else (btok, btok)
-    ex = ChatEncoder(rtok, stok).encode_chat(MULTI)
+    penc = PromptEncoder(rtok, [stok], sharer_positions=positions)  # one encoder for both
+    ex = penc.encode_example(MULTI)
     p = ex.split + 5
     pad, spad = pad_id_of(rtok), pad_id_of(stok)
     row = _row(_batch1(ex, p=p, r=ex.length - ex.split + 3, positions=positions, pad=pad, spad=spad))
-    penc = PromptEncoder(rtok, [stok], sharer_positions=positions)
     prompt = penc.batch([penc.encode_chat(MULTI[:-1])], width=p + 1)
     inf = {k: np.asarray(v[0] if isinstance(v, tuple) else v)[0, :p] for k, v in vars(prompt).items()
            if not isinstance(v, int)}
@@ -406,7 +412,15 @@ def _fake(i, split, length, pads=()):
     valid = np.ones(length, bool)
     valid[list(pads)] = False
     sharer_valid = np.ones(length, bool)
-    return TrainExample(tokens, valid, tokens + 7, sharer_valid, np.arange(length) < split, split)
+    return TrainExample(tokens, valid, tokens + 7, sharer_valid, valid & sharer_valid, split)
+
+
+def test_a_fuse_mask_set_where_a_model_has_no_token_is_refused():
+    tokens, valid = np.arange(6, dtype=np.int32), np.ones(6, bool)
+    sharer_valid = valid.copy()
+    sharer_valid[2] = False  # an alignment pad of the sharer
+    with pytest.raises(ValueError, match="column 2"):
+        TrainExample(tokens, valid, tokens, sharer_valid, np.ones(6, bool), 4)
 
 
 def test_collate_padding_and_positions():
@@ -567,7 +581,7 @@ def test_load_train_data_split_and_stats(btok):
     chats, _ = load_chats("synthetic", max_rows=120, seed=c.seed)
     assert len({json.dumps(ch) for ch in chats}) == 120
     key = lambda e: e.tokens.tobytes()  # noqa: E731
-    everything = [key(e) for e in ChatEncoder(btok).encode_chats(chats)[0]]
+    everything = [key(e) for e in PromptEncoder(btok).encode_examples(chats)[0]]
     assert sorted(everything) == sorted(map(key, train + evals)) and not set(map(key, train)) & set(map(key, evals))
     train2, evals2, _ = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert [e.tokens.tolist() for e in evals2] == [e.tokens.tolist() for e in evals]

@@ -19,14 +19,14 @@ import torch
 import transformers
 from flax import nnx
 
-from c2c_jax.c2c.layer_map import layer_map
-from c2c_jax.infer.fuser_io import export_upstream_fuser, import_upstream_fuser, load_fuser, save_fuser
 from c2c_jax.c2c.fuser import Fuser, FuserConfig
-from c2c_jax.models import load_model, load_tokenizer
+from c2c_jax.c2c.layer_map import layer_map
 from c2c_jax.c2c.model import C2CModel
-from c2c_jax.infer.generator import Generator
 from c2c_jax.c2c.prompt import PromptEncoder
 from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.fuser_io import export_upstream_fuser, import_upstream_fuser, load_fuser, save_fuser
+from c2c_jax.infer.generator import Generator
+from c2c_jax.models import load_model, load_tokenizer
 from reference_c2c import reference_fuse
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
@@ -179,15 +179,15 @@ def test_a_fuser_is_used_only_the_way_it_was_trained(qwen3_pair):
 def test_training_with_decode_time_fusion_is_the_lockstep_route_teacher_forced(qwen3_pair):
     """fuser.include_response training: each answer token's loss is that of the lockstep decode
     (checked against PyTorch above) fed the answer, from the same fuser."""
-    from c2c_jax.train.step import micro_batch_loss
     from c2c_jax.c2c.prompt import TrainExample
     from c2c_jax.train.batching import collate
+    from c2c_jax.train.step import micro_batch_loss
 
     pair = qwen3_pair
     tokens = np.random.default_rng(3).integers(4, 149, 14).astype(np.int32)
     s, n = 8, 14
     valid = np.ones(n, bool)
-    example = TrainExample(tokens, valid, tokens, valid, np.arange(n) < s, s)
+    example = TrainExample(tokens, valid, tokens, valid, valid, s)
     mb = jax.tree.map(lambda x: jnp.asarray(x[0]), collate([example], prefix_length=16, suffix_length=8, pad_id=0,
                                                            sharer_pad_id=0))
     graphdefs, states = zip(*(nnx.split(m) for m in (pair["receiver"], pair["sharer"], pair["fuser"])))

@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 
 from c2c_jax import build
+from c2c_jax.c2c.fuser import FuserCheckpointError
+from c2c_jax.c2c.model import C2CModel
+from c2c_jax.c2c.prompt import PromptEncoder
+from c2c_jax.evaluate.benchmarks import load_benchmark
 from c2c_jax.evaluate.report import CSV_FIELDS
 from c2c_jax.evaluate.run import evaluate
 from c2c_jax.evaluate.scoring import T2T_BACKGROUND_PROMPT, t2t_messages
-from c2c_jax.evaluate.settings import METHOD_LABELS, parse_settings
-from c2c_jax.infer.fuser_io import load_fuser, save_fuser
 from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt, extract_answer
-from c2c_jax.evaluate.benchmarks import load_benchmark
-from c2c_jax.c2c.fuser import FuserCheckpointError
+from c2c_jax.evaluate.settings import METHOD_LABELS, parse_settings
+from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.fuser_io import load_fuser, save_fuser
+from c2c_jax.infer.generator import Generator
 from c2c_jax.models import load_model, load_tokenizer
 from c2c_jax.models.tiny import tiny_config
-from c2c_jax.c2c.model import C2CModel
-from c2c_jax.infer.generator import Generator
-from c2c_jax.c2c.prompt import PromptEncoder
-from c2c_jax.infer.decode import SamplingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.tiny import get_config  # noqa: E402

@@ -10,10 +10,10 @@ import torch
 from flax import nnx
 
 from c2c_jax.c2c.fuser import FuserCheckpointError
-from c2c_jax.infer.fuser_io import export_upstream_fuser, flat_params, fuser_from_flat, import_upstream_fuser, load_fuser, save_fuser
 from c2c_jax.c2c.fuser import ABLATIONS, Fuser, FuserConfig, FuserNoise, count_params, gate_temperature
-from c2c_jax.models import KVCache
+from c2c_jax.infer.fuser_io import export_upstream_fuser, flat_params, fuser_from_flat, import_upstream_fuser, load_fuser, save_fuser
 from c2c_jax.infer.torch_pickle import load_state_dict
+from c2c_jax.models import KVCache
 from reference_c2c import reference_fuse
 
 RECEIVER_LAYERS, HT, DT = 3, 2, 8  # receiver: 3 layers, 2 KV heads x 8

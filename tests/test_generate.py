@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 from c2c_jax import build
-from c2c_jax.infer.fuser_io import save_fuser
 from c2c_jax.generate import answer_prompts, chat_loop
 from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.fuser_io import save_fuser
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,12 +14,12 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from c2c_jax import build  # noqa: E402
-from c2c_jax.evaluate.lm_eval_adapter import C2CHarnessModel  # noqa: E402
-from c2c_jax.models import load_model, load_tokenizer  # noqa: E402
 from c2c_jax.c2c.model import C2CModel  # noqa: E402
-from c2c_jax.infer.generator import Generator  # noqa: E402
 from c2c_jax.c2c.prompt import PromptEncoder  # noqa: E402
+from c2c_jax.evaluate.lm_eval_adapter import C2CHarnessModel  # noqa: E402
 from c2c_jax.infer.decode import SamplingConfig  # noqa: E402
+from c2c_jax.infer.generator import Generator  # noqa: E402
+from c2c_jax.models import load_model, load_tokenizer  # noqa: E402
 from configs import tiny  # noqa: E402
 
 

@@ -11,16 +11,16 @@ import torch
 import transformers
 from flax import nnx
 
-from c2c_jax.c2c.layer_map import layer_map
-from c2c_jax.c2c.prompt import own_positions
 from c2c_jax.c2c.fuser import FuserCheckpointError
-from c2c_jax.infer.fuser_io import export_upstream_fuser
 from c2c_jax.c2c.fuser import Fuser, FuserConfig
-from c2c_jax.models import load_model, load_tokenizer
+from c2c_jax.c2c.layer_map import layer_map
 from c2c_jax.c2c.model import C2CModel, kv_pass
-from c2c_jax.infer.generator import Generator
+from c2c_jax.c2c.prompt import own_positions
 from c2c_jax.c2c.prompt import PromptEncoder
 from c2c_jax.infer.decode import SamplingConfig, sample_tokens
+from c2c_jax.infer.fuser_io import export_upstream_fuser
+from c2c_jax.infer.generator import Generator
+from c2c_jax.models import load_model, load_tokenizer
 from reference_c2c import reference_fuse
 from tiny_models import make_tiny_model, make_tiny_tokenizer, torch_forward
 

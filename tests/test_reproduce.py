@@ -14,10 +14,10 @@ import torch
 import transformers
 
 from c2c_jax import sharding
-from c2c_jax.train.step import loss_weights, make_optimizer, make_schedule
-from c2c_jax.train import loop
 from c2c_jax.config import UPSTREAM_TRAINING, resolve_reproduce
+from c2c_jax.train import loop
 from c2c_jax.train.batching import BatchIterator
+from c2c_jax.train.step import loss_weights, make_optimizer, make_schedule
 from test_data import ITER, _examples, _ids
 from test_train import tiny_config
 

@@ -15,14 +15,14 @@ from flax import nnx
 
 import jax.numpy as jnp
 
-from c2c_jax.c2c.token_alignment import TokenAligner
-from c2c_jax.c2c.layer_map import layer_map
-from c2c_jax.infer.fuser_io import export_upstream_fuser
 from c2c_jax.c2c.fuser import Fuser, FuserConfig
-from c2c_jax.models import load_model
+from c2c_jax.c2c.layer_map import layer_map
 from c2c_jax.c2c.model import C2CModel
-from c2c_jax.infer.generator import Generator
 from c2c_jax.c2c.prompt import PromptEncoder, fusion_sections
+from c2c_jax.c2c.token_alignment import TokenAligner
+from c2c_jax.infer.fuser_io import export_upstream_fuser
+from c2c_jax.infer.generator import Generator
+from c2c_jax.models import load_model
 from reference_c2c import reference_fuse
 from test_alignment import _receiver_backend, _sharer_backend, _wrap_receiver, _wrap_sharer
 from tiny_models import make_tiny_model

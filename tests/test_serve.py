@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from c2c_jax import build
-from c2c_jax.infer.fuser_io import save_fuser
-from c2c_jax.infer.engine import EngineLimits, Sampling, filtered_logits
-from c2c_jax.infer.generator import Generator
 from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.engine import EngineLimits, Sampling, filtered_logits
+from c2c_jax.infer.fuser_io import save_fuser
+from c2c_jax.infer.generator import Generator
 from c2c_jax.serve import TextAssembler, build_engine, create_app
 from configs import tiny
 

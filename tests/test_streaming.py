@@ -4,8 +4,8 @@ import functools
 
 import jax
 
-from c2c_jax.infer.generator import IncrementalText
 from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.generator import IncrementalText
 from test_pipeline import generator, pair  # noqa: F401 - the tiny receiver/sharer/fuser fixture
 
 CHATS = [[{"role": "user", "content": "what is the capital of france ?"}],

@@ -97,14 +97,14 @@ def test_inference_split_over_a_mesh_with_the_tpu_kernels_equals_one_device_on_x
     from flax import nnx
 
     from c2c_jax import sharding
-    from c2c_jax.c2c.layer_map import layer_map
     from c2c_jax.c2c.fuser import Fuser, FuserConfig
-    from c2c_jax.models import load_model
-    from c2c_jax.models.tiny import byte_tokenizer
+    from c2c_jax.c2c.layer_map import layer_map
     from c2c_jax.c2c.model import C2CModel
-    from c2c_jax.infer.generator import Generator
     from c2c_jax.c2c.prompt import PromptEncoder
     from c2c_jax.infer.decode import SamplingConfig
+    from c2c_jax.infer.generator import Generator
+    from c2c_jax.models import load_model
+    from c2c_jax.models.tiny import byte_tokenizer
 
     fuser = Fuser(FuserConfig(receiver_layers=4, receiver_kv_heads=2, receiver_head_dim=32, sharer_kv_heads=1,
                               sharer_head_dim=16, layer_map=layer_map("terminal", 4, 3), hidden_dim=32,

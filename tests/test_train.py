@@ -17,9 +17,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from c2c_jax import sharding
+from c2c_jax.train import loop
 from c2c_jax.train.loop import train_and_evaluate
 from c2c_jax.train.step import make_optimizer, micro_batch_loss
-from c2c_jax.train import loop
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +157,9 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
     right after it ran, and the answer on the written cache."""
     from flax import nnx
 
+    from c2c_jax.c2c.model import kv_pass
     from c2c_jax.c2c.prompt import TrainExample
     from c2c_jax.train.batching import collate
-    from c2c_jax.c2c.model import kv_pass
 
     run = loop.setup(tiny_config())
     receiver_def, sharer_def, fuser_def = run.graphdefs
@@ -175,7 +175,8 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
         valid, sharer_valid = np.ones(length, bool), np.ones(length, bool)
         valid[list(receiver_pads)] = sharer_valid[list(sharer_pads)] = False
         tokens, sharer_tokens = rng.integers(0, vocab, (2, length)).astype(np.int32)
-        return TrainExample(tokens, valid, sharer_tokens, sharer_valid, np.arange(length) % 4 != 1, split)
+        return TrainExample(tokens, valid, sharer_tokens, sharer_valid,
+                            (np.arange(length) % 4 != 1) & valid & sharer_valid, split)
 
     examples = [example(9, 14, receiver_pads=(2, 3), sharer_pads=(6,)), example(12, 15),
                 example(5, 12, receiver_pads=(0,), sharer_pads=(1, 4))]
@@ -190,7 +191,7 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
         # Upstream's route (docs/upstream_reference.md §2.3) through the cache API: the receiver extends its cache
         # one section at a time (runs of fused columns, and the columns between them) and each fused
         # section's K/V are rewritten right after it ran; the sharer never sees fusion (one pass).
-        fuse = ex.fusable[:s] & ex.sharer_valid[:s] & ex.valid[:s]
+        fuse = ex.fuse_mask[:s]
         bounds = [0] + [c for c in range(1, s) if fuse[c] != fuse[c - 1]] + [s]
         sharer_cache = kv_pass(sharer, jnp.asarray(ex.sharer_tokens[None, :s]), jnp.arange(s)[None],
                                jnp.asarray(ex.sharer_valid[None, :s]), fuser.config.sharer_depth).with_capacity(n)

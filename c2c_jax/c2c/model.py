@@ -144,8 +144,8 @@ class C2CModel(nnx.Module):
 
     def lockstep_prefix(self, batch: PromptBatch, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
                         suffix_length: int = 1) -> "LockstepCaches":
-        """Decode-time fusion's prompt caches (docs/upstream_reference.md §2.6): every fusable column fused, the
-        suffix's too, from the receiver's unfused pass; the unfused and sharer caches are kept, as the
+        """Decode-time fusion's prompt caches (docs/upstream_reference.md §2.6): every column of the fuse
+        mask fused, the suffix's too, from the receiver's unfused pass; the unfused and sharer caches are kept, as the
         next tokens' fusion reads them. The fused cache is rewound to before the suffix, which
         `finish_prompt` runs with its fused K/V held."""
         if batch.final_section:

@@ -8,8 +8,8 @@ def main() -> None:
 
     from c2c_jax import cli
     from c2c_jax.config import use_inference_xla_flags
-    from c2c_jax.evaluate.run import evaluate
     from c2c_jax.evaluate.report import results_markdown
+    from c2c_jax.evaluate.run import evaluate
 
     cli.starting("evaluate")  # after this module's own imports (jax), before transformers'
     use_inference_xla_flags()

@@ -38,9 +38,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("c2c_jax.evaluate.lm_eval_adapter needs lm-evaluation-harness: "
                       "pip install 'c2c-jax[lm_eval]'") from error
 
-from c2c_jax.infer.generator import Generator
 from c2c_jax.c2c.prompt import PromptBatch
 from c2c_jax.infer.decode import SamplingConfig
+from c2c_jax.infer.generator import Generator
 
 ROUTES = ("receiver", "c2c")
 

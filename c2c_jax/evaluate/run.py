@@ -86,18 +86,18 @@ def evaluation_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | No
     return None
 
 
-def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings) -> tuple[dict, dict]:
-    """{method: runner} and a description of the models, loading only what the methods need."""
+def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings, loaded: dict | None = None
+                   ) -> tuple[dict, dict]:
+    """{method: runner} and a description of the models, loading only what the methods need (each once;
+    those in `loaded` not at all)."""
     from c2c_jax.build import load_frozen, prompt_encoder
     from c2c_jax.infer.fuser_io import load_any_fuser
 
     methods = settings.methods
-    cache: dict[tuple[str, str], tuple] = {}
+    loaded = {} if loaded is None else loaded
 
     def load(path: str, dtype: str):
-        if (path, dtype) not in cache:
-            cache[(path, dtype)] = load_frozen(ml_collections.ConfigDict(dict(path=path, dtype=dtype)))
-        return cache[(path, dtype)]
+        return load_frozen(ml_collections.ConfigDict(dict(path=path, dtype=dtype)), loaded=loaded)
 
     def encoder(receiver_tok, sharer_toks=()) -> PromptEncoder:
         return prompt_encoder(config, receiver_tok, sharer_toks, enable_thinking=False)  # thinking off in eval
@@ -219,15 +219,18 @@ def evaluate_benchmark(bench: Benchmark, runners: dict, settings: EvalSettings) 
                 num_choices={it.id: len(it.choices) for it in kept_items})
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> dict:
-    """Runs `config.eval` and writes its outputs; returns the summary (also in `summary.json`)."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
+             loaded: dict | None = None) -> dict:
+    """Runs `config.eval` and writes its outputs; returns the summary (also in `summary.json`).
+
+    loaded: models already loaded (`build.load_frozen`), reused and added to."""
     settings = parse_settings(config, workdir)
     from c2c_jax.build import check_before_loading
 
     check_before_loading(config, list(zip(settings.fusers, settings.sharers)) if "c2c" in settings.methods else [])
     benches = [load_benchmark(name, source=source, limit=settings.limit)
                for name, source in zip(settings.benchmarks, settings.sources)]
-    runners, models = _build_methods(config, settings)
+    runners, models = _build_methods(config, settings, loaded)
     # In a multi-process launch every process runs the same batches, each on its share of the chips
     # (`evaluation_mesh`); one writes.
     writer = jax.process_index() == 0

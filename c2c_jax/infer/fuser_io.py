@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from c2c_jax.c2c.fuser import FuserCheckpointError, check_pair, ABLATIONS, BRANCHES, Fuser, FuserConfig
+from c2c_jax.infer.torch_pickle import load_state_dict
 from c2c_jax.models.config import ModelConfig
 from c2c_jax.models.loading import path_names
-from c2c_jax.infer.torch_pickle import load_state_dict
 
 log = logging.getLogger(__name__)
 

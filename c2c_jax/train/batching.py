@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from c2c_jax.c2c.prompt import ChatEncoder, SharerPositions, TrainExample, fusion_sections
+from c2c_jax.c2c.prompt import PromptEncoder, SharerPositions, TrainExample, column_positions, fusion_sections
 from c2c_jax.train.sources import format_counts, load_chats
 
 logger = logging.getLogger(__name__)
@@ -87,12 +87,6 @@ def bucket_of(example: TrainExample, prefix_buckets: Sequence[int], suffix_bucke
     return None if p is None or r is None else (p, r)
 
 
-def _prefix_fuse(example: TrainExample) -> np.ndarray:
-    """bool [split]: the example's fused prefix columns."""
-    s = example.split
-    return example.fusable[:s] & example.sharer_valid[:s] & example.valid[:s]
-
-
 def prefix_layout(examples: Sequence[TrainExample]) -> dict:
     """`TrainBatch`'s static fields for a step of `examples` (upstream's sections, docs/upstream_reference.md §2.3).
 
@@ -101,7 +95,7 @@ def prefix_layout(examples: Sequence[TrainExample]) -> dict:
     """
     runs, trailing = 0, False
     for ex in examples:
-        fuse = _prefix_fuse(ex)
+        fuse = ex.fuse_mask[:ex.split]
         ends = np.flatnonzero(fuse & ~np.append(fuse[1:], False))
         runs = max(runs, ends.size)
         trailing |= bool(ex.valid[:ex.split][(ends[-1] + 1) if ends.size else 0:].any())
@@ -143,24 +137,20 @@ def collate(examples: Sequence[TrainExample], *, prefix_length: int, suffix_leng
         f["sharer_prefix_valid"][row, :ns] = True
         # The sharer's row index of each example column it has a token in.
         f["sharer_columns"][row, :nr] = np.maximum(np.cumsum(ex.sharer_valid[:s]) - 1, 0)[receiver_real]
-        f["fuse_mask"][row, :nr] = (ex.fusable[:s] & ex.sharer_valid[:s])[receiver_real]
+        f["fuse_mask"][row, :nr] = ex.fuse_mask[:s][receiver_real]
         # Sections on the example's own columns, where a template column (even a receiver pad) parts two messages.
-        f["prefix_section"][row, :nr] = fusion_sections(_prefix_fuse(ex)[None], layout["fused_sections"],
+        f["prefix_section"][row, :nr] = fusion_sections(ex.fuse_mask[None, :s], layout["fused_sections"],
                                                         xp=np)[0, receiver_real]
-        # Positions exactly as `PromptEncoder.batch` computes them: the example's column ("shared",
-        # alignment pads counted), or each model's own count of real tokens so far ("own").
-        if sharer_positions == "shared":
-            f["prefix_positions"][row, :nr] = receiver_real
-            f["sharer_prefix_positions"][row, :ns] = sharer_real
-            first_suffix = s
-        else:
-            f["prefix_positions"][row, :nr] = np.arange(nr)
-            f["sharer_prefix_positions"][row, :ns] = np.arange(ns)
-            first_suffix = nr
+        # The positions of the inference prompt (`column_positions` on the example's columns), each
+        # model's taken at its real tokens; the suffix continues the receiver's.
+        positions = column_positions(ex.valid[None], [0], sharer_positions)[0]
+        f["prefix_positions"][row, :nr] = positions[receiver_real]
+        f["sharer_prefix_positions"][row, :ns] = column_positions(ex.sharer_valid[None], [0],
+                                                                  sharer_positions)[0, sharer_real]
         m = length - s
         f["suffix_tokens"][row, :m] = ex.tokens[s:]
         f["suffix_valid"][row, :m] = ex.valid[s:]
-        f["suffix_positions"][row, :m] = first_suffix + np.arange(m)
+        f["suffix_positions"][row, :m] = positions[s:]
         f["targets"][row, :m - 1] = ex.tokens[s + 1:]
         f["loss_mask"][row, :m - 1] = ex.valid[s + 1:]
     a = micro_batches
@@ -358,11 +348,12 @@ def load_train_data(config, receiver_tokenizer, sharer_tokenizer, receiver_vocab
     """
     d = config.data
     chats, row_stats = load_chats(d.source, max_rows=d.max_rows, seed=config.seed)
-    encoder = ChatEncoder(receiver_tokenizer, sharer_tokenizer, alignment=config.alignment.tokens,
-                          strategy=config.alignment.strategy, max_length=d.max_length,
-                          enable_thinking=d.enable_thinking, receiver_vocab_size=receiver_vocab_size,
-                          sharer_vocab_size=sharer_vocab_size)
-    encoded, enc_stats = encoder.encode_chats(chats)
+    encoder = PromptEncoder(receiver_tokenizer, [] if sharer_tokenizer is None else [sharer_tokenizer],
+                            alignment=config.alignment.tokens, strategy=config.alignment.strategy,
+                            sharer_positions=config.alignment.sharer_positions, max_length=d.max_length,
+                            enable_thinking=d.enable_thinking, receiver_vocab_size=receiver_vocab_size,
+                            sharer_vocab_size=sharer_vocab_size)
+    encoded, enc_stats = encoder.encode_examples(chats)
     examples = []
     for ex in encoded:
         if ex is None:

@@ -50,7 +50,8 @@ class Run:
     data_stats: dict
 
 
-def setup(config: ml_collections.ConfigDict) -> Run:
+def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = None) -> Run:
+    """loaded: models already loaded (`build.load_frozen`), reused and added to."""
     from c2c_jax.config import resolve_reproduce
 
     config = resolve_reproduce(config)
@@ -67,7 +68,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     build.check_before_loading(config, [(config.fuser.init_from, config.sharer.path)] if config.fuser.init_from else [])
     param_sharding = sharding.param_sharding_fn(mesh, config.mesh.shard_frozen)
     receiver, receiver_tok, sharer, sharer_tok = build.load_pair(
-        config, param_sharding=param_sharding, remat=config.train.remat, platform=sharding.platform_of(mesh))
+        config, loaded=loaded, param_sharding=param_sharding, remat=config.train.remat, platform=sharding.platform_of(mesh))
     fuser = build.new_fuser(config, receiver, sharer)
 
     cli.phase(f"reading and tokenizing the training data ({config.data.source})")
@@ -125,15 +126,18 @@ def evaluate_loss(run: Run, params) -> float:
     return total_loss / max(total_count, 1)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains a fuser; checkpoints under `workdir/checkpoints`, exports `workdir/final`. Resumes if it can."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       loaded: build.Loaded | None = None) -> dict:
+    """Trains a fuser; checkpoints under `workdir/checkpoints`, exports `workdir/final`. Resumes if it can.
+
+    loaded: models already loaded (`build.load_frozen`), reused and added to."""
     from tqdm import tqdm
 
     if str(workdir).startswith(("gs://", "s3://", "http://", "https://")):
         raise ValueError(f"workdir {workdir} is a URL; c2c_jax writes through the local filesystem. Mount the bucket "
                          "(gcsfuse, as launch/tpu_vm.sh does on every TPU worker) and pass the mount path.")
     workdir = Path(workdir)
-    run = setup(config)
+    run = setup(config, loaded=loaded)
     config = run.config  # with `reproduce` applied
     is_main = jax.process_index() == 0
     checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,

@@ -29,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 from c2c_jax import sharding
 from c2c_jax.c2c.controls import substitute_sharer_cache
 from c2c_jax.c2c.fuser import Fuser, FuserNoise, gate_temperature
-from c2c_jax.models import Decoder, KVCache
 from c2c_jax.c2c.model import fuse_in_sections, kv_pass
+from c2c_jax.models import Decoder, KVCache
 
 log = logging.getLogger("c2c_jax.train")
 
