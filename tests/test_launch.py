@@ -416,5 +416,5 @@ def test_chat_eval_notebook_runs_on_cpu(tmp_path):
     assert "| C2C |" in text and "| Receiver |" in text
     assert (workdir / "final" / "fuser.json").exists() and (workdir / "eval" / "results.md").exists()
     gate_cell = next(c for c in nb.cells if c.cell_type == "code" and "plot_gates" in c.source)
-    eval_cell = next(c for c in nb.cells if c.cell_type == "code" and "evaluate.evaluate" in c.source)
+    eval_cell = next(c for c in nb.cells if c.cell_type == "code" and "run.evaluate(" in c.source)
     assert images_in(gate_cell) == 1 and images_in(eval_cell) == 2
