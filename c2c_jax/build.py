@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -25,8 +26,11 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 def _offline_models():
     from c2c_jax import assets
 
-    # Real models that install from PyPI, by short name (no model hub needed).
-    return {"smollm2": assets.smollm2_gguf}
+    # Real models that install from PyPI, by short name (no model hub needed). The research-only ones
+    # state no licence (assets.SplitGGUF).
+    models = {"smollm2": assets.smollm2_gguf}
+    models.update({name: functools.partial(assets.research_gguf, name) for name in assets.RESEARCH_MODELS})
+    return models
 
 
 def resolve_model_path(path: str) -> str:
