@@ -281,7 +281,8 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
                    eos_ids=(), pad_id=engine.pad_id)
     route = local.routes["c2c"]
     local.warm_up([64])  # every program this test runs, compiled ahead
-    compiled = [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)]
+    programs = (local.decode.step, local.decode.compact, local.decode.move_row, route.programs.prefill)
+    compiled = [len(p.compiled) for p in programs]
     seen = {"long": [], "other": []}
     long = Request(route, route.encoder.encode_chat([{"role": "user", "content": "hi"}]), Sampling(max_tokens=12),
                    lambda ids, finish: seen["long"].append((ids, finish)))
@@ -298,7 +299,36 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
     while local.busy_rows or local.pending is not None:
         local.iteration()
     assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
-    assert [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)] == compiled
+    assert [len(p.compiled) for p in programs] == compiled
+
+
+def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expected):
+    """Three requests in rows 0-2; when the two short ones finish, the long one moves to row 0 and
+    the step runs over one row, not eight: every answer is still Generator's for its prompt alone."""
+    _, engine, _ = served
+    from c2c_jax.engine import Engine, Request
+
+    local = Engine(engine.receiver, list(engine.routes.values()), LIMITS, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    assert local.widths == (1, 8)
+    long_model, long_prompt = max(((m, p) for m in expected for p in PROMPTS[:3]),
+                                  key=lambda mp: len(expected[mp[0]][mp[1]]))
+    jobs = [("receiver", PROMPTS[0], 2), ("c2c", PROMPTS[1], 3), (long_model, long_prompt, LIMITS.max_tokens)]
+    got = {k: [] for k in range(len(jobs))}
+    for k, (model, prompt, m) in enumerate(jobs):
+        route = local.routes[model]
+        local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
+                             Sampling(max_tokens=m), lambda ids, finish, k=k: got[k].extend(ids)))
+    widths, moves = [], []
+    step, move = local.decode.step, local.decode.move_row
+    local.decode.step = lambda width, *args: widths.append(width) or step(width, *args)
+    local.decode.move_row = lambda key, slots, source, target: moves.append((int(source), int(target))) or move(
+        key, slots, source, target)
+    while local.waiting or local.busy_rows or local.pending is not None:
+        local.iteration()
+    for k, (model, prompt, m) in enumerate(jobs):
+        assert got[k] == expected[model][prompt][:m], (model, prompt)
+    if len(expected[long_model][long_prompt]) > 4:  # it outlived the others
+        assert len(moves) == 1 and moves[0][0] > 0 == moves[0][1] and widths[0] == 8 and widths[-1] == 1
 
 
 def test_bounded_load_no_error_no_mixup(served, expected):
