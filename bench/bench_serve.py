@@ -100,8 +100,9 @@ def serve(args) -> None:
 
 
 async def stream_one(client, body: dict, sent: float) -> dict:
-    """One streamed request: its send time, the arrival time of each token's chunk, and its status."""
-    stamps, ok, status = [], False, 0
+    """One streamed request: its send time, the arrival time of each chunk with text (one token's),
+    the tokens generated (the usage chunk's count: a token may have no text) and its status."""
+    stamps, ok, status, tokens = [], False, 0, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         status = response.status_code
         async for line in response.aiter_lines():
@@ -113,7 +114,10 @@ async def stream_one(client, body: dict, sent: float) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    return {"sent": sent, "stamps": stamps, "ok": ok and status == 200, "status": status}
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"sent": sent, "stamps": stamps, "tokens": tokens, "ok": ok and status == 200, "status": status,
+            "done": time.perf_counter()}
 
 
 def client_process(url, bodies, arrivals, queue):
@@ -121,6 +125,85 @@ def client_process(url, bodies, arrivals, queue):
     import httpx
 
     async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=None,
+                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as c:
+            tasks = []
+            for body, at in zip(bodies, arrivals):
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                tasks.append(asyncio.create_task(stream_one(c, body, max(at, time.perf_counter()))))
+            return await asyncio.gather(*tasks)
+
+    queue.put(asyncio.run(main()))
+
+
+def poisson_arrivals(rate: float, seconds: float, seed: int) -> np.ndarray:
+    """Arrival offsets (s) of a Poisson process of `rate` per second over [0, seconds), the first at 0."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
+    times = np.cumsum(gaps) - gaps[0]
+    return times[times < seconds]
+
+
+def run_load(url, bodies, offsets, processes):
+    """Records of requests bodies[i] sent at offsets[i] (s from a common start), arrival k from process
+    k mod P: every process sends a thinned Poisson stream, all of them together the exact schedule."""
+    processes = max(1, min(processes, len(bodies)))
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    start = time.perf_counter() + 2.0  # every process running before the first arrival
+    procs = [context.Process(target=client_process, args=(url, bodies[p::processes],
+                                                         [start + t for t in offsets[p::processes]], queue))
+             for p in range(processes)]
+    for p in procs:
+        p.start()
+    records = [r for _ in procs for r in queue.get()]
+    for p in procs:
+        p.join()
+    return records
+
+
+def summarize(records, max_tokens) -> dict:
+    """Throughput, latency percentiles and the concurrency reached: the time average of the number of
+    requests in flight (the sum of their durations over the span, Little's law) and its maximum.
+    The span runs from the first arrival to the last answer's end."""
+    served = [r for r in records if r["status"] != 429]
+    ttft = [1e3 * (r["stamps"][0] - r["sent"]) for r in served if r["stamps"]]
+    itl = [1e3 * d for r in served for d in np.diff(r["stamps"])]
+    tokens = sum(r["tokens"] for r in served)
+    busy = [(r["sent"], r["done"]) for r in served]
+    first = min(r["sent"] for r in records)
+    span = max((end for _, end in busy), default=first + 1e-9) - first
+    changes = sorted([(t, 1) for t, _ in busy] + [(t, -1) for _, t in busy])  # an end before a start at a tie
+    in_flight = np.cumsum([0] + [d for _, d in changes])
+    pct = lambda xs, q: round(float(np.percentile(xs, q)), 2) if len(xs) else None  # noqa: E731
+    return dict(requests=len(records), refused=len(records) - len(served),
+                failed=sum(not r["ok"] or r["tokens"] != max_tokens for r in served),
+                output_tokens_per_s=round(tokens / span, 1),
+                concurrency_mean=round(sum(end - sent for sent, end in busy) / span, 1),
+                concurrency_max=int(in_flight.max()),
+                ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+
+
+def batch1_latency(url, body, repeats: int) -> float:
+    """Median seconds of one request alone, sent one after another (the rates' calibration)."""
+    import httpx
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+            return [await stream_one(client, body, time.perf_counter()) for _ in range(repeats)]
+
+    records = asyncio.run(main())
+    if not all(r["ok"] for r in records):
+        raise SystemExit(f"a calibration request failed with status {[r['status'] for r in records]}")
+    return float(np.median([r["done"] - r["sent"] for r in records]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, short rows")
     parser.add_argument("--clients", default="1,8,32,128",
@@ -183,7 +266,8 @@ def client_process(url, bodies, arrivals, queue):
 
         def bodies(model, n):  # n prompts of exactly --prompt-tokens receiver tokens; end of sequence is off
             return [{"model": model, "prompt": " ".join(f"t{i}" for i in rng.integers(1, vocab, args.prompt_tokens)),
-                     "max_tokens": args.max_tokens, "temperature": 0, "stream": True} for _ in range(n)]
+                     "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                     "stream_options": {"include_usage": True}} for _ in range(n)]
 
         for model in ("receiver", "c2c"):  # every program each route runs at batch 1 has run once
             batch1_latency(url, bodies(model, 1)[0], repeats=1)

@@ -399,3 +399,37 @@ def test_per_row_filtering_matches_a_reference():
         n = max(1, int(np.sum(np.cumsum(p) <= top_p[r]))) if top_p[r] < 1 else len(keep)
         assert set(np.flatnonzero(np.isfinite(got[r]))) == set(keep[:n]), r
         np.testing.assert_allclose(got[r][keep[:n]], scaled[keep[:n]], rtol=1e-6)
+
+
+def test_load_summary_counts_concurrency_and_refusals():
+    """The serving benchmark's summary on hand-made records: concurrency against a count of the
+    requests in flight on a fine time grid, tokens/s and latencies by hand, a 429 counted apart."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    records = []
+    for sent in np.sort(rng.uniform(0, 5, 40)):
+        stamps = list(sent + 0.05 + np.cumsum(rng.uniform(0.01, 0.2, 4)))
+        records.append({"sent": float(sent), "stamps": stamps, "tokens": 4, "ok": True, "status": 200,
+                        "done": stamps[-1] + 0.001})
+    records.append({"sent": 1.0, "stamps": [], "tokens": 0, "ok": False, "status": 429, "done": 1.01})
+    got = bench_serve.summarize(records, max_tokens=4)
+    served = records[:-1]
+    start, end = min(r["sent"] for r in records), max(r["done"] for r in served)
+    grid = np.linspace(start, end, 200_001)
+    in_flight = sum((grid >= r["sent"]) & (grid < r["done"]) for r in served)
+    assert got["concurrency_max"] == in_flight.max()
+    assert got["concurrency_mean"] == pytest.approx(in_flight.mean(), abs=0.06)
+    assert (got["requests"], got["refused"], got["failed"]) == (41, 1, 0)
+    assert got["output_tokens_per_s"] == pytest.approx(4 * 40 / (end - start), abs=0.1)
+    assert got["ttft_p50_ms"] == pytest.approx(np.percentile([1e3 * (r["stamps"][0] - r["sent"]) for r in served], 50),
+                                               abs=0.01)
+    arrivals = bench_serve.poisson_arrivals(rate=50.0, seconds=40.0, seed=1)
+    assert arrivals[0] == 0 and np.all(np.diff(arrivals) > 0) and arrivals[-1] < 40
+    assert len(arrivals) == pytest.approx(50 * 40, rel=0.1)  # 2000 arrivals: 5 standard deviations
