@@ -131,7 +131,7 @@ def slot_widths(num_slots: int) -> tuple[int, ...]:
     while w < num_slots:
         widths.append(w)
         w *= 4
-    return tuple(sorted({*widths, num_slots} - {0}))
+    return tuple(sorted({*widths, num_slots}))
 
 
 def _rows(x: jax.Array, axis: int, width: int) -> jax.Array:
@@ -454,11 +454,10 @@ class Engine:
 
     @property
     def compiled_programs(self) -> int:
-        """Programs compiled so far: the decode side's and every route's prefills for this engine's slots."""
-        prefills = [key for route in self.routes.values() for key in route.programs.prefill.compiled
-                    if key[1] == self.slots.cache.k.shape]
-        return sum(len(p.compiled) for p in (self.decode.step, self.decode.compact, self.decode.move_row)) + \
-            len(prefills)
+        """Programs compiled so far for this engine: its decode side's, and its routes' prefills into its slots."""
+        decode = sum(len(p.compiled) for p in (self.decode.step, self.decode.compact, self.decode.move_row))
+        return decode + sum(key[1] == self.slots.cache.k.shape for route in self.routes.values()
+                            for key in route.programs.prefill.compiled)
 
     def prefill_sizes(self) -> list[int]:
         """The batch sizes a prefill chunk is padded to: 1 (a lone request, no padding) and
