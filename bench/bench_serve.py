@@ -101,21 +101,27 @@ def serve(args) -> None:
 
 async def stream_one(client, body: dict, sent: float) -> dict:
     """One streamed request: its send time, the arrival time of each chunk with text (one token's),
-    the tokens generated (the usage chunk's count: a token may have no text) and its status."""
+    the tokens generated (the usage chunk's count: a token may have no text) and its status (0: the
+    connection failed, as when the server's listen queue overflows)."""
+    import httpx
+
     stamps, ok, status, tokens = [], False, 0, 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        status = response.status_code
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                ok = True
-                break
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            status = response.status_code
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    ok = True
+                    break
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.TransportError:
+        ok = False
     return {"sent": sent, "stamps": stamps, "tokens": tokens, "ok": ok and status == 200, "status": status,
             "done": time.perf_counter()}
 
@@ -164,7 +170,8 @@ def run_load(url, bodies, offsets, processes):
 def summarize(records, max_tokens) -> dict:
     """Throughput, latency percentiles and the concurrency reached: the time average of the number of
     requests in flight (the sum of their durations over the span, Little's law) and its maximum.
-    The span runs from the first arrival to the last answer's end."""
+    The span runs from the first arrival to the last answer's end. Refused: a 429 (queue full);
+    failed: any other request without exactly `max_tokens` tokens and a clean end."""
     served = [r for r in records if r["status"] != 429]
     ttft = [1e3 * (r["stamps"][0] - r["sent"]) for r in served if r["stamps"]]
     itl = [1e3 * d for r in served for d in np.diff(r["stamps"])]
