@@ -1,16 +1,26 @@
-"""Serving benchmark: the OpenAI-compatible server under concurrent streaming clients, receiver-only
-and C2C side by side, at Qwen3-0.6B <- Qwen2.5-0.5B shapes with random bf16 weights.
+"""Serving benchmark: the OpenAI-compatible server under open-loop load, receiver-only and C2C side by
+side, at Qwen3-0.6B <- Qwen2.5-0.5B shapes with random bf16 weights.
 
 The script starts the server (`c2c_jax.serve.create_app` over an `engine.Engine`, in a process of
-its own, on 127.0.0.1), compiles every program it will run, then for each number of clients and
-each route runs that many clients, spread over several processes so that the load generator is
-not the bottleneck. Each client streams one /v1/completions request after another (prompt of
---prompt-tokens random tokens, exactly --max-tokens new tokens: end of sequence is off) until
---seconds have passed. Reported per row: output tokens/s (all tokens the clients received over
-the row's wall time) and p50/p99 time to first token and inter-token latency, as the clients see
-them (time to the first and between consecutive streamed chunks, one token each).
+its own, on 127.0.0.1) and compiles every program it will run (`Engine.warm_up`; the time and the
+number of programs are in the settings row). Requests then arrive on their own schedule, whether or
+not earlier ones have finished, so queueing shows in the time to first token: each is one streamed
+/v1/completions request (a prompt of --prompt-tokens random tokens, exactly --max-tokens new tokens:
+end of sequence is off), sent at seeded Poisson arrival times over --seconds, from several processes
+so that the load generator is not the bottleneck. A 429 (queue full) is counted as refused.
 
-    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 12] [--slots 128]
+Load levels. Level N stands for N concurrent clients: its arrival rate is N / T1, where T1 is the
+median latency of one request alone on the receiver-only route (measured first; the calibration
+row). N clients that each sent their next request as soon as the last one ended would send at that
+rate if every request kept its batch-1 latency; it is an offered load, not a cap on concurrency, so
+when the server falls behind, requests pile up and the concurrency reached exceeds N. Both routes get
+the same rate, arrival times and prompts at each level, so that their rows differ only by the route.
+Reported per row: output tokens/s (tokens received over the span from the first arrival to the last
+token), p50/p99 time to first token and inter-token latency as the clients see them (one token per
+streamed chunk), and the concurrency reached (mean number of requests in flight over the span, and
+its maximum).
+
+    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 128]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row
 """
 
@@ -58,8 +68,10 @@ def serve(args) -> None:
     from c2c_jax.c2c.fuser import Fuser
     from c2c_jax.c2c.model import C2CModel
     from c2c_jax.c2c.prompt import PromptEncoder
-    from c2c_jax.serve import create_app
+    from c2c_jax.serve import create_app, use_compilation_cache
 
+    if args.compilation_cache_dir:
+        use_compilation_cache(args.compilation_cache_dir)
     receiver_cfg, sharer_cfg = ((common.SMOKE_RECEIVER, common.SMOKE_SHARER) if args.smoke
                                 else (common.QWEN3_0_6B, common.QWEN2_5_0_5B))
     receiver = common.random_decoder(receiver_cfg)
@@ -71,13 +83,13 @@ def serve(args) -> None:
     routes = [Route("receiver", C2CModel(receiver), PromptEncoder(tokenizer), fuse=False),
               Route("c2c", C2CModel(receiver, [sharer], [fuser]), PromptEncoder(tokenizer, [tokenizer]), fuse=True)]
     limits = EngineLimits(slots=args.slots, max_prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                          max_queue=4 * max(args.clients_list), max_prefill_batch=args.prefill_batch)
+                          max_queue=args.max_queue, max_prefill_batch=args.prefill_batch)
     engine = Engine(receiver, routes, limits, eos_ids=(), pad_id=0)  # no end of sequence: fixed lengths
     start = time.perf_counter()
-    if not args.smoke:  # the smoke run compiles on first use instead: fewer programs, sooner done
-        engine.warm_up([args.prompt_tokens])
+    engine.warm_up([args.prompt_tokens])
     settings = dict(device=common.device_name(), library=common.library_digest(), capacity=engine.capacity,
-                    warm_up_s=round(time.perf_counter() - start, 1), scan_unroll=receiver.scan_unroll,
+                    warm_up_s=round(time.perf_counter() - start, 1), programs=engine.compiled_programs,
+                    slot_widths=list(engine.widths), scan_unroll=receiver.scan_unroll,
                     backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     print("SETTINGS " + json.dumps(settings), flush=True)
     app = create_app(engine, tokenizer, defaults=Sampling(max_tokens=args.max_tokens))
@@ -85,49 +97,69 @@ def serve(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The load: clients in several processes.
+# The load: seeded Poisson arrivals, sent from several processes.
 
 
-async def client_loop(url: str, model: str, prompt: str, max_tokens: int, deadline: float, records: list):
+async def stream_one(client, body: dict, sent: float) -> dict:
+    """One streamed request: its send time, the arrival time of each chunk with text (one token's),
+    the tokens generated (the usage chunk's count: a token may have no text) and its status (0: the
+    connection failed, as when the server's listen queue overflows)."""
     import httpx
 
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-        while time.perf_counter() < deadline:
-            sent = time.perf_counter()
-            stamps, ok = [], False
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        ok = True
-                        break
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0]["text"]:
-                        stamps.append(time.perf_counter())
-            records.append({"sent": sent, "stamps": stamps, "ok": ok and response.status_code == 200})
+    stamps, ok, status, tokens = [], False, 0, 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            status = response.status_code
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    ok = True
+                    break
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.TransportError:
+        ok = False
+    return {"sent": sent, "stamps": stamps, "tokens": tokens, "ok": ok and status == 200, "status": status,
+            "done": time.perf_counter()}
 
 
-def client_process(url, model, prompt, max_tokens, clients, start, seconds, queue):
+def client_process(url, bodies, arrivals, queue):
+    """Sends bodies[i] at perf_counter time arrivals[i], whether or not earlier requests have finished."""
+    import httpx
+
     async def main():
-        await asyncio.sleep(max(0.0, start - time.perf_counter()))
-        records = []
-        await asyncio.gather(*(client_loop(url, model, prompt, max_tokens, start + seconds, records)
-                               for _ in range(clients)))
-        return records
+        async with httpx.AsyncClient(base_url=url, timeout=None,
+                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as c:
+            tasks = []
+            for body, at in zip(bodies, arrivals):
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                tasks.append(asyncio.create_task(stream_one(c, body, max(at, time.perf_counter()))))
+            return await asyncio.gather(*tasks)
 
     queue.put(asyncio.run(main()))
 
 
-def run_load(url, model, prompt, max_tokens, clients, seconds, processes):
-    """Records of every request that `clients` clients made in `seconds` (plus their last requests)."""
-    processes = min(processes, clients)
-    share = [clients // processes + (i < clients % processes) for i in range(processes)]
-    queue = multiprocessing.get_context("spawn").Queue()
-    start = time.perf_counter() + 2.0  # every process running before the first request
-    procs = [multiprocessing.get_context("spawn").Process(
-        target=client_process, args=(url, model, prompt, max_tokens, n, start, seconds, queue)) for n in share]
+def poisson_arrivals(rate: float, seconds: float, seed: int) -> np.ndarray:
+    """Arrival offsets (s) of a Poisson process of `rate` per second over [0, seconds), the first at 0."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
+    times = np.cumsum(gaps) - gaps[0]
+    return times[times < seconds]
+
+
+def run_load(url, bodies, offsets, processes):
+    """Records of requests bodies[i] sent at offsets[i] (s from a common start), arrival k from process
+    k mod P: every process sends a thinned Poisson stream, all of them together the exact schedule."""
+    processes = max(1, min(processes, len(bodies)))
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    start = time.perf_counter() + 2.0  # every process running before the first arrival
+    procs = [context.Process(target=client_process, args=(url, bodies[p::processes],
+                                                         [start + t for t in offsets[p::processes]], queue))
+             for p in range(processes)]
     for p in procs:
         p.start()
     records = [r for _ in procs for r in queue.get()]
@@ -137,14 +169,40 @@ def run_load(url, model, prompt, max_tokens, clients, seconds, processes):
 
 
 def summarize(records, max_tokens) -> dict:
-    ttft = [1e3 * (r["stamps"][0] - r["sent"]) for r in records if r["stamps"]]
-    itl = [1e3 * d for r in records for d in np.diff(r["stamps"])]
-    tokens = sum(len(r["stamps"]) for r in records)
-    span = max(r["stamps"][-1] for r in records if r["stamps"]) - min(r["sent"] for r in records)
+    """Throughput, latency percentiles and the concurrency reached: the time average of the number of
+    requests in flight (the sum of their durations over the span, Little's law) and its maximum.
+    The span runs from the first arrival to the last answer's end. Refused: a 429 (queue full);
+    failed: any other request without exactly `max_tokens` tokens and a clean end."""
+    served = [r for r in records if r["status"] != 429]
+    ttft = [1e3 * (r["stamps"][0] - r["sent"]) for r in served if r["stamps"]]
+    itl = [1e3 * d for r in served for d in np.diff(r["stamps"])]
+    tokens = sum(r["tokens"] for r in served)
+    busy = [(r["sent"], r["done"]) for r in served]
+    first = min(r["sent"] for r in records)
+    span = max((end for _, end in busy), default=first + 1e-9) - first
+    changes = sorted([(t, 1) for t, _ in busy] + [(t, -1) for _, t in busy])  # an end before a start at a tie
+    in_flight = np.cumsum([0] + [d for _, d in changes])
     pct = lambda xs, q: round(float(np.percentile(xs, q)), 2) if len(xs) else None  # noqa: E731
-    return dict(requests=len(records), failed=sum(not r["ok"] or len(r["stamps"]) != max_tokens for r in records),
-                output_tokens_per_s=round(tokens / span, 1), ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99),
-                itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+    return dict(requests=len(records), refused=len(records) - len(served),
+                failed=sum(not r["ok"] or r["tokens"] != max_tokens for r in served),
+                output_tokens_per_s=round(tokens / span, 1),
+                concurrency_mean=round(sum(end - sent for sent, end in busy) / span, 1),
+                concurrency_max=int(in_flight.max()),
+                ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+
+
+def batch1_latency(url, body, repeats: int) -> float:
+    """Median seconds of one request alone, sent one after another (the rates' calibration)."""
+    import httpx
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+            return [await stream_one(client, body, time.perf_counter()) for _ in range(repeats)]
+
+    records = asyncio.run(main())
+    if not all(r["ok"] for r in records):
+        raise SystemExit(f"a calibration request failed with status {[r['status'] for r in records]}")
+    return float(np.median([r["done"] - r["sent"] for r in records]))
 
 
 def free_port() -> int:
@@ -156,13 +214,17 @@ def free_port() -> int:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, short rows")
-    parser.add_argument("--clients", default="1,8,32,128", help="concurrent clients per row")
-    parser.add_argument("--seconds", type=float, default=12.0, help="load time per row")
+    parser.add_argument("--clients", default="1,8,32,128",
+                        help="load levels, in concurrent clients: N arrive at N / (batch-1 request latency) per s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="arrivals per row span this long")
+    parser.add_argument("--seed", type=int, default=0, help="of the arrival times and prompts")
     parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--max-queue", type=int, default=512, help="the server's queue; more requests get 429")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prefill-batch", type=int, default=8)
-    parser.add_argument("--processes", type=int, default=8, help="client processes")
+    parser.add_argument("--processes", type=int, default=8, help="load generator processes")
+    parser.add_argument("--compilation-cache-dir", default="", help="JAX's persistent compilation cache")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +246,8 @@ def main():
     port = free_port()
     command = [sys.executable, __file__, "--serve", f"--port={port}", f"--clients={args.clients}",
                f"--slots={args.slots}", f"--prompt-tokens={args.prompt_tokens}", f"--max-tokens={args.max_tokens}",
-               f"--prefill-batch={args.prefill_batch}"] + (["--smoke"] if args.smoke else [])
+               f"--prefill-batch={args.prefill_batch}", f"--max-queue={args.max_queue}",
+               f"--compilation-cache-dir={args.compilation_cache_dir}"] + (["--smoke"] if args.smoke else [])
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=server_env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -204,15 +267,28 @@ def main():
         report = Report("serve")
         report.header.update(settings)
         report.add(what="settings", **settings, slots=args.slots, prompt_tokens=args.prompt_tokens,
-                   max_tokens=args.max_tokens, prefill_batch=args.prefill_batch, seconds=args.seconds)
-        # A prompt of exactly --prompt-tokens receiver tokens, different in every row.
-        rng = np.random.default_rng(0)
+                   max_tokens=args.max_tokens, prefill_batch=args.prefill_batch, seconds=args.seconds,
+                   max_queue=args.max_queue, seed=args.seed)
+        rng = np.random.default_rng(args.seed)
         vocab = 512 if args.smoke else 151936
-        for clients in args.clients_list:
-            for model in ("receiver", "c2c"):
-                prompt = " ".join(f"t{i}" for i in rng.integers(1, vocab, args.prompt_tokens))
-                records = run_load(url, model, prompt, args.max_tokens, clients, args.seconds, args.processes)
-                report.add(model=model, clients=clients, **summarize(records, args.max_tokens))
+
+        def bodies(model, n):  # n prompts of exactly --prompt-tokens receiver tokens; end of sequence is off
+            return [{"model": model, "prompt": " ".join(f"t{i}" for i in rng.integers(1, vocab, args.prompt_tokens)),
+                     "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                     "stream_options": {"include_usage": True}} for _ in range(n)]
+
+        for model in ("receiver", "c2c"):  # every program each route runs at batch 1 has run once
+            batch1_latency(url, bodies(model, 1)[0], repeats=1)
+        latency = batch1_latency(url, bodies("receiver", 1)[0], repeats=5)
+        report.add(what="calibration", batch1_latency_s=round(latency, 4))
+        for level, clients in enumerate(args.clients_list):
+            rate = clients / latency
+            offsets = poisson_arrivals(rate, args.seconds, seed=args.seed + level)
+            prompts = bodies("receiver", len(offsets))
+            for model in ("receiver", "c2c"):  # the same arrivals and prompts for both routes
+                records = run_load(url, [dict(b, model=model) for b in prompts], offsets, args.processes)
+                report.add(model=model, clients=clients, offered_rps=round(rate, 2),
+                           **summarize(records, args.max_tokens))
         metrics = httpx.get(url + "/metrics").text
         report.add(what="server_metrics", requests_200=sum(
             float(line.split()[-1]) for line in metrics.splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -28,8 +29,11 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 def _offline_models():
     from c2c_jax import offline
 
-    # Real models that install from PyPI, by short name (no model hub needed).
-    return {"smollm2": offline.smollm2_gguf}
+    # Real models that install from PyPI, by short name (no model hub needed). The research-only ones
+    # state no licence (offline.SplitGGUF).
+    models = {"smollm2": offline.smollm2_gguf}
+    models.update({name: functools.partial(offline.research_gguf, name) for name in offline.RESEARCH_MODELS})
+    return models
 
 
 def resolve_model_path(path: str) -> str:

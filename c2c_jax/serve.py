@@ -496,6 +496,16 @@ def build_engine(config, limits, *, routes: list[str] = (), receiver_name: str =
     return engine, receiver_tok
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Keeps every compiled program in `directory` (JAX's persistent cache), so that a restart with the
+    same models, limits and --warm_up loads them instead of compiling; call before the first compile."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the small decode programs too
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -516,6 +526,8 @@ def main() -> None:
     c2c_name = flags.DEFINE_string("c2c_name", "c2c", "The model name of --config.generate.fuser's route.")
     warm_up = flags.DEFINE_list("warm_up", [], "Prompt lengths (tokens) whose programs are compiled before the "
                                 "server listens, e.g. 256,1024; other lengths compile on their first request.")
+    cache_dir = flags.DEFINE_string("compilation_cache_dir", "", "Directory of JAX's persistent compilation cache: "
+                                    "a restart loads the programs compiled before instead of compiling them.")
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
@@ -525,6 +537,8 @@ def main() -> None:
         from c2c_jax.infer.engine import EngineLimits
 
         g = config_flag.value.generate
+        if cache_dir.value:
+            use_compilation_cache(cache_dir.value)
         limits = EngineLimits(slots=slots.value, max_prompt_tokens=max_prompt.value, max_tokens=max_tokens.value,
                               max_queue=max_queue.value, max_prefill_batch=prefill_batch.value)
         try:

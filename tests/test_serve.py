@@ -282,7 +282,8 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
                    eos_ids=(), pad_id=engine.pad_id)
     route = local.routes["c2c"]
     local.warm_up([64])  # every program this test runs, compiled ahead
-    compiled = [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)]
+    programs = (local.decode.step, local.decode.compact, local.decode.move_row, route.programs.prefill)
+    compiled = [len(p.compiled) for p in programs]
     seen = {"long": [], "other": []}
     long = Request(route, route.encoder.encode_chat([{"role": "user", "content": "hi"}]), Sampling(max_tokens=12),
                    lambda ids, finish: seen["long"].append((ids, finish)))
@@ -299,7 +300,36 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
     while local.busy_rows or local.pending is not None:
         local.iteration()
     assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
-    assert [len(p.compiled) for p in (local.decode.step, local.decode.compact, route.programs.admit)] == compiled
+    assert [len(p.compiled) for p in programs] == compiled
+
+
+def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expected):
+    """Three requests in rows 0-2; when the two short ones finish, the long one moves to row 0 and
+    the step runs over one row, not eight: every answer is still Generator's for its prompt alone."""
+    _, engine, _ = served
+    from c2c_jax.infer.engine import Engine, Request
+
+    local = Engine(engine.receiver, list(engine.routes.values()), LIMITS, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    assert local.widths == (1, 8)
+    long_model, long_prompt = max(((m, p) for m in expected for p in PROMPTS[:3]),
+                                  key=lambda mp: len(expected[mp[0]][mp[1]]))
+    jobs = [("receiver", PROMPTS[0], 2), ("c2c", PROMPTS[1], 3), (long_model, long_prompt, LIMITS.max_tokens)]
+    got = {k: [] for k in range(len(jobs))}
+    for k, (model, prompt, m) in enumerate(jobs):
+        route = local.routes[model]
+        local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
+                             Sampling(max_tokens=m), lambda ids, finish, k=k: got[k].extend(ids)))
+    widths, moves = [], []
+    step, move = local.decode.step, local.decode.move_row
+    local.decode.step = lambda width, *args: widths.append(width) or step(width, *args)
+    local.decode.move_row = lambda key, slots, source, target: moves.append((int(source), int(target))) or move(
+        key, slots, source, target)
+    while local.waiting or local.busy_rows or local.pending is not None:
+        local.iteration()
+    for k, (model, prompt, m) in enumerate(jobs):
+        assert got[k] == expected[model][prompt][:m], (model, prompt)
+    assert len(got[2]) > 4  # it outlived the others by more than a step or two
+    assert len(moves) == 1 and moves[0][0] > 0 == moves[0][1] and widths[0] == 8 and widths[-1] == 1
 
 
 def test_bounded_load_no_error_no_mixup(served, expected):
@@ -370,3 +400,37 @@ def test_per_row_filtering_matches_a_reference():
         n = max(1, int(np.sum(np.cumsum(p) <= top_p[r]))) if top_p[r] < 1 else len(keep)
         assert set(np.flatnonzero(np.isfinite(got[r]))) == set(keep[:n]), r
         np.testing.assert_allclose(got[r][keep[:n]], scaled[keep[:n]], rtol=1e-6)
+
+
+def test_load_summary_counts_concurrency_and_refusals():
+    """The serving benchmark's summary on hand-made records: concurrency against a count of the
+    requests in flight on a fine time grid, tokens/s and latencies by hand, a 429 counted apart."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    records = []
+    for sent in np.sort(rng.uniform(0, 5, 40)):
+        stamps = list(sent + 0.05 + np.cumsum(rng.uniform(0.01, 0.2, 4)))
+        records.append({"sent": float(sent), "stamps": stamps, "tokens": 4, "ok": True, "status": 200,
+                        "done": stamps[-1] + 0.001})
+    records.append({"sent": 1.0, "stamps": [], "tokens": 0, "ok": False, "status": 429, "done": 1.01})
+    got = bench_serve.summarize(records, max_tokens=4)
+    served = records[:-1]
+    start, end = min(r["sent"] for r in records), max(r["done"] for r in served)
+    grid = np.linspace(start, end, 200_001)
+    in_flight = sum((grid >= r["sent"]) & (grid < r["done"]) for r in served)
+    assert got["concurrency_max"] == in_flight.max()
+    assert got["concurrency_mean"] == pytest.approx(in_flight.mean(), abs=0.06)
+    assert (got["requests"], got["refused"], got["failed"]) == (41, 1, 0)
+    assert got["output_tokens_per_s"] == pytest.approx(4 * 40 / (end - start), abs=0.1)
+    assert got["ttft_p50_ms"] == pytest.approx(np.percentile([1e3 * (r["stamps"][0] - r["sent"]) for r in served], 50),
+                                               abs=0.01)
+    arrivals = bench_serve.poisson_arrivals(rate=50.0, seconds=40.0, seed=1)
+    assert arrivals[0] == 0 and np.all(np.diff(arrivals) > 0) and arrivals[-1] < 40
+    assert len(arrivals) == pytest.approx(50 * 40, rel=0.1)  # 2000 arrivals: 5 standard deviations

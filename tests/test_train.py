@@ -322,3 +322,29 @@ def test_gate_lr_multiplier_scales_only_the_gate_updates_decay_included():
     # (step 0 with no warmup runs at the full lr)
     np.testing.assert_allclose(decayed["projectors"]["gate_logit"],
                                -10 * optim.lr * 0.5 * params["projectors"]["gate_logit"], rtol=1e-5)
+
+
+def test_patience_stops_after_evaluations_without_gain_and_keeps_the_best_fuser(tmp_path, monkeypatch):
+    from c2c_jax.infer.fuser_io import flat_params, load_fuser
+
+    # The held-out losses the run sees at steps 2, 4, 6, 8, ...: lowest at step 4, then two without gain.
+    held_out = iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])
+    monkeypatch.setattr(loop, "evaluate_loss", lambda run, params: next(held_out))
+    config = tiny_config(**{"train.max_steps": 20, "train.eval_every": 2, "train.patience": 2, "train.log_every": 1,
+                            "ckpt.every": 2, "ckpt.keep": 10, "ckpt.async_save": False, "optim.lr": 1e-2})
+    summary = train_and_evaluate(config, tmp_path)
+    assert summary["stopped_at"] == 8 and summary["best"] == {"step": 4, "eval_loss": 2.0}
+    assert summary["history"][-1]["step"] == 8
+
+    def fingerprint(arrays):
+        return sorted((a.shape, np.asarray(a, np.float32).tobytes()) for a in map(np.asarray, arrays))
+
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    checkpointed = {step: jax.tree.leaves(manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore()))["params"]) for step in (4, 8)}
+    final = fingerprint(flat_params(load_fuser(tmp_path / "final")).values())
+    assert final == fingerprint(checkpointed[4])  # `final` is step 4's fuser,
+    assert final != fingerprint(checkpointed[8])  # not the last one's
+    assert final == fingerprint(flat_params(load_fuser(tmp_path / "best")).values())
+    # A run that stopped is not restarted.
+    assert train_and_evaluate(config, tmp_path)["stopped_at"] == 8

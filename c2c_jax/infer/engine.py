@@ -13,8 +13,13 @@ When `end` reaches the capacity, `compact` shifts every row left by the space no
 Positions are per row, so a row's columns never change what it computes (attention sees keys by
 `valid`, RoPE by position), and a request's greedy tokens are those of `Generator` on the prompt alone.
 
+Step widths. A decode step over w rows reads w rows of the cache, so its cost follows the load:
+it is compiled for a few widths (1, 8, 32, 128, ...: `slot_widths`) and each step runs the narrowest
+that covers the live rows. Requests take the lowest free rows; when the load falls below a width,
+the live rows beyond it move into free rows within it (`move_row`, one row's cache copied).
+
 The host loop (`Engine.run`) alternates one prefill chunk (up to `max_prefill_batch` waiting
-requests of one route, padded to a power-of-two batch) with one decode step over all slots, and
+requests of one route, run alone or padded to `max_prefill_batch`) with one decode step, and
 reads back only the sampled tokens. End of sequence and `max_tokens` are checked there; a
 finished or cancelled row is freed before the next step.
 """
@@ -119,6 +124,57 @@ def decode_step(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slo
                                steps=slots.steps + 1), tokens
 
 
+def slot_widths(num_slots: int) -> tuple[int, ...]:
+    """The row counts a decode step is compiled for: 1, 8, 32, 128, ... (x4) below `num_slots`, and
+    `num_slots`. A step over w rows costs about what w rows need, so few widths keep the cost near
+    the load (at most 4x rows) with few programs."""
+    widths, w = [1], 8
+    while w < num_slots:
+        widths.append(w)
+        w *= 4
+    return tuple(sorted({*widths, num_slots}))
+
+
+def _rows(x: jax.Array, axis: int, width: int) -> jax.Array:
+    return jax.lax.slice_in_dim(x, 0, width, axis=axis)
+
+
+def decode_rows(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slots, jax.Array]:
+    """`decode_step` over the first w = len(active) rows only (the others must be free): it reads w
+    rows of the cache, not all. The other rows keep their contents; of the cache, only the written
+    column goes back. Returns the new slots and the sampled tokens int32 [w]."""
+    width = active.shape[0]
+    if width == slots.tokens.shape[0]:
+        return decode_step(receiver, slots, active)
+    cache = slots.cache
+    head = Slots(dataclasses.replace(cache, k=_rows(cache.k, 1, width), v=_rows(cache.v, 1, width),
+                                     valid=_rows(cache.valid, 0, width)),
+                 *(_rows(getattr(slots, f.name), 0, width) for f in dataclasses.fields(Slots)[1:]))
+    head, tokens = decode_step(receiver, head, active)
+    end = cache.end
+
+    def written(new, old, axis):  # column `end` of the head's rows, put back into rows [0, width)
+        column = jax.lax.dynamic_slice_in_dim(new, end, 1, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(old, column, end, axis=axis)
+
+    new_cache = dataclasses.replace(cache, k=written(head.cache.k, cache.k, 2), v=written(head.cache.v, cache.v, 2),
+                                    valid=written(head.cache.valid, cache.valid, 1), end=head.cache.end)
+    rest = {f.name: getattr(slots, f.name).at[:width].set(getattr(head, f.name))
+            for f in dataclasses.fields(Slots)[1:]}
+    return Slots(new_cache, **rest), tokens
+
+
+def move_row(slots: Slots, source: jax.Array, target: jax.Array) -> Slots:
+    """Row `source` of every field copied to row `target` (to pack live rows into the first ones)."""
+    def move(x, axis):
+        row = jax.lax.dynamic_index_in_dim(x, source, axis, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(x, row, target, axis)
+
+    cache = slots.cache
+    return Slots(dataclasses.replace(cache, k=move(cache.k, 1), v=move(cache.v, 1), valid=move(cache.valid, 0)),
+                 **{f.name: move(getattr(slots, f.name), 0) for f in dataclasses.fields(Slots)[1:]})
+
+
 def admit(model: C2CModel, slots: Slots, batch: PromptBatch, prompt_cache: KVCache, rows: jax.Array,
           sampling: RowSampling) -> tuple[Slots, jax.Array]:
     """The prompts' last token on their (fused) `prompt_cache`, their first tokens, and their caches
@@ -180,31 +236,33 @@ class Executables:
 
 class DecodePrograms:
     """The decode-side programs; they close over the receiver's graphdef (see
-    `infer.generator.InferencePrograms` for why) and donate the slots, which are updated in place."""
+    `infer.generator.InferencePrograms` for why) and donate the slots, which are updated in place. The step
+    is keyed by its width (`slot_widths`)."""
 
     def __init__(self, graphdef: nnx.GraphDef):
-        self.step = Executables(lambda state, slots, active: decode_step(nnx.merge(graphdef, state), slots, active),
+        self.step = Executables(lambda state, slots, active: decode_rows(nnx.merge(graphdef, state), slots, active),
                                 donate_argnums=1)
         self.compact = Executables(compact, donate_argnums=0)
+        self.move_row = Executables(move_row, donate_argnums=0)
 
 
 class PrefillPrograms:
-    """One route's prefill: the (fused) prompt cache, then `admit` into the slots; keyed by (width, batch)."""
+    """One route's prefill as one program: the (fused) prompt cache, then `admit` into the slots.
+    Keyed by the [B, W] prompt batch's shape and the slots' (routes may serve several engines)."""
 
     def __init__(self, graphdef: nnx.GraphDef, fuse: bool):
-        self.prompt_cache = Executables(lambda state, batch: nnx.merge(graphdef, state).prompt_cache(batch, fuse=fuse))
-        self.admit = Executables(lambda state, slots, batch, cache, rows, sampling: admit(
-            nnx.merge(graphdef, state), slots, batch, cache, rows, sampling), donate_argnums=1)
+        def prefill(state, slots, batch, rows, sampling):
+            model = nnx.merge(graphdef, state)
+            return admit(model, slots, batch, model.prompt_cache(batch, fuse=fuse), rows, sampling)
+
+        self.prefill = Executables(prefill, donate_argnums=1)
 
     @staticmethod
-    def keys(slots: Slots, batch_shape: tuple[int, int]) -> tuple[tuple, tuple]:
-        """The `Executables` keys of `prompt_cache` and `admit` for a [B, W] prompt batch."""
-        return batch_shape, (batch_shape, slots.cache.k.shape)
+    def key(slots: Slots, batch_shape: tuple[int, int]) -> tuple:
+        return batch_shape, slots.cache.k.shape
 
     def run(self, state, slots: Slots, batch: PromptBatch, rows, sampling: RowSampling) -> tuple[Slots, jax.Array]:
-        cache_key, admit_key = self.keys(slots, batch.tokens.shape)
-        cache = self.prompt_cache(cache_key, state, batch)
-        return self.admit(admit_key, state, slots, batch, cache, rows, sampling)
+        return self.prefill(self.key(slots, batch.tokens.shape), state, slots, batch, rows, sampling)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +327,7 @@ class Request:
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     cancelled: bool = False
+    row: int | None = None  # its decode slot while it has one (rows move: `Engine._pack`)
     generated: int = 0
     last_token_time: float = 0.0
 
@@ -337,6 +396,7 @@ class Engine:
         self.context = receiver.config.max_position_embeddings
         graphdef, self.receiver_state = nnx.split(receiver)
         self.decode = DecodePrograms(graphdef)
+        self.widths = slot_widths(limits.slots)
         self.slots = Slots.empty(receiver, limits.slots, self.capacity, self.prompt_width)
         self.end = self.prompt_width  # host copy of slots.cache.end
         self.rows: list[Request | None] = [None] * limits.slots
@@ -393,33 +453,39 @@ class Engine:
     def busy_rows(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    @property
+    def compiled_programs(self) -> int:
+        """Programs compiled so far for this engine: its decode side's, and its routes' prefills into its slots."""
+        decode = sum(len(p.compiled) for p in (self.decode.step, self.decode.compact, self.decode.move_row))
+        return decode + sum(key[1] == self.slots.cache.k.shape for route in self.routes.values()
+                            for key in route.programs.prefill.compiled)
+
     def prefill_sizes(self) -> list[int]:
-        """The batch sizes a prefill chunk is padded to."""
-        return [1 << i for i in range((self.limits.max_prefill_batch - 1).bit_length() + 1)]
+        """The batch sizes a prefill chunk is padded to: 1 (a lone request, no padding) and
+        `max_prefill_batch`. Two shapes per prompt bucket keep the compiled programs few; a padded
+        row costs the prefill's compute, which at these batches is far from the device's limit."""
+        return sorted({1, self.limits.max_prefill_batch})
 
     def warm_up(self, widths: Sequence[int], threads: int = 16) -> None:
-        """Compiles, side by side, the decode step, the compaction and every route's prefill at each
-        prompt width in `widths` (rounded up to the bucket) and each prefill batch size, so that no
-        request waits for a compilation. Call before `start`."""
+        """Compiles, side by side, the decode step at each slot width, the row move, the compaction
+        and every route's prefill at each prompt width in `widths` (rounded up to the bucket) and
+        each prefill batch size, so that no request waits for a compilation. Call before `start`."""
         import concurrent.futures
 
         widths = sorted({-(-w // self.pad_to) * self.pad_to for w in widths})
         if widths and widths[-1] > self.prompt_width:
             raise ValueError(f"width {widths[-1]} exceeds the longest prompt bucket {self.prompt_width}")
-        jobs = [(self.decode.step, (), self.receiver_state, self.slots, np.zeros((self.limits.slots,), bool)),
-                (self.decode.compact, (), self.slots, np.int32(0))]
+        jobs = [(self.decode.step, w, self.receiver_state, self.slots, np.zeros((w,), bool)) for w in self.widths]
+        jobs += [(self.decode.compact, (), self.slots, np.int32(0)),
+                 (self.decode.move_row, (), self.slots, np.int32(0), np.int32(0))]
         for route in self.routes.values():
             for width in widths:
                 for size in self.prefill_sizes():
                     prompt = route.encoder.encode_ids(np.full((width,), self.pad_id, np.int32))
                     batch = route.encoder.batch([prompt] * size, width=width)
-                    cache = jax.eval_shape(route.programs.prompt_cache.jitted, route.state, batch)
                     sampling = row_sampling([Sampling(max_tokens=1)] * size)
-                    rows = np.zeros((size,), np.int32)
-                    cache_key, admit_key = route.programs.keys(self.slots, batch.tokens.shape)
-                    jobs.append((route.programs.prompt_cache, cache_key, route.state, batch))
-                    jobs.append((route.programs.admit, admit_key, route.state, self.slots, batch, cache, rows,
-                                 sampling))
+                    jobs.append((route.programs.prefill, route.programs.key(self.slots, batch.tokens.shape),
+                                 route.state, self.slots, batch, np.zeros((size,), np.int32), sampling))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
                 done.result()
@@ -449,14 +515,15 @@ class Engine:
         """
         self._free_cancelled()
         admitted, first = self._admit_chunk()
-        live = [(row, request) for row, request in enumerate(self.rows) if request is not None]
         step = None
-        if live:
+        if self.busy_rows:
+            width = self._pack()
             if self.end >= self.capacity:
                 self._compact()
-            active = np.zeros((self.limits.slots,), bool)
+            live = [(row, request) for row, request in enumerate(self.rows[:width]) if request is not None]
+            active = np.zeros((width,), bool)
             active[[row for row, _ in live]] = True
-            self.slots, tokens = self.decode.step((), self.receiver_state, self.slots, active)
+            self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active)
             self.end += 1
             step = (tokens, live)
         previous, self.pending = self.pending, step
@@ -464,14 +531,29 @@ class Engine:
             tokens, rows = previous
             tokens = np.asarray(tokens)
             for row, request in rows:
-                self._emit(row, request, int(tokens[row]))
+                self._emit(request, int(tokens[row]))
         if admitted:  # the admission ran before the new step: its first tokens are ready
-            for (row, request), token in zip(admitted, np.asarray(first)):
-                self._emit(row, request, int(token))
+            for request, token in zip(admitted, np.asarray(first)):
+                self._emit(request, int(token))
         self.metrics.slots_busy(self.busy_rows)
 
-    def _emit(self, row: int, request: Request, token: int) -> None:
-        if self.rows[row] is not request or request.cancelled:
+    def _pack(self) -> int:
+        """The narrowest step width that holds every live row, after moving the live rows beyond it
+        into free rows within it (a row moves only when the load has fallen below a width)."""
+        width = next(w for w in self.widths if w >= self.busy_rows)
+        free = [row for row in range(width) if self.rows[row] is None]
+        for source in range(width, self.limits.slots):
+            request = self.rows[source]
+            if request is not None:
+                target = free.pop(0)
+                self.slots = self.decode.move_row((), self.slots, np.int32(source), np.int32(target))
+                self.rows[target], self.rows[source], request.row = request, None, target
+                self.row_start[target] = self.row_start[source]
+        return width
+
+    def _emit(self, request: Request, token: int) -> None:
+        """Hands `token` to `request` unless it no longer has a row (finished, cancelled or failed)."""
+        if request.row is None or request.cancelled:
             return
         now = time.perf_counter()
         if request.generated == 0:
@@ -487,13 +569,13 @@ class Engine:
         elif request.generated >= request.sampling.max_tokens:
             finish = "length"
         if finish is not None:
-            self.rows[row] = None
+            self.rows[request.row], request.row = None, None
         request.on_tokens([] if token in self.eos_ids else [token], finish)
 
     def _free_cancelled(self) -> None:
         for row, request in enumerate(self.rows):
             if request is not None and request.cancelled:
-                self.rows[row] = None
+                self.rows[row], request.row = None, None
         with self._lock:
             if any(r.cancelled for r in self.waiting):
                 self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
@@ -510,18 +592,18 @@ class Engine:
                 self.waiting.remove(request)
             self.metrics.queue_depth(len(self.waiting))
         rows = free[: len(chunk)]
-        padded = 1 << (len(chunk) - 1).bit_length()  # power-of-two batches: few compiled shapes
+        padded = next(size for size in self.prefill_sizes() if size >= len(chunk))
         chunk_rows = rows + [rows[0]] * (padded - len(chunk))
         requests = chunk + [chunk[0]] * (padded - len(chunk))
         batch = route.encoder.batch([r.prompt for r in requests])
         width = batch.tokens.shape[1]
         sampling = row_sampling([r.sampling for r in requests])
         for row, request in zip(rows, chunk):  # in their rows first: if the programs fail, `_fail_all` ends them
-            self.rows[row] = request
+            self.rows[row], request.row = request, row
             self.row_start[row] = self.end - width
         self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
                                                sampling)
-        return list(zip(rows, chunk)), first
+        return chunk, first
 
     def _compact(self) -> None:
         live = [self.row_start[r] for r, req in enumerate(self.rows) if req is not None]
@@ -536,7 +618,7 @@ class Engine:
         """An error inside the engine's programs ends the requests in flight with it, not the server."""
         for row, request in enumerate(self.rows):
             if request is not None:
-                self.rows[row] = None
+                self.rows[row], request.row = None, None
                 request.on_tokens([], f"error: {type(error).__name__}: {error}")
         # The slots may have been donated to the failed program: start over from empty ones.
         self.pending = None

@@ -36,6 +36,15 @@ PINNED_ARCHITECTURES: dict[str, dict[str, Any]] = {
         rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
                           original_max_position_embeddings=8192, rope_type="llama3"),
         vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+    # Qwen2.5-Coder-0.5B / 1.5B-Instruct, the research-only GGUFs of configs/qwen_coder.py (untied heads).
+    "qwen2.5-coder-0.5b": dict(
+        _QWEN, model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=False,
+        eos_token_id=151645, pad_token_id=151643),
+    "qwen2.5-coder-1.5b": dict(
+        _QWEN, model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=False,
+        eos_token_id=151645, pad_token_id=151643),
     # SmolLM2-135M-Instruct, the offline demo's model ("smollm2" in configs/demo.py).
     "smollm2": dict(
         model_type="llama", hidden_act="silu", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -18,7 +18,7 @@ from flax import nnx
 from c2c_jax import build, cli, sharding
 from c2c_jax.c2c.fuser import Fuser
 from c2c_jax.c2c.token_alignment import pad_id_of
-from c2c_jax.infer.fuser_io import export_upstream_fuser, save_fuser
+from c2c_jax.infer.fuser_io import export_upstream_fuser, load_fuser, save_fuser
 from c2c_jax.train.batching import batch_iterator, load_train_data
 from c2c_jax.train.checkpointer import TrainCheckpointer
 from c2c_jax.train.sources import check_source
@@ -90,6 +90,10 @@ def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = No
 def check_train_settings(config: ml_collections.ConfigDict) -> None:
     """Clear errors for bad precision, normalisation and shuffle settings (before any model loads)."""
     t = config.train
+    if t.patience < 0:
+        raise ValueError(f"train.patience must be >= 0 (0: no early stopping), not {t.patience}")
+    if t.patience and not config.data.eval_fraction:
+        raise ValueError("train.patience stops on the held-out loss, but data.eval_fraction is 0: nothing is held out")
     if t.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train.param_dtype must be 'float32' or 'bfloat16', not {t.param_dtype!r}")
     if t.loss_normalization not in ("tokens", "reference"):
@@ -143,9 +147,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
                                      async_save=config.ckpt.async_save)
     resumed = checkpointer.restore_newest_intact(run.state)
+    best = None  # {"step", "eval_loss"} of the lowest held-out loss so far
     if resumed is not None:
         run.state, meta, _ = resumed
         run.train_iter.restore(meta["data"])
+        best = meta.get("best")
         cli.phase(f"resuming from the checkpoint of step {int(run.state.step)}")
     elif is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -161,12 +167,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
     base_key = jax.random.key(config.seed)
     summary_file = workdir / "train_summary.json"
-    if start >= run.total_steps and summary_file.exists():
-        log.info("%s already finished all %d steps; nothing to do", workdir, run.total_steps)
-        return json.loads(summary_file.read_text())
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        if start >= run.total_steps or summary.get("stopped_at") == start:
+            log.info("%s already finished at step %d; nothing to do", workdir, start)
+            return summary
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train",
                smoothing=0.1)
     history, compiled = [], {}
+    patience, stopped_at = config.train.patience, None
     tokens_since, time_since = 0, time.perf_counter()
 
     def pause(seconds: float) -> None:  # compiling and held-out evaluation stay out of the reported rates
@@ -221,16 +230,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 history[-1]["eval_loss"] = eval_loss
             if writer:
                 writer.add_scalar("eval/loss", eval_loss, done)
-        if done % config.ckpt.every == 0 or done == run.total_steps:
-            checkpointer.save(done, run.state, {"data": run.train_iter.state(), "step": done})
+            if best is None or eval_loss < best["eval_loss"]:
+                best = {"step": done, "eval_loss": eval_loss}
+                if patience and is_main:
+                    save_fuser(nnx.merge(run.graphdefs[2], jax.device_get(run.state.params)), workdir / "best")
+            elif patience and (done - best["step"]) // config.train.eval_every >= patience:
+                stopped_at = done
+                cli.phase(f"step {done}: no lower held-out loss in {patience} evaluations; stopping, keeping "
+                          f"the fuser of step {best['step']} (held-out loss {best['eval_loss']:.4f})")
+        if done % config.ckpt.every == 0 or done == run.total_steps or stopped_at:
+            checkpointer.save(done, run.state, {"data": run.train_iter.state(), "step": done, "best": best})
+        if stopped_at:
+            break
     bar.close()
     checkpointer.wait()
     shapes = sorted(compiled)
     log.info("compiled %d distinct batch shapes: %s", len(shapes), shapes)
 
     fuser = nnx.merge(run.graphdefs[2], jax.device_get(run.state.params))
-    summary = {"steps": run.total_steps, "history": history, "batch_shapes": shapes}
+    summary = {"steps": run.total_steps, "history": history, "batch_shapes": shapes, "best": best,
+               "stopped_at": stopped_at}
     if is_main:
+        if patience and best is not None:  # `final` is the fuser of the lowest held-out loss
+            fuser = load_fuser(workdir / "best")
         save_fuser(fuser, workdir / "final")
         if config.ckpt.export_upstream:
             export_upstream_fuser(fuser, workdir / "final_upstream")
