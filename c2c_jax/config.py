@@ -71,8 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
         batch_size=256,  # sequences per optimizer step, all devices and micro-batches together
         # Sequences per forward/backward, all devices together (resolve_micro_batch). 0: one row per
         # chip on a TPU (a 16 GiB v5e chip holds one 2048 + 2048-token row of the qwen step, not two),
-        # AUTO_MICRO_BATCH (at most batch_size) elsewhere. A micro-batch holds whole rows per device: a smaller one grows to
-        # the next multiple of the device count, and batch_size with it (same number of micro-batches).
+        # 16 (at most batch_size) elsewhere. A micro-batch holds whole rows per device: a smaller one
+        # grows to the next multiple of the device count, and batch_size with it (same micro-batches).
         micro_batch_size=0,
         epochs=1,
         max_steps=-1,  # -1: run the epochs
@@ -152,9 +152,10 @@ AUTO_MICRO_BATCH = 16  # train.micro_batch_size 0 off a TPU: the qwen recipe's m
 
 def resolve_micro_batch(config: ml_collections.ConfigDict, n_devices: int, platform: str) -> ml_collections.ConfigDict:
     """The config with train.micro_batch_size (and batch_size) for `n_devices` devices of `platform`
-    (a copy): 0 becomes one row per device on a TPU, else AUTO_MICRO_BATCH (at most batch_size); a micro-batch that
-    does not give every device whole rows grows to the next multiple of `n_devices`, and batch_size by
-    the same factor. The loss is normalised over the whole step, so only memory and speed change."""
+    (a copy): 0 becomes one row per device on a TPU, else AUTO_MICRO_BATCH (at most batch_size); a
+    micro-batch that does not give every device whole rows grows to the next multiple of `n_devices`,
+    and batch_size by the same factor. The loss is normalised over the whole step, so only memory and
+    speed change (docs/design.md, "The micro-batch")."""
     config = config.copy_and_resolve_references()
     t = config.train
     if t.micro_batch_size < 0 or t.batch_size < 1:
