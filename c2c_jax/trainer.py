@@ -356,12 +356,13 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict) -> Run:
     from c2c_jax import data as data_lib
-    from c2c_jax.config import resolve_reproduce
+    from c2c_jax.config import resolve_micro_batch, resolve_reproduce
 
     config = resolve_reproduce(config)
     check_train_settings(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
+    config = resolve_micro_batch(config, mesh.size, sharding.platform_of(mesh))
     n_devices = mesh.size
     micro, batch_size = config.train.micro_batch_size, config.train.batch_size
     if batch_size % micro:
