@@ -12,8 +12,8 @@ and it exits with status 1 when a program does not fit. Nothing runs on a TPU.
 Programs: `train` (one optimizer step at the config's largest buckets), and inference's
 `prompt_cache` (prefill of receiver and sharer + fusion), `logits` (the last prompt token) and
 `generate` (the last prompt token and the decode loop), on an evaluation batch split over all chips;
-and the server's engine on one chip, as `python -m c2c_jax.serve` runs it (`serve_prompt_cache`,
-`serve_admit`, `serve_decode`, `serve_compact`: see `serve_programs`).
+and the server's engine on one chip, as `python -m c2c_jax.serve` runs it (`serve_prefill`,
+`serve_decode`, `serve_move_row`, `serve_compact`: see `serve_programs`).
 Needs `pip install "jax[tpu]"`; only one process on a machine may hold libtpu at a time.
 """
 
@@ -70,7 +70,7 @@ TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
     _slice("v6e-16", "v6e:4x4"), _slice("v6e-32", "v6e:4x8"),
 )}
 INFERENCE_PROGRAMS = ("prompt_cache", "logits", "generate")
-SERVE_PROGRAMS = ("serve_prompt_cache", "serve_admit", "serve_decode", "serve_compact")
+SERVE_PROGRAMS = ("serve_prefill", "serve_decode", "serve_move_row", "serve_compact")
 PROGRAMS = ("train",) + INFERENCE_PROGRAMS + SERVE_PROGRAMS
 
 
@@ -270,9 +270,10 @@ SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefi
 def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int, max_tokens: int,
                    max_prefill_batch: int):
     """[(name, jitted program, abstract args, static kwargs)] of the server's engine (`engine.py`) on
-    one chip, as the server runs: the C2C route's prefill (`serve_prompt_cache`) and admission
-    (`serve_admit`) of a full prefill batch at the widest prompt bucket, the decode step over all
-    slots (`serve_decode`) and the slots' compaction (`serve_compact`)."""
+    one chip, as the server runs: the C2C route's prefill with fusion and admission into the slots
+    of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode step over all
+    slots (`serve_decode`, its widest), a row's move to a lower slot (`serve_move_row`) and the
+    slots' compaction (`serve_compact`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -307,18 +308,15 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
     prompts = PromptBatch(columns(jnp.int32), columns(jnp.bool_), columns(jnp.int32), (columns(jnp.int32),),
                           (columns(jnp.bool_),), (columns(jnp.int32),), (columns(jnp.bool_),))
     prefill, decode = PrefillPrograms(graphdef, fuse=True), DecodePrograms(receiver_graphdef)
-    # Shapes from a new function around the jit's: `eval_shape` of the jit's own function would fill
-    # the jit's trace cache, and lowering it would then neither trace again nor record its attention.
-    prompt_cache = prefill.prompt_cache.jitted.__wrapped__
-    cache = place(jax.eval_shape(lambda s, b: prompt_cache(s, b), state, prompts))
     sampling = RowSampling(array((batch,), jnp.float32), array((batch,), jnp.int32), array((batch,), jnp.float32),
                            array((batch, 2), jnp.uint32))
+    row = array((), jnp.int32)
     return [
-        ("serve_prompt_cache", prefill.prompt_cache.jitted, (state, prompts), {}),
-        ("serve_admit", prefill.admit.jitted,
-         (state, slots_state, prompts, cache, array((batch,), jnp.int32), sampling), {}),
+        ("serve_prefill", prefill.prefill.jitted,
+         (state, slots_state, prompts, array((batch,), jnp.int32), sampling), {}),
         ("serve_decode", decode.step.jitted, (receiver_state, slots_state, array((slots,), jnp.bool_)), {}),
-        ("serve_compact", decode.compact.jitted, (slots_state, array((), jnp.int32)), {}),
+        ("serve_move_row", decode.move_row.jitted, (slots_state, row, row), {}),
+        ("serve_compact", decode.compact.jitted, (slots_state, row), {}),
     ]
 
 
