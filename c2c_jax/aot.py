@@ -514,6 +514,9 @@ def main() -> None:
                            "reports": [dict(dataclasses.asdict(r), fits=r.fits) for r in reports]}, f, indent=2)
         failed = [r.name for r in reports if not r.fits]
         print(f"{topology.name}: " + (f"{', '.join(failed)} do(es) not fit" if failed else "every program fits"))
+        if set(failed) & set(SERVE_PROGRAMS):  # the slots' cache lives on one chip and grows with --serve_slots
+            print(f"the server's programs were compiled for {serve_flags['slots'].value} slots on one chip; "
+                  "fewer (--serve_slots, serve's --slots) need less memory")
         sys.exit(1 if failed else 0)
 
     cli.run(main_)
