@@ -11,7 +11,9 @@ and it exits with status 1 when a program does not fit. Nothing runs on a TPU.
 
 Programs: `train` (one optimizer step at the config's largest buckets), and inference's
 `prompt_cache` (prefill of receiver and sharer + fusion), `logits` (the last prompt token) and
-`generate` (the last prompt token and the decode loop), on an evaluation batch split over all chips.
+`generate` (the last prompt token and the decode loop), on an evaluation batch split over all chips;
+and the server's engine on one chip, as `python -m c2c_jax.serve` runs it (`serve_prefill`,
+`serve_decode`, `serve_move_row`, `serve_compact`: see `serve_programs`).
 Needs `pip install "jax[tpu]"`; only one process on a machine may hold libtpu at a time.
 """
 
@@ -67,7 +69,9 @@ TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
     _slice("v6e-1", "v6e:1x1"), _slice("v6e-4", "v6e:2x2"), _slice("v6e-8", "v6e:2x4"),
     _slice("v6e-16", "v6e:4x4"), _slice("v6e-32", "v6e:4x8"),
 )}
-PROGRAMS = ("train", "prompt_cache", "logits", "generate")
+INFERENCE_PROGRAMS = ("prompt_cache", "logits", "generate")
+SERVE_PROGRAMS = ("serve_prefill", "serve_decode", "serve_move_row", "serve_compact")
+PROGRAMS = ("train",) + INFERENCE_PROGRAMS + SERVE_PROGRAMS
 
 
 def topology_named(name: str) -> Topology:
@@ -196,7 +200,7 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
     graphdefs = (receiver_def, sharer_def, fuser_def)
     step = jit_train_step(config, graphdefs, tx, fuser_abstract.config, total_steps, state_sharding)
 
-    micro, batch_size = config.train.micro_batch_size, config.train.batch_size
+    micro, batch_size = config.train.micro_batch_size, config.train.batch_size  # resolved (run)
     if batch_size % micro or micro % mesh.size:
         raise ValueError(f"train.batch_size {batch_size} / micro_batch_size {micro} do not split over "
                          f"{mesh.size} chips (micro_batch_size must be a multiple of the chip count)")
@@ -261,6 +265,64 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
         ("generate", programs._generate, (state, prompts, cache, key),
          dict(sampling=sampling, eos_ids=tuple(receiver.eos_token_ids), pad_id=int(receiver.pad_token_id or 0),
               stream=False)),
+    ]
+
+
+# The server's shapes as `python -m c2c_jax.serve` runs by default (its flags' defaults).
+SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefill_batch=8)
+
+
+def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int, max_tokens: int,
+                   max_prefill_batch: int):
+    """[(name, jitted program, abstract args, static kwargs)] of the server's engine (`infer/engine.py`) on
+    one chip, as the server runs: the C2C route's prefill with fusion and admission into the slots
+    of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode step over all
+    slots (`serve_decode`, its widest), a row's move to a lower slot (`serve_move_row`) and the
+    slots' compaction (`serve_compact`)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from c2c_jax.c2c.model import C2CModel
+    from c2c_jax.c2c.prompt import PromptBatch
+    from c2c_jax.infer.engine import DecodePrograms, PrefillPrograms, RowSampling, Slots
+    from c2c_jax.models.attention import TPU_BLOCK
+    from c2c_jax.models.kv_cache import decode_capacity
+
+    make_receiver, make_sharer, make_fuser = models
+
+    def c2c_model():
+        receiver, sharer = make_receiver(), make_sharer()
+        return C2CModel(receiver, [sharer], [make_fuser(receiver, sharer)])
+
+    on_chip = jax.sharding.SingleDeviceSharding(device)
+    place = lambda tree: _with_shardings(tree, jax.tree.map(lambda _: on_chip, tree))  # noqa: E731
+    model = nnx.eval_shape(c2c_model)
+    graphdef, state = nnx.split(model)
+    receiver_graphdef, receiver_state = nnx.split(model.receiver)
+    state, receiver_state = place(state), place(receiver_state)
+    # As `Engine`: prompts padded to the TPU kernels' block, rows of up to two prompts and the answer.
+    width = -(-max_prompt_tokens // TPU_BLOCK) * TPU_BLOCK
+    capacity = decode_capacity(2 * width + max_tokens, platform="tpu")
+    slots_state = place(jax.eval_shape(lambda: Slots.empty(model.receiver, slots, capacity, width)))
+
+    def array(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+
+    batch = max_prefill_batch
+    columns = lambda dtype: array((batch, width), dtype)  # noqa: E731
+    prompts = PromptBatch(columns(jnp.int32), columns(jnp.bool_), columns(jnp.int32), (columns(jnp.int32),),
+                          (columns(jnp.bool_),), (columns(jnp.int32),), (columns(jnp.bool_),))
+    prefill, decode = PrefillPrograms(graphdef, fuse=True), DecodePrograms(receiver_graphdef)
+    sampling = RowSampling(array((batch,), jnp.float32), array((batch,), jnp.int32), array((batch,), jnp.float32),
+                           array((batch, 2), jnp.uint32))
+    row = array((), jnp.int32)
+    return [
+        ("serve_prefill", prefill.prefill.jitted,
+         (state, slots_state, prompts, array((batch,), jnp.int32), sampling), {}),
+        ("serve_decode", decode.step.jitted, (receiver_state, slots_state, array((slots,), jnp.bool_)), {}),
+        ("serve_move_row", decode.move_row.jitted, (slots_state, row, row), {}),
+        ("serve_compact", decode.compact.jitted, (slots_state, row), {}),
     ]
 
 
@@ -362,10 +424,11 @@ def format_report(r: ProgramReport) -> str:
 
 
 def run(config, topology: Topology, *, programs=PROGRAMS, prefix: int = 0, suffix: int = 0, eval_batch: int = 0,
-        prompt_length: int = 0, receiver_config_file=None, sharer_config_file=None, devices=None, log=print
-        ) -> list[ProgramReport]:
+        prompt_length: int = 0, serve_limits: dict | None = None, receiver_config_file=None, sharer_config_file=None,
+        devices=None, log=print) -> list[ProgramReport]:
     """Compiles `programs` for `topology`; returns their reports (printing each as it is done)."""
     from c2c_jax import sharding
+    from c2c_jax.config import resolve_micro_batch
 
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
@@ -378,6 +441,7 @@ def run(config, topology: Topology, *, programs=PROGRAMS, prefix: int = 0, suffi
         f"mesh {dict(mesh.shape)}; receiver {config.receiver.path}, sharer {config.sharer.path}")
     reports = []
     if "train" in programs:
+        config = resolve_micro_batch(config, mesh.size, platform)
         prefix = prefix or max(config.data.prefix_buckets)
         suffix = suffix or max(config.data.suffix_buckets)
         models = abstract_models(config, platform, remat=config.train.remat,
@@ -391,7 +455,7 @@ def run(config, topology: Topology, *, programs=PROGRAMS, prefix: int = 0, suffi
         report.state_bytes, report.state_bytes_per_chip = whole, per_device
         reports.append(report)
         log(format_report(report))
-    inference = [p for p in programs if p != "train"]
+    inference = [p for p in programs if p in INFERENCE_PROGRAMS]
     if inference:
         batch = eval_batch or config.eval.batch_size
         batch = -(-batch // mesh.size) * mesh.size  # whole rows on every chip
@@ -403,6 +467,19 @@ def run(config, topology: Topology, *, programs=PROGRAMS, prefix: int = 0, suffi
         for name, program, args, kwargs in inference_programs(config, mesh, models, batch=batch, width=width,
                                                               max_new_tokens=config.eval.max_new_tokens):
             if name in inference:
+                report, _ = compile_and_measure(name, program, args, kwargs, hbm)
+                reports.append(report)
+                log(format_report(report))
+    serve = [p for p in programs if p in SERVE_PROGRAMS]
+    if serve:
+        limits = dict(SERVE_LIMITS, **(serve_limits or {}))
+        models = abstract_models(config, platform, remat=False, receiver_config_file=receiver_config_file,
+                                 sharer_config_file=sharer_config_file)
+        log(f"serve (one chip, as the server runs): {limits['slots']} slots, prompts up to "
+            f"{limits['max_prompt_tokens']} tokens prefilled {limits['max_prefill_batch']} at a time, "
+            f"{limits['max_tokens']} new tokens")
+        for name, program, args, kwargs in serve_programs(config, devices[0], models, **limits):
+            if name in serve:
                 report, _ = compile_and_measure(name, program, args, kwargs, hbm)
                 reports.append(report)
                 log(format_report(report))
@@ -426,6 +503,8 @@ def main() -> None:
     length_flag = flags.DEFINE_integer("prompt_length", 0, "Inference prompt width (default data.max_length).")
     receiver_flag = flags.DEFINE_string("receiver_config", None, "config.json of the receiver, if not pinned.")
     sharer_flag = flags.DEFINE_string("sharer_config", None, "config.json of the sharer, if not pinned.")
+    serve_flags = {key: flags.DEFINE_integer(f"serve_{key}", value, f"The server's {key} (serve's --{key}).")
+                   for key, value in SERVE_LIMITS.items()}
     json_flag = flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
     flags.mark_flags_as_required(["config"])
 
@@ -433,6 +512,7 @@ def main() -> None:
         topology = topology_named(topology_flag.value)
         reports = run(config_flag.value, topology, programs=programs_flag.value, prefix=prefix_flag.value,
                       suffix=suffix_flag.value, eval_batch=batch_flag.value, prompt_length=length_flag.value,
+                      serve_limits={key: flag.value for key, flag in serve_flags.items()},
                       receiver_config_file=receiver_flag.value, sharer_config_file=sharer_flag.value)
         if json_flag.value:
             with open(json_flag.value, "w") as f:
@@ -440,6 +520,9 @@ def main() -> None:
                            "reports": [dict(dataclasses.asdict(r), fits=r.fits) for r in reports]}, f, indent=2)
         failed = [r.name for r in reports if not r.fits]
         print(f"{topology.name}: " + (f"{', '.join(failed)} do(es) not fit" if failed else "every program fits"))
+        if set(failed) & set(SERVE_PROGRAMS):  # the slots' cache lives on one chip and grows with --serve_slots
+            print(f"the server's programs were compiled for {serve_flags['slots'].value} slots on one chip; "
+                  "fewer (--serve_slots, serve's --slots) need less memory")
         sys.exit(1 if failed else 0)
 
     cli.run(main_)

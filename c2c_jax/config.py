@@ -69,7 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=256,  # sequences per optimizer step, all devices and micro-batches together
-        micro_batch_size=16,  # sequences per forward/backward, split across devices
+        # Sequences per forward/backward, all devices together (resolve_micro_batch). 0: one row per
+        # chip on a TPU (a 16 GiB v5e chip holds one 2048 + 2048-token row of the qwen step, not two),
+        # 16 (at most batch_size) elsewhere. A micro-batch holds whole rows per device: a smaller one
+        # grows to the next multiple of the device count, and batch_size with it (same micro-batches).
+        micro_batch_size=0,
         epochs=1,
         max_steps=-1,  # -1: run the epochs
         log_every=10,
@@ -143,6 +147,30 @@ def resolve_reproduce(config: ml_collections.ConfigDict) -> ml_collections.Confi
         for dotted, value in UPSTREAM_TRAINING.items():
             section, key = dotted.split(".")
             config[section][key] = value
+    return config
+
+
+AUTO_MICRO_BATCH = 16  # train.micro_batch_size 0 off a TPU: the qwen recipe's micro-batch on one H100 or H200
+
+
+def resolve_micro_batch(config: ml_collections.ConfigDict, n_devices: int, platform: str) -> ml_collections.ConfigDict:
+    """The config with train.micro_batch_size (and batch_size) for `n_devices` devices of `platform`
+    (a copy): 0 becomes one row per device on a TPU, else AUTO_MICRO_BATCH (at most batch_size); a
+    micro-batch that does not give every device whole rows grows to the next multiple of `n_devices`,
+    and batch_size by the same factor. The loss is normalised over the whole step, so only memory and
+    speed change (docs/design.md, "The micro-batch")."""
+    config = config.copy_and_resolve_references()
+    t = config.train
+    if t.micro_batch_size < 0 or t.batch_size < 1:
+        raise ValueError(f"train.micro_batch_size {t.micro_batch_size} and batch_size {t.batch_size} must be positive "
+                         "(micro_batch_size 0: automatic)")
+    micro = t.micro_batch_size or (n_devices if platform == "tpu" else min(AUTO_MICRO_BATCH, t.batch_size))
+    whole_rows = -(-micro // n_devices) * n_devices
+    if t.micro_batch_size == 0:
+        t.batch_size = max(t.batch_size, whole_rows)
+    elif t.batch_size % micro == 0:
+        t.batch_size = t.batch_size // micro * whole_rows
+    t.micro_batch_size = whole_rows
     return config
 
 

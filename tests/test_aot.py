@@ -15,7 +15,8 @@ from c2c_jax import aot
 from c2c_jax.c2c.layer_map import layer_map
 from c2c_jax.c2c.fuser import FuserConfig
 from c2c_jax.models.architectures import architecture_of
-from configs import tiny
+from c2c_jax.config import resolve_micro_batch
+from configs import demo, llama, qwen, qwen3_4b, tiny
 
 pytestmark = pytest.mark.xdist_group("libtpu")  # with --dist loadgroup: one worker holds libtpu
 
@@ -27,16 +28,29 @@ def test_tiny_programs_compile_for_a_tpu_slice_with_tpu_kernels_and_a_sharded_op
     config.train.update(micro_batch_size=8, batch_size=16)
     config.receiver.dtype = config.sharer.dtype = "bfloat16"
     config.eval.batch_size = 8
+    serve_limits = dict(slots=4, max_prompt_tokens=100, max_tokens=20, max_prefill_batch=2)
     # conftest asks for float32 matmuls everywhere; Mosaic cannot give a bfloat16 kernel that precision.
     with jax.default_matmul_precision("default"):
-        reports = {r.name: r for r in aot.run(config, aot.topology_named("v5e-8"), log=lambda *_: None)}
+        reports = {r.name: r for r in aot.run(config, aot.topology_named("v5e-8"), serve_limits=serve_limits,
+                                              log=lambda *_: None)}
     assert set(reports) == set(aot.PROGRAMS)
     for name, report in reports.items():
         assert report.fits, (name, report.error)
+        assert not report.gpu_only_calls, name
+        if name in ("serve_compact", "serve_move_row"):  # move cache columns or rows: no attention
+            assert not report.attention_routes and report.mosaic_calls == 0
+            continue
         # Every attention call takes a Pallas TPU kernel (tiny shapes tile), none a GPU route.
         assert report.attention_routes and all(r.endswith(":mosaic") for r in report.attention_routes), \
             (name, report.attention_routes)
-        assert report.mosaic_calls > 0 and not report.gpu_only_calls, name
+        assert report.mosaic_calls > 0, name
+    # The server's programs run on one chip: no collectives. Its decode step is the receiver's one
+    # token over the cached slots; its prefill fuses the sharer's cache (two prefills) and admits the
+    # prompts' last token over the fused cache.
+    for name in aot.SERVE_PROGRAMS:
+        assert not reports[name].collectives, (name, reports[name].collectives)
+    assert reports["serve_decode"].attention_routes == {"cache:mosaic": 1}
+    assert reports["serve_prefill"].attention_routes.get("prefill:mosaic") == 2
     train = reports["train"]
     # Prefills of receiver and sharer, the suffix pass and its two backward kernels.
     assert train.attention_routes == {"prefill:mosaic": 2, "prefix:mosaic": 1} and train.mosaic_calls == 5
@@ -44,6 +58,38 @@ def test_tiny_programs_compile_for_a_tpu_slice_with_tpu_kernels_and_a_sharded_op
     # and a few tiny vectors stay whole), and the step gathers them.
     assert train.state_bytes_per_chip < 0.3 * train.state_bytes
     assert train.collectives.get("all-gather", 0) > 0
+
+
+@pytest.mark.parametrize("platform, devices, configured, resolved", [
+    ("gpu", 1, (256, 0), (256, 16)),  # 0 off a TPU: 16 rows per forward/backward
+    ("gpu", 2, (256, 0), (256, 16)),
+    ("cpu", 1, (8, 0), (8, 8)),  # ... at most the batch
+    ("tpu", 8, (256, 0), (256, 8)),  # 0 on a TPU: one row per chip
+    ("tpu", 16, (256, 0), (256, 16)),
+    ("tpu", 4, (256, 0), (256, 4)),  # v4-8, v5p-8: four chips
+    ("tpu", 16, (8, 0), (16, 16)),  # a batch smaller than the slice grows to one row per chip
+    ("tpu", 8, (8, 4), (16, 8)),  # a given micro-batch grows to whole rows per chip, the batch with it
+    ("gpu", 1, (8, 4), (8, 4)),  # ... and is kept where it has them
+    ("tpu", 8, (256, 16), (256, 16)),
+])
+def test_micro_batch_is_one_row_per_chip_on_a_tpu_and_always_whole_rows_per_device(platform, devices, configured,
+                                                                                   resolved):
+    config = tiny.get_config()
+    config.train.batch_size, config.train.micro_batch_size = configured
+    out = resolve_micro_batch(config, devices, platform)
+    assert (out.train.batch_size, out.train.micro_batch_size) == resolved
+    assert out.train.batch_size % out.train.micro_batch_size == 0 and out.train.micro_batch_size % devices == 0
+    assert (config.train.batch_size, config.train.micro_batch_size) == configured  # a copy
+
+
+def test_every_config_leaves_the_micro_batch_to_the_rule_or_gives_one():
+    """configs/*.py with defaults give whole rows per chip on every slice `aot` is asked for by the launch scripts."""
+    for module in (demo, llama, qwen, qwen3_4b, tiny):
+        config = module.get_config()
+        for devices in (1, 4, 8, 16):
+            out = resolve_micro_batch(config, devices, "tpu")
+            assert out.train.micro_batch_size % devices == 0 and out.train.batch_size % out.train.micro_batch_size == 0
+    assert resolve_micro_batch(qwen.get_config(), 8, "tpu").train.micro_batch_size == 8
 
 
 def test_topologies_name_the_slices_the_launch_scripts_offer():

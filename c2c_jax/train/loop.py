@@ -52,12 +52,13 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = None) -> Run:
     """loaded: models already loaded (`build.load_frozen`), reused and added to."""
-    from c2c_jax.config import resolve_reproduce
+    from c2c_jax.config import resolve_micro_batch, resolve_reproduce
 
     config = resolve_reproduce(config)
     check_train_settings(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.mesh)
+    config = resolve_micro_batch(config, mesh.size, sharding.platform_of(mesh))
     n_devices = mesh.size
     micro, batch_size = config.train.micro_batch_size, config.train.batch_size
     if batch_size % micro:
