@@ -40,6 +40,7 @@ from common import (QWEN2_5_0_5B, QWEN3_0_6B, SMOKE_RECEIVER, SMOKE_SHARER, Repo
 
 from c2c_jax.c2c.fuser import Fuser  # noqa: E402
 from c2c_jax.c2c.model import C2CModel, kv_pass  # noqa: E402
+from c2c_jax.c2c.prefix import PackedRows  # noqa: E402
 from c2c_jax.c2c.prompt import PromptBatch  # noqa: E402
 from c2c_jax.infer.decode import SamplingConfig, decode  # noqa: E402
 from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
@@ -196,7 +197,7 @@ def bench_fusion(report, receiver_cfg, sharer_cfg, lengths, batches, ttft_batche
     @jax.jit
     def fuse_only(state, batch):
         m = nnx.merge(graphdef, state)
-        receiver_cache, sharer_caches = m.prefix_caches(batch, batch.tokens.shape[1])
+        receiver_cache, sharer_caches = m.prefill_kv(batch.prefix())
         return receiver_cache, sharer_caches
 
     @functools.partial(jax.jit, static_argnames=("repeats",))
@@ -251,7 +252,7 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
     @jax.jit
     def sharer_prefix(state, tokens, positions, valid):
         m = nnx.merge(graphdef, state)
-        return kv_pass(m.sharers[0], tokens, positions, valid, m.fusers[0].config.sharer_depth)
+        return kv_pass(m.sharers[0], PackedRows.pack(tokens, positions, valid), m.fusers[0].config.sharer_depth)
 
     @jax.jit
     def fuse(state, receiver_cache, sharer_cache, mask):
@@ -267,8 +268,8 @@ def bench_ttft_parts(report, receiver_cfg, sharer_cfg, t):
     @functools.partial(jax.jit, static_argnames=("width", "masked"))
     def receiver_prefix(state, tokens, positions, valid, width=t, masked=True):
         m = nnx.merge(graphdef, state)
-        return kv_pass(m.receiver, tokens[:, :width], positions[:, :width], valid[:, :width] if masked else None,
-                       m.receiver.config.num_layers)
+        rows = PackedRows.pack(tokens[:, :width], positions[:, :width], valid[:, :width] if masked else None)
+        return kv_pass(m.receiver, rows, m.receiver.config.num_layers)
 
     variants = {f"receiver_{w}_{'masked' if masked else 'unmasked'}_ms":
                 time_ms(functools.partial(receiver_prefix, width=w, masked=masked), state, *prefix)

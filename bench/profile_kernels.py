@@ -212,7 +212,7 @@ def make_call(what: str, rcfg, scfg, t: int):
         if what == "fuse":
             @jax.jit
             def caches(state, batch):
-                return nnx.merge(graphdef, state).prefix_caches(batch, t)
+                return nnx.merge(graphdef, state).prefill_kv(batch.prefix())
 
             @jax.jit
             def fuse(state, receiver_cache, sharer_caches, mask):

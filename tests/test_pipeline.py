@@ -15,6 +15,7 @@ from c2c_jax.c2c.fuser import FuserCheckpointError
 from c2c_jax.c2c.fuser import Fuser, FuserConfig
 from c2c_jax.c2c.layer_map import layer_map
 from c2c_jax.c2c.model import C2CModel, kv_pass
+from c2c_jax.c2c.prefix import PackedRows
 from c2c_jax.c2c.prompt import own_positions
 from c2c_jax.c2c.prompt import PromptEncoder
 from c2c_jax.infer.decode import SamplingConfig, sample_tokens
@@ -90,7 +91,8 @@ def test_kv_pass_over_padding_matches_transformers_on_each_rows_real_tokens(pair
     valid[1, [0, 5, 6, 11]] = False  # leading and inner pads
     tokens = rng.integers(4, 149, valid.shape)
     positions = own_positions(valid)
-    cache = kv_pass(pair["receiver"], jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid), 3)
+    rows = PackedRows.pack(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
+    cache = kv_pass(pair["receiver"], rows, 3)
     np.testing.assert_array_equal(cache.valid, valid)
     for row in range(3):
         _, k, v = torch_forward(pair["torch_receiver"], tokens[row, valid[row]][None])
@@ -188,8 +190,8 @@ def test_two_sharers_sequential_and_parallel(pair):
     batch = encoder.batch([encoder.encode_ids(np.arange(4, 20))])
     sequential = C2CModel(pair["receiver"], [pair["sharer"]] * 2, fusers, multi_sharer_mode="sequential")
     parallel = C2CModel(pair["receiver"], [pair["sharer"]] * 2, fusers, multi_sharer_mode="parallel")
-    receiver_cache, sharer_caches = sequential.prefix_caches(batch, 15)
-    mask = batch.fuse_mask[0][:, :15]
+    receiver_cache, sharer_caches = sequential.prefill_kv(batch.prefix())
+    mask = batch.fuse_mask[0]
     once = fusers[0](sharer_caches[0], receiver_cache, mask)
     chained = fusers[1](sharer_caches[1], once, mask)
     np.testing.assert_allclose(sequential.fuse(receiver_cache, sharer_caches, [mask, mask]).k, chained.k, atol=1e-6)

@@ -158,6 +158,7 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
     from flax import nnx
 
     from c2c_jax.c2c.model import kv_pass
+    from c2c_jax.c2c.prefix import PackedRows
     from c2c_jax.c2c.prompt import TrainExample
     from c2c_jax.train.batching import collate
 
@@ -193,8 +194,9 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
         # section's K/V are rewritten right after it ran; the sharer never sees fusion (one pass).
         fuse = ex.fuse_mask[:s]
         bounds = [0] + [c for c in range(1, s) if fuse[c] != fuse[c - 1]] + [s]
-        sharer_cache = kv_pass(sharer, jnp.asarray(ex.sharer_tokens[None, :s]), jnp.arange(s)[None],
-                               jnp.asarray(ex.sharer_valid[None, :s]), fuser.config.sharer_depth).with_capacity(n)
+        sharer_rows = PackedRows.pack(jnp.asarray(ex.sharer_tokens[None, :s]), jnp.arange(s)[None],
+                                      jnp.asarray(ex.sharer_valid[None, :s]))
+        sharer_cache = kv_pass(sharer, sharer_rows, fuser.config.sharer_depth).with_capacity(n)
         cache = receiver.init_cache(1, n)
         for a, e in zip(bounds[:-1], bounds[1:]):
             _, cache = receiver(jnp.asarray(ex.tokens[None, a:e]), jnp.arange(a, e)[None], cache,

@@ -12,9 +12,10 @@ them, not just the receiver alone:
     mismatched  each row reads the cache of another row of the batch (`donor_rows`, a derangement of the
                 batch's rows); columns the donor has no token in read zeros
 
-`substitute_sharer_cache` is the one place that builds these inputs: evaluation's control methods
-(`FusionControl`, through `C2CModel.prompt_cache`) and training with `fuser.sharer_input` (the trained
-control: the same recipe with the sharer withheld) both call it. A fuser records the sharer input it was
+`substitute_sharer_cache` is the one place that builds these inputs, and `fuser_sharer_caches` the one
+place that chooses them: evaluation's control methods (`FusionControl`, through `C2CModel.prompt_cache`)
+and training with `fuser.sharer_input` (the trained control: the same recipe with the sharer withheld)
+both call it. A fuser records the sharer input it was
 trained on (`FuserConfig.sharer_input`) and receives the same input at inference unless a control says
 otherwise.
 """
@@ -112,6 +113,17 @@ class FusionControl:
         """`cache` (of sharer `index`) as this control feeds it to its fuser."""
         key = None if self.key is None else jax.random.fold_in(self.key, index)
         return substitute_sharer_cache(cache, self.sharer_input, key=key, donor_rows=self.donor_rows)
+
+
+def fuser_sharer_caches(caches, trained_inputs, *, control: FusionControl | None = None,
+                        key: jax.Array) -> list[KVCache]:
+    """What each fuser reads as its sharer's cache, in inference and training alike: `control`'s
+    input, or else the one the fuser was trained on (`trained_inputs[i]`, its
+    `FuserConfig.sharer_input`). key: the randomness of a trained "noise" input."""
+    if control is None:
+        return [c if trained == "real" else FusionControl(trained, key=key).sharer_cache(c, i)
+                for i, (c, trained) in enumerate(zip(caches, trained_inputs))]
+    return [control.sharer_cache(c, i) for i, c in enumerate(caches)]
 
 
 #: The evaluation methods that run the C2C route under a control, and the control each applies.

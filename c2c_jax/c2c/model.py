@@ -2,11 +2,11 @@
 
 For a batch of prompts, left-padded to a common width W (so every prompt ends at column W - 1):
 
-    1. receiver and every sharer run the prompt, KV only (no logits);
-    2. each fuser writes its sharer's K/V into the receiver cache where `fuse_mask` is set, except in
-       the last column;
-    3. the receiver runs the last prompt column again, on the fused cache (overwriting that column's
-       K/V) -> logits of the first new token;
+    1. prefill_kv: receiver and every sharer run the prompt, KV only (no logits);
+    2. fuse_prefix: each fuser writes its sharer's K/V into the receiver cache where `fuse_mask` is
+       set, except in the last column;
+    3. finish_prompt: the receiver runs the last prompt column again, on the fused cache (overwriting
+       that column's K/V) -> logits of the first new token;
     4. decode on the fused cache (generated tokens are never fused).
 
 The last prompt token is excluded from fusion so that the first new token is predicted by a query
@@ -15,25 +15,29 @@ that attends to the fused prefix (docs/upstream_reference.md §2.4).
 Prompts whose fused columns are not simply every column before the last (token-aligned pairs, where
 only message contents are fused) run as upstream runs them, section by section
 (docs/upstream_reference.md §2.3): each fused section is fused from receiver K/V that already saw the fused
-sections before it (`fuse_in_sections`), and every column after the last fused one (the trailing
+sections before it (`fuse_prefix`), and every column after the last fused one (the trailing
 chat template) runs in step 3, after fusion. Steps 1-2 (`C2CModel.prompt_cache`) and
 steps 3-4 (`C2CModel.finish_prompt`, then `infer.decode.decode`) are two jitted programs that the host
 dispatches back to back (`infer.generator.InferencePrograms`); only the decode loop's tokens come back
-to the host. Training's loss uses the same passes (`kv_pass`, `fuse_in_sections`).
+to the host. Phases 1 and 2 are top-level functions of a `c2c.prefix.Prefix`, with the caches passed
+in and out; the trainer's loss (`train.step.micro_batch_loss`) calls the same two on its batches,
+then finishes with the answer instead of the last prompt token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Sequence
+import functools
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from c2c_jax.c2c.controls import FusionControl
+from c2c_jax.c2c.controls import FusionControl, fuser_sharer_caches
 from c2c_jax.c2c.fuser import Fuser, check_pair, inference_copy
-from c2c_jax.c2c.prompt import PromptBatch, final_width, fusion_sections
+from c2c_jax.c2c.prefix import PackedRows, Prefix
+from c2c_jax.c2c.prompt import PromptBatch, final_width
 from c2c_jax.models import Decoder, KVCache
 
 MultiSharerMode = Literal["sequential", "parallel"]
@@ -92,22 +96,10 @@ class C2CModel(nnx.Module):
         return dataclasses.replace(base, k=(base.k.astype(jnp.float32) + dk).astype(base.k.dtype),
                                    v=(base.v.astype(jnp.float32) + dv).astype(base.v.dtype))
 
-    def prefix_caches(self, batch: PromptBatch, length: int, *, with_sharers: bool = True
-                      ) -> tuple[KVCache, list[KVCache]]:
-        """KV-only passes of the receiver and (optionally) every sharer over the first `length` columns."""
-        columns = slice(0, length)
-        # Named scopes label each part's kernels in profiles (bench/profile_kernels.py's phases).
-        with jax.named_scope("receiver_prefix"):
-            receiver_cache = kv_pass(self.receiver, batch.tokens[:, columns], batch.positions[:, columns],
-                                      batch.valid[:, columns], self.receiver.config.num_layers)
-        sharer_caches = []
-        if with_sharers:
-            for i, (sharer, fuser, tokens, positions, valid) in enumerate(zip(
-                    self.sharers, self.fusers, batch.sharer_tokens, batch.sharer_positions, batch.sharer_valid)):
-                with jax.named_scope(f"sharer_prefix_{i}"):
-                    sharer_caches.append(kv_pass(sharer, tokens[:, columns], positions[:, columns],
-                                                 valid[:, columns], fuser.config.sharer_depth))
-        return receiver_cache, sharer_caches
+    def prefill_kv(self, prefix: Prefix, *, with_sharers: bool = True) -> tuple[KVCache, list[KVCache]]:
+        """Phase 1 (`prefill_kv`): the receiver's KV-only pass and (optionally) every sharer's."""
+        sharers = self.sharers if with_sharers else ()
+        return prefill_kv(self.receiver, sharers, [f.config.sharer_depth for f in self.fusers], prefix)
 
     def prefill(self, batch: PromptBatch, capacity: int, *, fuse: bool = True, suffix_length: int = 1,
                 control: FusionControl | None = None) -> tuple[jax.Array, KVCache]:
@@ -117,7 +109,8 @@ class C2CModel(nnx.Module):
         themselves: 1 for generation (docs/upstream_reference.md §2.4); the answer prefix's length when scoring
         option logits after "The correct answer is" (§5.4). Receiver-only (`fuse=False`) takes the
         same route minus the sharers and fusers, so with closed gates both give bit-identical logits.
-        `prompt_cache` then `finish_prompt`; `infer.generator.InferencePrograms` runs them as two programs (see there).
+        `prompt_cache` (`prefill_kv`, `fused_prefix`) then `finish_prompt`; `infer.generator.InferencePrograms`
+        runs them as two programs (see there).
         `control` (evaluation only) replaces what the fusers read (`controls.FusionControl`).
         """
         cache = self.prompt_cache(batch, fuse=fuse, suffix_length=suffix_length, control=control)
@@ -135,15 +128,16 @@ class C2CModel(nnx.Module):
         # better than `split`: by causality the first `split` columns get the same K/V as from a pass
         # over them alone, and the suffix columns' K/V are never fused and are recomputed by
         # `finish_prompt`, on the fused cache, once the cache is rewound to `split`.
-        receiver_cache, sharer_caches = self.prefix_caches(batch, width, with_sharers=fuse)
         if fuse and self.include_response:
             if control is not None:
                 raise ValueError("evaluation controls are not supported for a fuser with decode-time fusion")
-            return self.lockstep_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length)
-        return self.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length, control=control)
+            return self.lockstep_prefix(batch, suffix_length=suffix_length)
+        prefix = batch.prefix(suffix_length)
+        receiver_cache, sharer_caches = self.prefill_kv(prefix, with_sharers=fuse)
+        return self.fused_prefix(batch, prefix, receiver_cache, sharer_caches, suffix_length=suffix_length,
+                                 control=control)
 
-    def lockstep_prefix(self, batch: PromptBatch, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
-                        suffix_length: int = 1) -> "LockstepCaches":
+    def lockstep_prefix(self, batch: PromptBatch, *, suffix_length: int = 1) -> "LockstepCaches":
         """Decode-time fusion's prompt caches (docs/upstream_reference.md §2.6): every column of the fuse
         mask fused, the suffix's too, from the receiver's unfused pass; the unfused and sharer caches are kept, as the
         next tokens' fusion reads them. The fused cache is rewound to before the suffix, which
@@ -151,39 +145,28 @@ class C2CModel(nnx.Module):
         if batch.final_section:
             raise ValueError("decode-time fusion (include_response) runs prompts whose every real column is fused, "
                              "as for a sharer with the receiver's tokenizer; token-aligned prompts are not supported")
+        prefix = batch.prefix(suffix_length=0)
+        receiver_cache, sharer_caches = self.prefill_kv(prefix)
         with jax.named_scope("fusion"):
-            fused = self.fuse(receiver_cache, sharer_caches, list(batch.fuse_mask))
+            fused = fuse_prefix(self.receiver, prefix, receiver_cache, sharer_caches, self.fuse)
         fused = dataclasses.replace(fused, end=fused.end - suffix_length)
         return LockstepCaches(fused, receiver_cache, tuple(sharer_caches))
 
-    def fused_prefix(self, batch: PromptBatch, receiver_cache: KVCache, sharer_caches: Sequence[KVCache], *,
-                     suffix_length: int = 1, control: FusionControl | None = None) -> KVCache:
-        """`prefix_caches`' caches (no sharer caches: no fusion) fused except in the last `suffix_length`
-        columns, and rewound to before them: `prompt_cache`'s result.
+    def fused_prefix(self, batch: PromptBatch, prefix: Prefix, receiver_cache: KVCache,
+                     sharer_caches: Sequence[KVCache], *, suffix_length: int = 1,
+                     control: FusionControl | None = None) -> KVCache:
+        """Phase 2 (`fuse_prefix`) on `prefill_kv`'s caches (no sharer caches: no fusion) of
+        `batch.prefix(suffix_length)`, rewound to before the columns that run after fusion:
+        `prompt_cache`'s result.
 
         Each fuser reads its sharer's cache as it was trained to (`FuserConfig.sharer_input`), or as
-        `control` says."""
+        `control` says (`controls.fuser_sharer_caches`)."""
         if sharer_caches:
-            fuse_masks = batch.fuse_masks(suffix_length)
-            if control is None:
-                # A fuser trained without the sharer (the trained control) reads what it was trained on.
-                sharer_caches = [FusionControl(f.config.sharer_input, key=jax.random.key(0)).sharer_cache(c, i)
-                                 if f.config.sharer_input != "real" else c
-                                 for i, (f, c) in enumerate(zip(self.fusers, sharer_caches))]
-            else:
-                sharer_caches = [control.sharer_cache(c, i) for i, c in enumerate(sharer_caches)]
-            receiver_input = control is None or control.receiver_input
+            sharer_caches = fuser_sharer_caches(sharer_caches, [f.config.sharer_input for f in self.fusers],
+                                                control=control, key=jax.random.key(0))
+            apply_fusers = functools.partial(self.fuse, receiver_input=control is None or control.receiver_input)
             with jax.named_scope("fusion"):
-                if batch.final_section == 0:  # one fused section per row, ending where the suffix starts
-                    receiver_cache = self.fuse(receiver_cache, sharer_caches, fuse_masks, receiver_input=receiver_input)
-                else:
-                    def fuse_pass(cache, in_pass):
-                        return self.fuse(cache, sharer_caches, [m & in_pass for m in fuse_masks],
-                                         receiver_input=receiver_input)
-
-                    receiver_cache = fuse_in_sections(
-                        self.receiver, batch.tokens, batch.positions, batch.valid, receiver_cache, fuse_pass,
-                        fusion_sections(_any(fuse_masks), batch.fused_sections), batch.fused_sections)
+                receiver_cache = fuse_prefix(self.receiver, prefix, receiver_cache, sharer_caches, apply_fusers)
         return dataclasses.replace(receiver_cache, end=receiver_cache.end - final_width(batch, suffix_length))
 
     def finish_prompt(self, batch: PromptBatch, cache: KVCache, capacity: int, *, suffix_length: int = 1
@@ -198,8 +181,7 @@ class C2CModel(nnx.Module):
             held = _any(batch.fuse_mask)[:, suffix]
         elif batch.final_section and batch.fuse_mask:
             # Columns of the window that belong to earlier (fused) sections keep the K/V they have.
-            section = fusion_sections(_any(batch.fuse_masks(suffix_length)), batch.fused_sections)
-            held = (section < batch.fused_sections)[:, suffix]
+            held = (batch.prefix(suffix_length).section < batch.fused_sections)[:, suffix]
         fused = cache.fused if lockstep else cache
         # At batch 1 the last token's projections are vector-matrix products: run them as GEMMs
         # (`one_row_gemm`), which suits a one-off pass; the decode loop keeps XLA's choice.
@@ -259,62 +241,64 @@ class LockstepCaches:
 
 
 def _any(masks: Sequence[jax.Array]) -> jax.Array:
-    out = masks[0]
-    for m in masks[1:]:
-        out = out | m
-    return out
+    return functools.reduce(jnp.logical_or, masks)
 
 
-def fuse_in_sections(receiver: Decoder, tokens, positions, valid, cache: KVCache, fuse_pass, section,
-                     fused_sections: int) -> KVCache:
-    """The receiver cache after fusing each section in turn (docs/upstream_reference.md §2.3).
+# ------------------------------------------------------------------------------------------------
+# The phases (`c2c.prefix`), shared by `C2CModel` and the trainer's loss (`train.step.micro_batch_loss`).
 
-    cache: the receiver's KV-only pass over all columns, which pass 0 uses as is. Pass p > 0 reruns
-    the receiver over all columns with the K/V of earlier passes' columns held (fused where fused),
-    so its own columns see the fused sections before them, as upstream's section-by-section forward
-    does; the columns of later passes it computes on the way are recomputed by their own pass.
-    fuse_pass(cache, in_pass): fuses the columns where bool [B, T] `in_pass` is set.
-    valid: bool [B, T] or None (each row's real tokens first). Columns of the final section
-    (`fusion_sections`) hold pass-(fused_sections - 1) K/V: the caller runs them after fusion.
+
+def prefill_kv(receiver: Decoder, sharers: Sequence[Decoder], sharer_depths: Sequence[int], prefix: Prefix
+               ) -> tuple[KVCache, list[KVCache]]:
+    """Phase 1: the receiver's KV-only pass over `prefix` and every sharer's (its first
+    `sharer_depths[i]` layers), each cache on the receiver's columns."""
+    # Named scopes label each part's kernels in profiles (bench/profile_kernels.py's phases).
+    with jax.named_scope("receiver_prefix"):
+        receiver_cache = kv_pass(receiver, prefix.receiver, receiver.config.num_layers)
+    sharer_caches = []
+    for i, (sharer, depth, rows) in enumerate(zip(sharers, sharer_depths, prefix.sharers)):
+        with jax.named_scope(f"sharer_prefix_{i}"):
+            sharer_caches.append(kv_pass(sharer, rows, depth))
+    return receiver_cache, sharer_caches
+
+
+def fuse_prefix(receiver: Decoder, prefix: Prefix, receiver_cache: KVCache, sharer_caches: Sequence,
+                apply_fusers: Callable) -> KVCache:
+    """Phase 2: the receiver cache after fusing each section of `prefix` in turn (docs/upstream_reference.md §2.3).
+
+    apply_fusers(receiver_cache, sharer_caches, fuse_masks) -> KVCache: every fuser applied where its
+    mask is set (`C2CModel.fuse`; the trainer's fuser, mapped over data-parallel replicas).
+    receiver_cache: `prefill_kv`'s, which pass 0 uses as is. Pass p > 0 reruns the receiver over all
+    columns with the K/V of earlier passes' columns held (fused where fused), so its own columns see
+    the fused sections before them, as upstream's section-by-section forward does; the columns of
+    later passes it computes on the way are recomputed by their own pass. Columns of the final
+    section (`prefix.section == prefix.fused_sections`) hold the last pass's K/V: the finish phase
+    runs them after fusion.
     """
-    for p in range(fused_sections):
+    cache = receiver_cache
+    for p in range(prefix.fused_sections):
         if p:
-            _, rerun = receiver(tokens, positions, dataclasses.replace(cache, end=jnp.zeros_like(cache.end)), valid,
-                                output="kv", held=section < p)
+            rewound = dataclasses.replace(cache, end=jnp.zeros_like(cache.end))
+            _, rerun = receiver(prefix.tokens, prefix.positions, rewound, prefix.pass_mask, output="kv",
+                                held=prefix.section < p)
             cache = dataclasses.replace(rerun, valid=cache.valid, end=cache.end)
-        cache = fuse_pass(cache, section == p)
+        in_pass = prefix.section == p
+        cache = apply_fusers(cache, sharer_caches, [m & in_pass for m in prefix.fuse_masks])
     return cache
 
 
-def kv_pass(model: Decoder, tokens, positions, valid, depth: int) -> KVCache:
-    """A fresh cache of `depth` layers filled from `tokens` (KV-only: no logits, no final norm).
+def kv_pass(model: Decoder, rows: PackedRows, depth: int) -> KVCache:
+    """A fresh cache of `depth` layers filled from `rows` (KV-only: no logits, no final norm), on the
+    receiver's columns (`PackedRows.columns`).
 
-    valid: bool [B, T] real tokens, or None when every row's real tokens come first (padding only
-    after them: causality alone then hides it, and the cache marks every column valid).
-
-    With `valid`, the pass runs on each row's real tokens moved to its front (in order, padding
-    after them), where causality alone hides the padding, and moves the K/V columns back. Each real
-    token sees the same keys as under a padding mask, but the attention needs no mask, which cuDNN
-    would read as a [T, T] bias in every layer (docs/performance.md). Padding columns' K/V are
-    unspecified; `valid` keeps them out of every later attention.
+    The pass runs on the packed rows, where causality alone hides the padding; each real token sees
+    the same keys as under a padding mask. Padding columns' K/V are unspecified; `rows.valid` keeps
+    them out of every later attention.
     """
-    cache = model.init_cache(tokens.shape[0], tokens.shape[1], num_layers=depth)
-    if valid is None:
-        return model(tokens, positions, cache, output="kv")[1]
-    # packed_column[b, c]: where column c goes; real columns first, then padding, each in order.
-    real_before = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - valid
-    pads_before = jnp.arange(valid.shape[1], dtype=jnp.int32) - real_before
-    packed_column = jnp.where(valid, real_before, valid.sum(axis=1, keepdims=True, dtype=jnp.int32) + pads_before)
-    rows = jnp.arange(valid.shape[0])[:, None]
-
-    def pack(a):
-        return jnp.zeros_like(a).at[rows, packed_column].set(a, unique_indices=True)
-
-    _, packed = model(pack(tokens), pack(positions), cache, output="kv")
-
-    def unpack(kv):  # [layers, B, T, kv_heads, head_dim]: column c from packed column packed_column[b, c]
-        return jnp.take_along_axis(kv, packed_column[None, :, :, None, None], axis=2)
-
-    return dataclasses.replace(packed, k=unpack(packed.k), v=unpack(packed.v), valid=valid)
-
-
+    cache = model.init_cache(rows.tokens.shape[0], rows.tokens.shape[1], num_layers=depth)
+    _, packed = model(rows.tokens, rows.positions, cache, output="kv")
+    if rows.columns is None:
+        return dataclasses.replace(packed, valid=rows.valid)
+    on_columns = rows.columns[None, :, :, None, None]  # [layers, B, W, kv_heads, head_dim]
+    return dataclasses.replace(packed, k=jnp.take_along_axis(packed.k, on_columns, axis=2),
+                               v=jnp.take_along_axis(packed.v, on_columns, axis=2), valid=rows.valid)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from c2c_jax.c2c.prefix import PackedRows, Prefix, fusion_sections
 from c2c_jax.c2c.token_alignment import AlignedChat, TokenAligner, pad_id_of, tokenizers_compatible
 
 SharerPositions = Literal["shared", "own"]
@@ -83,6 +85,16 @@ class PromptBatch:
         fusion (docs/upstream_reference.md §2.4)."""
         split = self.tokens.shape[1] - suffix_length
         return [m.at[:, split:].set(False) for m in self.fuse_mask]
+
+    def prefix(self, suffix_length: int = 1) -> Prefix:
+        """The prompts as the route's prefill and fuse phases read them (`c2c.prefix`), the last
+        `suffix_length` columns left unfused (0: every column of the fuse mask fused, as decode-time
+        fusion fuses the suffix too)."""
+        fuse_masks = tuple(self.fuse_masks(suffix_length))
+        fused = functools.reduce(jnp.logical_or, fuse_masks, jnp.zeros(self.tokens.shape, bool))
+        return Prefix(self.tokens, self.positions, self.valid,
+                      tuple(map(PackedRows.pack, self.sharer_tokens, self.sharer_positions, self.sharer_valid)),
+                      fuse_masks, fusion_sections(fused, self.fused_sections), self.fused_sections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,21 +366,6 @@ def final_width(batch: PromptBatch, suffix_length: int) -> int:
     if batch.final_section == 0:
         return suffix_length
     return batch.final_section if suffix_length == 1 else batch.tokens.shape[1]
-
-
-def fusion_sections(fuse: jax.Array, fused_sections: int, xp=jnp):
-    """int32 [B, T]: the pass in which each column runs, for a fuse mask [B, T] of at most
-    `fused_sections` runs of fused columns per row.
-
-    Pass p < fused_sections ends with the fusion of a row's p-th fused run (counted so that every
-    row's last run is fused in the last of them) and holds the unfused columns before that run;
-    columns after a row's last fused one get `fused_sections`: the final section, never fused.
-    """
-    fuse = xp.asarray(fuse, bool)
-    following = xp.concatenate([fuse[:, 1:], xp.zeros_like(fuse[:, :1])], axis=1)
-    run_ends = (fuse & ~following).astype(np.int32)
-    ended_before = xp.cumsum(run_ends, axis=1) - run_ends
-    return (ended_before + fused_sections - run_ends.sum(axis=1, keepdims=True)).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity equality (array fields)

@@ -76,10 +76,12 @@ class InferencePrograms:
         with self._under_mesh():
             model = nnx.merge(self.graphdef, state)
             width = batch.tokens.shape[1]
-            receiver_cache, sharer_caches = model.prefix_caches(batch, width)
-            caches = [model.fused_prefix(batch, receiver_cache, [], suffix_length=suffix_length)] if receiver_only else []
-            caches += [model.fused_prefix(batch, receiver_cache, sharer_caches, suffix_length=suffix_length, control=c)
-                       for c in controls]
+            prefix = batch.prefix(suffix_length)
+            receiver_cache, sharer_caches = model.prefill_kv(prefix)
+            caches = [model.fused_prefix(batch, prefix, receiver_cache, [], suffix_length=suffix_length)
+                      ] if receiver_only else []
+            caches += [model.fused_prefix(batch, prefix, receiver_cache, sharer_caches, suffix_length=suffix_length,
+                                          control=c) for c in controls]
             return jnp.stack([model.finish_prompt(batch, cache, width, suffix_length=suffix_length)[0]
                               for cache in caches])
 

@@ -21,8 +21,10 @@ import zlib
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from c2c_jax.c2c.prefix import PackedRows, Prefix
 from c2c_jax.c2c.prompt import PromptEncoder, SharerPositions, TrainExample, column_positions, fusion_sections
 from c2c_jax.train.sources import format_counts, load_chats
 
@@ -64,6 +66,29 @@ class TrainBatch:
     # template), which then run in one more pass after fusion, as upstream's final section.
     fused_sections: int = dataclasses.field(default=1, metadata=dict(static=True))
     trailing_section: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def prefix(self) -> Prefix:
+        """The prefixes (of one micro-batch: [B, P]) as the route's prefill and fuse phases read them
+        (`c2c.prefix`): the answer runs after fusion."""
+        on_receiver_columns = PackedRows(self.sharer_prefix_tokens, self.sharer_prefix_positions, self.sharer_columns,
+                                         jnp.take_along_axis(self.sharer_prefix_valid, self.sharer_columns, axis=1))
+        return Prefix(self.prefix_tokens, self.prefix_positions, self.prefix_valid, (on_receiver_columns,),
+                      (self.fuse_mask,), self.prefix_section, self.fused_sections, packed=True)
+
+    def prefix_with_answer(self) -> Prefix:
+        """Decode-time fusion's prefixes ([B, P + R]): the prefix's fused columns and every real answer
+        token fused in one pass, from the receiver's unfused pass (docs/upstream_reference.md §2.6);
+        the sharer reads the receiver's ids (the same tokenizer, no alignment pads)."""
+        if self.fused_sections != 1 or self.trailing_section:
+            raise ValueError("decode-time fusion (fuser.include_response) trains on chats whose every prefix column "
+                             "is fused, as for a sharer with the receiver's tokenizer; token-aligned pairs are not "
+                             "supported")
+        tokens = jnp.concatenate([self.prefix_tokens, self.suffix_tokens], axis=1)
+        positions = jnp.concatenate([self.prefix_positions, self.suffix_positions], axis=1)
+        valid = jnp.concatenate([self.prefix_valid, self.suffix_valid], axis=1)
+        fuse_mask = jnp.concatenate([self.fuse_mask, self.suffix_valid], axis=1)
+        return Prefix(tokens, positions, valid, (PackedRows.pack(tokens, positions, valid),), (fuse_mask,),
+                      jnp.zeros(tokens.shape, jnp.int32))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -1,10 +1,10 @@
 """Training the fuser: the loss and the jitted train/eval steps (the loop is `train.loop`).
 
-Only the fuser is trained. Per micro-batch:
-    1. receiver and sharer run the prompt prefix, KV only, outside the gradient;
-    2. inside `value_and_grad` w.r.t. the fuser parameters: fuse (sampled gates, dropout), then the
-       receiver runs the suffix (last instruction token + answer) on the fused cache, and the loss
-       is the summed next-token cross-entropy of the answer tokens.
+Only the fuser is trained. Per micro-batch, the route's phases (`c2c.prefix`), as inference runs them:
+    1. prefill_kv: receiver and sharer run the prompt prefix, KV only, outside the gradient;
+    2. fuse_prefix, inside `value_and_grad` w.r.t. the fuser parameters (sampled gates, dropout);
+    3. finish: the receiver runs the suffix (last instruction token + answer) on the fused cache, and
+       the loss is the summed next-token cross-entropy of the answer tokens.
 Micro-batches are scanned inside one jitted step; each device accumulates the gradients of its rows
 and the devices reduce them once per step. Gradients are normalised by the global count of answer
 tokens (or, optionally, upstream's mean of micro-batch means), clipped, and applied by AdamW.
@@ -27,9 +27,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from c2c_jax import sharding
-from c2c_jax.c2c.controls import substitute_sharer_cache
+from c2c_jax.c2c.controls import fuser_sharer_caches
 from c2c_jax.c2c.fuser import Fuser, FuserNoise, gate_temperature
-from c2c_jax.c2c.model import fuse_in_sections, kv_pass
+from c2c_jax.c2c.model import fuse_prefix, prefill_kv
 from c2c_jax.models import Decoder, KVCache
 
 log = logging.getLogger("c2c_jax.train")
@@ -73,40 +73,11 @@ def answer_row_losses(receiver: Decoder, hidden: jax.Array, targets: jax.Array, 
     return losses.sum(axis=0)
 
 
-def _prefix_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache]:
-    """The receiver's prefix cache and the sharer's, the latter moved onto the receiver's columns."""
-    # Each model's real tokens come first in its row (`train.batching.TrainBatch`): causality alone keeps them
-    # from the padding after them, so both passes run without a mask.
-    receiver_cache = kv_pass(receiver, mb.prefix_tokens, mb.prefix_positions, None, receiver.config.num_layers)
-    receiver_cache = dataclasses.replace(receiver_cache, valid=mb.prefix_valid)
-    sharer_cache = kv_pass(sharer, mb.sharer_prefix_tokens, mb.sharer_prefix_positions, None, fuser_depth)
-    columns = mb.sharer_columns
-    on_receiver_columns = columns[None, :, :, None, None]  # [layers, B, S, kv_heads, head_dim]
-    sharer_cache = KVCache(k=jnp.take_along_axis(sharer_cache.k, on_receiver_columns, axis=2),
-                           v=jnp.take_along_axis(sharer_cache.v, on_receiver_columns, axis=2),
-                           valid=jnp.take_along_axis(mb.sharer_prefix_valid, columns, axis=1), end=sharer_cache.end)
-    return jax.lax.stop_gradient((receiver_cache, sharer_cache))
-
-
-def _response_caches(receiver: Decoder, sharer: Decoder, fuser_depth: int, mb) -> tuple[KVCache, KVCache, jax.Array]:
-    """Decode-time fusion's unfused receiver cache and sharer cache over prefix and answer columns
-    ([B, P + R]), and the columns to fuse: the prefix's fused ones and every real answer token."""
-    if mb.fused_sections != 1 or mb.trailing_section:
-        raise ValueError("decode-time fusion (fuser.include_response) trains on chats whose every prefix column is "
-                         "fused, as for a sharer with the receiver's tokenizer; token-aligned pairs are not supported")
-    tokens = jnp.concatenate([mb.prefix_tokens, mb.suffix_tokens], axis=1)
-    positions = jnp.concatenate([mb.prefix_positions, mb.suffix_positions], axis=1)
-    valid = jnp.concatenate([mb.prefix_valid, mb.suffix_valid], axis=1)
-    # The sharer reads the receiver's ids and positions (the same tokenizer, no alignment pads).
-    receiver_cache = kv_pass(receiver, tokens, positions, valid, receiver.config.num_layers)
-    sharer_cache = kv_pass(sharer, tokens, positions, valid, fuser_depth)
-    fuse_mask = jnp.concatenate([mb.fuse_mask, mb.suffix_valid], axis=1)
-    return (*jax.lax.stop_gradient((receiver_cache, sharer_cache)), fuse_mask)
-
-
 def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=None):
     """(answer loss of every row [B], answer-token count) of one micro-batch; differentiable in `params`.
 
+    The route's own phases (`c2c.prefix`): prefill_kv and fuse_prefix as inference runs them, then the
+    receiver's answer on the fused cache.
     noise: the fuser's training noise for these rows (`Fuser.sample_noise`), or None for
       inference-mode fusion (hard gates, no dropout).
     mesh: None, or the training mesh: `params` then carries a leading axis of one copy per
@@ -119,77 +90,79 @@ def micro_batch_loss(params, frozen, mb, noise, temperature, *, graphdefs, mesh=
     receiver = nnx.merge(receiver_def, frozen[0])
     sharer = nnx.merge(sharer_def, frozen[1])
     config = nnx.merge(fuser_def, params).config  # static; merging does not look at the arrays' shapes
-    if config.include_response:
-        receiver_cache, sharer_cache, fuse_mask = _response_caches(receiver, sharer, config.sharer_depth, mb)
-    else:
-        receiver_cache, sharer_cache = _prefix_caches(receiver, sharer, config.sharer_depth, mb)
-        fuse_mask = mb.fuse_mask
-    if config.sharer_input != "real":
-        # The trained control: the same recipe with the sharer's K/V withheld, through the function the
-        # evaluation controls use. Its noise comes from the micro-batch's fuser noise (fixed in eval).
-        key = jax.random.key(0) if noise is None else jax.random.fold_in(noise.dropout_keys[0], 1)
-        sharer_cache = substitute_sharer_cache(sharer_cache, config.sharer_input, key=key)
+    # Decode-time fusion (docs/upstream_reference.md §2.6) fuses the answer's columns too.
+    prefix = mb.prefix_with_answer() if config.include_response else mb.prefix()
 
+    # 1. prefill: the frozen models' KV-only passes, outside the gradient.
+    receiver_cache, sharer_caches = jax.lax.stop_gradient(
+        prefill_kv(receiver, [sharer], [config.sharer_depth], prefix))
+
+    # 2. fuse, with the fuser's own sharer input (the trained control withholds the sharer); its
+    # noise comes from the micro-batch's fuser noise (fixed in eval).
+    key = jax.random.key(0) if noise is None else jax.random.fold_in(noise.dropout_keys[0], 1)
+    sharer_caches = fuser_sharer_caches(sharer_caches, [config.sharer_input], key=key)
+    sharer_caches, apply_fuser = _fuser(params, fuser_def, sharer_caches, noise, temperature, mesh)
+    fused = fuse_prefix(receiver, prefix, receiver_cache, sharer_caches, apply_fuser)
+
+    # 3. finish: the answer on the fused cache. The prefix's real columns come first and the answer's
+    # padding follows its real tokens (`train.batching.collate`), as `extend` requires.
+    if config.include_response:  # the answer pass attends to its fused K/V in every layer
+        p = mb.prefix_tokens.shape[1]
+        prompt = KVCache(k=fused.k[:, :, :p], v=fused.v[:, :, :p], valid=mb.prefix_valid, end=jnp.asarray(p))
+        hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, prompt,
+                                 held=(fused.k[:, :, p:], fused.v[:, :, p:]))
+    else:
+        if mb.trailing_section:  # columns after a row's last fused one (a chat template) run on the fused cache
+            rewound = dataclasses.replace(fused, end=jnp.zeros_like(fused.end))
+            _, rerun = receiver(prefix.tokens, prefix.positions, rewound, output="kv",
+                                held=prefix.section < prefix.fused_sections)
+            fused = dataclasses.replace(rerun, valid=fused.valid, end=fused.end)
+        hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, fused)
+    row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
+    return row_losses, mb.loss_mask.sum()
+
+
+def _fuser(params, fuser_def, sharer_caches, noise, temperature, mesh):
+    """(sharer caches, apply_fusers) for `fuse_prefix`: the trained fuser, or with a mesh, one copy
+    per data-parallel replica, each fusing its own block of rows (`micro_batch_loss`)."""
     def fuse(p, sharer_cache, receiver_cache, fuse_mask, noise):
         return nnx.merge(fuser_def, p)(sharer_cache, receiver_cache, fuse_mask, noise=noise, temperature=temperature)
 
     if mesh is None:
-        def fuse_pass(receiver_cache, in_pass):
-            return fuse(params, sharer_cache, receiver_cache, fuse_mask & in_pass, noise)
-    else:
-        replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
-        replicas = mesh.shape[replica_axis]
+        def apply_fuser(receiver_cache, sharer_caches, fuse_masks):
+            (sharer_cache,), (fuse_mask,) = sharer_caches, fuse_masks
+            return fuse(params, sharer_cache, receiver_cache, fuse_mask, noise)
 
-        def split(x, axis):
-            """[..., B, ...] -> [replicas, ..., B / replicas, ...]: replicas over "data", rows over "fsdp"."""
-            x = jnp.moveaxis(x.reshape(x.shape[:axis] + (replicas, -1) + x.shape[axis + 1:]), axis, 0)
-            spec = [replica_axis] + [None] * (x.ndim - 1)
-            spec[axis + 1] = row_axis
-            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+        return sharer_caches, apply_fuser
 
-        def merge(x, axis):
-            x = jnp.moveaxis(x, 0, axis)
-            return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+    replica_axis, row_axis = sharding.BATCH_AXES  # ("data", "fsdp")
+    replicas = mesh.shape[replica_axis]
 
-        def split_cache(cache):
-            return dataclasses.replace(cache, k=split(cache.k, 1), v=split(cache.v, 1), valid=split(cache.valid, 0))
+    def split(x, axis):
+        """[..., B, ...] -> [replicas, ..., B / replicas, ...]: replicas over "data", rows over "fsdp"."""
+        x = jnp.moveaxis(x.reshape(x.shape[:axis] + (replicas, -1) + x.shape[axis + 1:]), axis, 0)
+        spec = [replica_axis] + [None] * (x.ndim - 1)
+        spec[axis + 1] = row_axis
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
-        cache_axes = KVCache(k=0, v=0, valid=0, end=None)
-        noise_rows = None if noise is None else FuserNoise(split(noise.gate_uniform, 2), split(noise.dropout_keys, 0))
-        replica_sharer_cache = split_cache(sharer_cache)
+    def merge(x, axis):
+        x = jnp.moveaxis(x, 0, axis)
+        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
-        def fuse_pass(receiver_cache, in_pass):
-            fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
-                             spmd_axis_name=replica_axis)(
-                params, replica_sharer_cache, split_cache(receiver_cache), split(fuse_mask & in_pass, 0), noise_rows)
-            return dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+    def split_cache(cache):
+        return dataclasses.replace(cache, k=split(cache.k, 1), v=split(cache.v, 1), valid=split(cache.valid, 0))
 
-    if config.include_response:
-        # Decode-time fusion (docs/upstream_reference.md §2.6): the answer's K/V are fused too, from the
-        # receiver's unfused pass, and the answer pass attends to its fused K/V in every layer.
-        fused = fuse_pass(receiver_cache, jnp.ones(fuse_mask.shape, bool))
-        p = mb.prefix_tokens.shape[1]
-        prefix = KVCache(k=fused.k[:, :, :p], v=fused.v[:, :, :p], valid=mb.prefix_valid, end=jnp.asarray(p))
-        hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, prefix,
-                                 held=(fused.k[:, :, p:], fused.v[:, :, p:]))
-        row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
-        return row_losses, mb.loss_mask.sum()
-    # Upstream's sections (docs/upstream_reference.md §2.3): each run of fused columns is fused from receiver
-    # K/V that saw the runs before it fused; a trailing template then runs on the fused cache.
-    # One pass and one fusion when the whole prefix is fused (a sharer with the receiver's tokenizer).
-    passes = mb.fused_sections
-    fused = fuse_in_sections(receiver, mb.prefix_tokens, mb.prefix_positions, None, receiver_cache, fuse_pass,
-                             mb.prefix_section, passes)
-    if mb.trailing_section:
-        rewound = dataclasses.replace(fused, end=jnp.zeros_like(fused.end))
-        _, rerun = receiver(mb.prefix_tokens, mb.prefix_positions, rewound, output="kv",
-                            held=mb.prefix_section < passes)
-        fused = dataclasses.replace(rerun, valid=fused.valid, end=fused.end)
-    # The prefix's real columns come first and the answer's padding follows its real tokens
-    # (`train.batching.collate`), as `extend` requires.
-    hidden = receiver.extend(mb.suffix_tokens, mb.suffix_positions, fused)
-    row_losses = answer_row_losses(receiver, hidden, mb.targets, mb.loss_mask.astype(jnp.float32))
-    return row_losses, mb.loss_mask.sum()
+    cache_axes = KVCache(k=0, v=0, valid=0, end=None)
+    noise_rows = None if noise is None else FuserNoise(split(noise.gate_uniform, 2), split(noise.dropout_keys, 0))
+
+    def apply_fuser(receiver_cache, replica_sharer_caches, fuse_masks):
+        (replica_sharer_cache,), (fuse_mask,) = replica_sharer_caches, fuse_masks
+        fused = jax.vmap(fuse, in_axes=(0, cache_axes, cache_axes, 0, 0), out_axes=cache_axes,
+                         spmd_axis_name=replica_axis)(
+            params, replica_sharer_cache, split_cache(receiver_cache), split(fuse_mask, 0), noise_rows)
+        return dataclasses.replace(fused, k=merge(fused.k, 1), v=merge(fused.v, 1), valid=merge(fused.valid, 0))
+
+    return [split_cache(c) for c in sharer_caches], apply_fuser
 
 
 # ------------------------------------------------------------------------------------------------
