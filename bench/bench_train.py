@@ -32,7 +32,7 @@ from c2c_jax.c2c.fuser import Fuser, FuserConfig  # noqa: E402
 from c2c_jax.config import default_config  # noqa: E402
 from c2c_jax.models import ModelConfig  # noqa: E402
 from c2c_jax.train.batching import TrainBatch  # noqa: E402
-from c2c_jax.train.step import build_steps  # noqa: E402
+from c2c_jax.train.step import StepSettings, build_steps  # noqa: E402
 
 
 def layer_flops_per_token(c: ModelConfig, context: float) -> tuple[float, float]:
@@ -94,7 +94,7 @@ class TrainRun:
             config.mesh.data = len(devices)
         mesh = sharding.make_mesh(config.mesh, devices=devices)
         fuser = nnx.jit(lambda: Fuser(fuser_config, rngs=nnx.Rngs(0)))()
-        steps = build_steps(config, mesh, receiver, sharer, fuser, total_steps=1000)
+        steps = build_steps(StepSettings.from_config(config), mesh, receiver, sharer, fuser, total_steps=1000)
         self.step_fn, self.state = steps.step_fn, steps.state
         self.frozen = jax.device_put(steps.frozen, sharding.replicated(mesh))
         self.batch = sharding.place_batch(batch, mesh, batch_axis=1)

@@ -185,7 +185,7 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
 
     from c2c_jax import sharding
     from c2c_jax.train.batching import TrainBatch
-    from c2c_jax.train.step import TrainState, jit_train_step, make_optimizer, train_state_shardings
+    from c2c_jax.train.step import StepSettings, TrainState, jit_train_step, make_optimizer, train_state_shardings
 
     make_receiver, make_sharer, make_fuser = models
     receiver_def, receiver_state = nnx.split(nnx.eval_shape(make_receiver))
@@ -193,12 +193,13 @@ def train_program(config, mesh, models, prefix: int, suffix: int):
     fuser_abstract = nnx.eval_shape(lambda: make_fuser(make_receiver(), make_sharer()))
     fuser_def, fuser_state = nnx.split(fuser_abstract)
     total_steps = max(config.train.max_steps, 1)
-    tx = make_optimizer(config.optim, total_steps)
+    settings = StepSettings.from_config(config)
+    tx = make_optimizer(settings.optim, total_steps)
     params = nnx.to_pure_dict(fuser_state)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
-    state_sharding = train_state_shardings(config, mesh, tx, state)
+    state_sharding = train_state_shardings(mesh, tx, state, shard_fuser=settings.shard_fuser)
     graphdefs = (receiver_def, sharer_def, fuser_def)
-    step = jit_train_step(config, graphdefs, tx, fuser_abstract.config, total_steps, state_sharding)
+    step = jit_train_step(settings, graphdefs, tx, fuser_abstract.config, total_steps, state_sharding)
 
     micro, batch_size = config.train.micro_batch_size, config.train.batch_size  # resolved (run)
     if batch_size % micro or micro % mesh.size:

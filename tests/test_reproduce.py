@@ -17,7 +17,7 @@ from c2c_jax import sharding
 from c2c_jax.config import UPSTREAM_TRAINING, resolve_reproduce
 from c2c_jax.train import loop
 from c2c_jax.train.batching import BatchIterator
-from c2c_jax.train.step import loss_weights, make_optimizer, make_schedule
+from c2c_jax.train.step import OptimSettings, loss_weights, make_optimizer, make_schedule
 from test_data import ITER, _examples, _ids
 from test_train import tiny_config
 
@@ -31,7 +31,7 @@ def test_reproduce_upstream_sets_every_upstream_setting_and_nothing_else():
     assert config.train.param_dtype == "float32"  # the caller's config is left alone
     assert resolve_reproduce(config).to_dict() == config.to_dict()
     optim = resolved.optim
-    schedule = make_schedule(optim, 100)  # HF's linear schedule with warmup, as upstream steps it
+    schedule = make_schedule(OptimSettings.from_config(optim), 100)  # HF's linear schedule with warmup, as upstream steps it
     hf = transformers.get_linear_schedule_with_warmup(
         torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr), num_warmup_steps=10,
         num_training_steps=100)
@@ -69,7 +69,7 @@ def test_bfloat16_adamw_matches_torch_adamw_on_bfloat16_parameters():
     optim = tiny_config().optim.copy_and_resolve_references()
     optim.update(lr=1e-4, warmup_fraction=0.0, clip_norm=1e9, weight_decay=0.01)
     total = 10**6  # the linear decay barely moves the learning rate over the few steps here
-    tx = make_optimizer(optim, total)
+    tx = make_optimizer(OptimSettings.from_config(optim), total)
     rng = np.random.default_rng(0)
     start = np.concatenate([[0.03, -0.03, 0.5], rng.normal(size=61) * 0.2]).astype(np.float32)
     params = {"w": jnp.asarray(start, jnp.bfloat16)}
@@ -77,7 +77,7 @@ def test_bfloat16_adamw_matches_torch_adamw_on_bfloat16_parameters():
     torch_param = torch.nn.Parameter(torch.tensor(start).to(torch.bfloat16))
     torch_opt = torch.optim.AdamW([torch_param], lr=1e-4, betas=(optim.b1, optim.b2), eps=optim.eps,
                                   weight_decay=0.01, foreach=False)
-    schedule = make_schedule(optim, total)
+    schedule = make_schedule(OptimSettings.from_config(optim), total)
     for step in range(5):
         grad = rng.normal(size=start.shape).astype(np.float32)
         grads = {"w": jnp.asarray(grad, jnp.bfloat16)}

@@ -19,7 +19,7 @@ import pytest
 from c2c_jax import sharding
 from c2c_jax.train import loop
 from c2c_jax.train.loop import train_and_evaluate
-from c2c_jax.train.step import make_optimizer, micro_batch_loss
+from c2c_jax.train.step import OptimSettings, make_optimizer, micro_batch_loss
 from configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,14 +311,14 @@ def test_gate_lr_multiplier_scales_only_the_gate_updates_decay_included():
     for multiplier in (1.0, 10.0):
         optim = ml_collections.ConfigDict(default_config().optim.to_dict())
         optim.update(gate_lr_multiplier=multiplier, warmup_fraction=0.0)
-        tx = make_optimizer(optim, total_steps=10)
+        tx = make_optimizer(OptimSettings.from_config(optim), total_steps=10)
         updates[multiplier], _ = tx.update(grads, tx.init(params), params)
     base, scaled = updates[1.0]["projectors"], updates[10.0]["projectors"]
     np.testing.assert_allclose(scaled["gate_logit"], 10 * base["gate_logit"], rtol=1e-6)
     np.testing.assert_array_equal(scaled["kernel"], base["kernel"])
     # The decoupled weight decay (lr * wd * param) is part of the gates' update, as in a torch param group.
     optim.update(gate_lr_multiplier=10.0, weight_decay=0.5)
-    tx = make_optimizer(optim, total_steps=10)
+    tx = make_optimizer(OptimSettings.from_config(optim), total_steps=10)
     zero = jax.tree.map(jnp.zeros_like, grads)
     decayed, _ = tx.update(zero, tx.init(params), params)
     # (step 0 with no warmup runs at the full lr)

@@ -22,7 +22,7 @@ from c2c_jax.infer.fuser_io import export_upstream_fuser, load_fuser, save_fuser
 from c2c_jax.train.batching import batch_iterator, load_train_data
 from c2c_jax.train.checkpointer import TrainCheckpointer
 from c2c_jax.train.sources import check_source
-from c2c_jax.train.step import TrainState, build_steps
+from c2c_jax.train.step import StepSettings, TrainState, build_steps
 
 log = logging.getLogger("c2c_jax.train")
 
@@ -83,7 +83,7 @@ def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = No
     if total_steps <= 0:
         raise ValueError(f"no training steps: {len(train_examples)} examples do not fill one batch of {batch_size}")
 
-    steps = build_steps(config, mesh, receiver, sharer, fuser, total_steps)
+    steps = build_steps(StepSettings.from_config(config), mesh, receiver, sharer, fuser, total_steps)
     return Run(config, mesh, steps.graphdefs, steps.frozen, steps.state, steps.step_fn, steps.eval_fn, train_iter,
                eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
 

@@ -166,10 +166,51 @@ def _fuser(params, fuser_def, sharer_caches, noise, temperature, mesh):
 
 
 # ------------------------------------------------------------------------------------------------
-# Optimizer and steps.
+# Settings, optimizer and steps.
 
 
-def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """AdamW with linear warmup and decay (`config.optim`; each field is described there)."""
+
+    lr: float
+    warmup_fraction: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_norm: float
+    decay_gates: bool = True
+    gate_lr_multiplier: float = 1.0
+    warmup_from_zero: bool = False
+
+    @classmethod
+    def from_config(cls, optim: ml_collections.ConfigDict) -> "OptimSettings":
+        """From `config.optim`; a field it lacks (a config older than the field) takes its default."""
+        return cls(**{f.name: optim[f.name] for f in dataclasses.fields(cls)
+                      if f.name in optim or f.default is dataclasses.MISSING})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the train step reads of a config: the optimizer, the loss's normalisation, the parameters'
+    dtype and whether the train state is sharded (`config.train`, `config.mesh`; described there)."""
+
+    optim: OptimSettings
+    loss_normalization: str = "tokens"
+    reference_group_size: int = 4
+    param_dtype: str = "float32"
+    shard_fuser: bool = True
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "StepSettings":
+        t = config.train
+        return cls(OptimSettings.from_config(config.optim), loss_normalization=t.loss_normalization,
+                   reference_group_size=t.reference_group_size, param_dtype=t.param_dtype,
+                   shard_fuser=config.mesh.shard_fuser)
+
+
+def make_schedule(optim: OptimSettings, total_steps: int) -> optax.Schedule:
     """Linear warmup over `warmup_fraction` of the steps, then linear decay toward 0 at `total_steps`.
 
     As HF's "linear" scheduler, shifted by one step so that the first update is not wasted at lr 0:
@@ -177,7 +218,7 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     (and so upstream's) lr * k / warmup.
     """
     warmup = int(optim.warmup_fraction * total_steps)
-    shift = 0.0 if optim.get("warmup_from_zero", False) else 1.0
+    shift = 0.0 if optim.warmup_from_zero else 1.0
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -188,7 +229,7 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     return schedule
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimSettings, total_steps: int) -> optax.GradientTransformation:
     def is_gate(path) -> bool:
         return "gate_logit" in jax.tree_util.keystr(path)
 
@@ -307,42 +348,41 @@ class Steps:
     eval_fn: Any
 
 
-def build_steps(config: ml_collections.ConfigDict, mesh, receiver: Decoder, sharer: Decoder, fuser: Fuser,
+def build_steps(settings: StepSettings, mesh, receiver: Decoder, sharer: Decoder, fuser: Fuser,
                 total_steps: int) -> Steps:
     """The initial train state (placed on `mesh`) and the jitted train and eval steps."""
     receiver_def, receiver_state = nnx.split(receiver)
     sharer_def, sharer_state = nnx.split(sharer)
     fuser_def, fuser_state = nnx.split(fuser)
     params = nnx.to_pure_dict(fuser_state)
-    if config.train.param_dtype == "bfloat16":
+    if settings.param_dtype == "bfloat16":
         # As upstream: the parameters themselves in bfloat16, so gradients and Adam's moments
         # (`zeros_like` the parameters) are too, and updates below a bfloat16 step are lost.
         params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-    tx = make_optimizer(config.optim, total_steps)
+    tx = make_optimizer(settings.optim, total_steps)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    state_sharding = train_state_shardings(config, mesh, tx, state)
+    state_sharding = train_state_shardings(mesh, tx, state, shard_fuser=settings.shard_fuser)
     state = jax.device_put(state, state_sharding)
     graphdefs = (receiver_def, sharer_def, fuser_def)
-    step_fn = jit_train_step(config, graphdefs, tx, fuser.config, total_steps, state_sharding)
+    step_fn = jit_train_step(settings, graphdefs, tx, fuser.config, total_steps, state_sharding)
     eval_fn = jax.jit(functools.partial(eval_step, graphdefs=graphdefs))
     return Steps(graphdefs, (receiver_state, sharer_state), state, step_fn, eval_fn)
 
 
-def train_state_shardings(config: ml_collections.ConfigDict, mesh, tx, state: TrainState) -> TrainState:
+def train_state_shardings(mesh, tx, state: TrainState, *, shard_fuser: bool) -> TrainState:
     """Where the train state lives (`state` may be abstract): the fuser's parameters and Adam moments
-    by the logical axis rules when `mesh.shard_fuser`, else replicated."""
-    params = sharding.tree_shardings(state.params, mesh, shard=config.mesh.shard_fuser)
+    by the logical axis rules when `shard_fuser`, else replicated."""
+    params = sharding.tree_shardings(state.params, mesh, shard=shard_fuser)
     return TrainState(sharding.replicated(mesh), params,
                       sharding.optimizer_state_shardings(tx, state.opt_state, params, mesh))
 
 
-def jit_train_step(config: ml_collections.ConfigDict, graphdefs, tx, fuser_config, total_steps: int,
+def jit_train_step(settings: StepSettings, graphdefs, tx, fuser_config, total_steps: int,
                    state_sharding: TrainState):
     """The jitted `train_step` (state donated): the same placement in and out of every step, so the
     step compiles once per batch shape."""
     return jax.jit(
         functools.partial(train_step, graphdefs=graphdefs, tx=tx, fuser_config=fuser_config,
-                          normalization=config.train.loss_normalization,
-                          group_size=config.train.reference_group_size,
-                          schedule=make_schedule(config.optim, total_steps), param_shardings=state_sharding.params),
+                          normalization=settings.loss_normalization, group_size=settings.reference_group_size,
+                          schedule=make_schedule(settings.optim, total_steps), param_shardings=state_sharding.params),
         out_shardings=(state_sharding, None), donate_argnums=(0,))
