@@ -67,7 +67,8 @@ class Prefix:
       then need no mask; otherwise (left-padded prompts) they are packed on the device.
     sharers: each sharer's `PackedRows`, mapped onto the receiver's columns.
     fuse_masks: per sharer, bool [B, W]: the columns its fuser writes.
-    section: int32 [B, W], the pass each column runs in (`fusion_sections`), of `fused_sections` (static).
+    section: int32 [B, W], the pass each column runs in (`fusion_sections`), of `fused_sections` (static);
+      all 0 when one pass fuses every column of the masks.
     """
 
     tokens: jax.Array

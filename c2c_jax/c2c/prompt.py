@@ -91,10 +91,13 @@ class PromptBatch:
         `suffix_length` columns left unfused (0: every column of the fuse mask fused, as decode-time
         fusion fuses the suffix too)."""
         fuse_masks = tuple(self.fuse_masks(suffix_length))
-        fused = functools.reduce(jnp.logical_or, fuse_masks, jnp.zeros(self.tokens.shape, bool))
+        if self.final_section and fuse_masks:
+            section = fusion_sections(functools.reduce(jnp.logical_or, fuse_masks), self.fused_sections)
+        else:  # the usual layout: one pass fuses every column of the masks
+            section = jnp.zeros(self.tokens.shape, jnp.int32)
         return Prefix(self.tokens, self.positions, self.valid,
                       tuple(map(PackedRows.pack, self.sharer_tokens, self.sharer_positions, self.sharer_valid)),
-                      fuse_masks, fusion_sections(fused, self.fused_sections), self.fused_sections)
+                      fuse_masks, section, self.fused_sections)
 
 
 @dataclasses.dataclass(frozen=True)
