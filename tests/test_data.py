@@ -22,7 +22,7 @@ from c2c_jax.c2c.token_alignment import pad_id_of
 from c2c_jax.c2c.token_alignment import TokenAligner, tokenizers_compatible
 from c2c_jax.config import default_config
 from c2c_jax.models.tiny import VOCAB_SIZE, byte_tokenizer
-from c2c_jax.train.batching import batch_iterator, bucket_of, load_train_data
+from c2c_jax.train.batching import DataSettings, batch_iterator, bucket_of, load_train_data
 from c2c_jax.train.batching import BatchIterator, collate
 from c2c_jax.train.sources import load_chats, row_to_chat, synthetic_chats
 
@@ -574,7 +574,7 @@ def _config(source="synthetic", **data_kw):
 
 def test_load_train_data_split_and_stats(btok):
     c = _config()
-    train, evals, stats = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    train, evals, stats = load_train_data(DataSettings.from_config(c), btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert len(evals) == 12 and len(train) == 108
     assert stats == {"rows": 120, "chats": 120, "examples": 120, "train": 108, "eval": 12}
     # a partition of the encoded chats (by index: synthetic chats are all distinct)
@@ -583,12 +583,12 @@ def test_load_train_data_split_and_stats(btok):
     key = lambda e: e.tokens.tobytes()  # noqa: E731
     everything = [key(e) for e in PromptEncoder(btok).encode_examples(chats)[0]]
     assert sorted(everything) == sorted(map(key, train + evals)) and not set(map(key, train)) & set(map(key, evals))
-    train2, evals2, _ = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    train2, evals2, _ = load_train_data(DataSettings.from_config(c), btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert [e.tokens.tolist() for e in evals2] == [e.tokens.tolist() for e in evals]
     c.seed = 1
-    _, evals3, _ = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    _, evals3, _ = load_train_data(DataSettings.from_config(c), btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert [e.tokens.tolist() for e in evals3] != [e.tokens.tolist() for e in evals]
-    it = batch_iterator(c, train, pad_id=pad_id_of(btok), sharer_pad_id=pad_id_of(btok))
+    it = batch_iterator(DataSettings.from_config(c), train, pad_id=pad_id_of(btok), sharer_pad_id=pad_id_of(btok))
     batch = next(it)
     assert batch.shape[:2] == (2, 4) and it.num_steps_per_epoch() >= 108 // 8 - 2
 
@@ -599,13 +599,13 @@ def test_load_train_data_counts_skips_and_errors(tmp_path, btok):
     path = _write_rows(tmp_path, "mix.jsonl", rows)
     c = _config(str(path), max_length=200)
     c.data.eval_fraction = 0.0
-    train, evals, stats = load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+    train, evals, stats = load_train_data(DataSettings.from_config(c), btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     assert len(train) == 1 and not evals
     assert stats == {"rows": 4, "chats": 3, "examples": 1, "train": 1, "eval": 0, "skipped/too_long": 1,
                      "skipped/too_long_for_buckets": 1, "skipped/last_not_assistant": 1}
     c.data.max_length = 20
     with pytest.raises(ValueError, match="no training example.*too_long: 3"):
-        load_train_data(c, btok, btok, VOCAB_SIZE, VOCAB_SIZE)
+        load_train_data(DataSettings.from_config(c), btok, btok, VOCAB_SIZE, VOCAB_SIZE)
     c.data.max_length = 200
     with pytest.raises(ValueError, match="vocabulary of 100"):
-        load_train_data(c, btok, btok, VOCAB_SIZE, 100)
+        load_train_data(DataSettings.from_config(c), btok, btok, VOCAB_SIZE, 100)

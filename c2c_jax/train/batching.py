@@ -343,41 +343,65 @@ class BatchIterator:
         return self._step
 
 
-def batch_iterator(config, examples: Sequence[TrainExample], *, pad_id: int, sharer_pad_id: int,
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The training data and its batches: `config.data`, the token alignment (`config.alignment`), the
+    batch sizes (`config.train`, resolved: `config.resolve_micro_batch`) and the seed; each field is
+    described in `c2c_jax.config`."""
+
+    source: str
+    max_rows: int
+    max_length: int | None
+    eval_fraction: float
+    enable_thinking: bool
+    prefix_buckets: tuple[int, ...]
+    suffix_buckets: tuple[int, ...]
+    batch_size: int  # sequences per step, all processes and micro-batches together
+    micro_batch_size: int
+    seed: int
+    shuffle: str = "bucketed"
+    alignment: str = "auto"  # alignment.tokens
+    strategy: str = "first"
+    sharer_positions: SharerPositions = "shared"
+
+    @classmethod
+    def from_config(cls, config) -> "DataSettings":
+        d, a, t = config.data, config.alignment, config.train
+        return cls(source=d.source, max_rows=d.max_rows, max_length=d.max_length, eval_fraction=d.eval_fraction,
+                   enable_thinking=d.enable_thinking, prefix_buckets=tuple(d.prefix_buckets),
+                   suffix_buckets=tuple(d.suffix_buckets), batch_size=t.batch_size,
+                   micro_batch_size=t.micro_batch_size, seed=config.seed, shuffle=d.get("shuffle", "bucketed"),
+                   alignment=a.tokens, strategy=a.strategy, sharer_positions=a.sharer_positions)
+
+
+def batch_iterator(data: DataSettings, examples: Sequence[TrainExample], *, pad_id: int, sharer_pad_id: int,
                    process_index: int = 0, process_count: int = 1, seed: int | None = None) -> BatchIterator:
-    """A `BatchIterator` with the config's batch layout: train.batch_size sequences per step in micro-batches
-    of train.micro_batch_size (both global), data.*_buckets and alignment.sharer_positions."""
-    t = config.train
-    if t.batch_size % t.micro_batch_size:
-        raise ValueError(f"train.batch_size {t.batch_size} is not a multiple of train.micro_batch_size "
-                         f"{t.micro_batch_size}")
-    return BatchIterator(examples, micro_batch_size=t.micro_batch_size, micro_batches=t.batch_size // t.micro_batch_size,
-                         prefix_buckets=config.data.prefix_buckets, suffix_buckets=config.data.suffix_buckets,
-                         seed=config.seed if seed is None else seed, pad_id=pad_id, sharer_pad_id=sharer_pad_id,
-                         sharer_positions=config.alignment.sharer_positions, process_index=process_index,
-                         process_count=process_count, shuffle=config.data.get("shuffle", "bucketed"))
+    """A `BatchIterator` with `data`'s layout: batch_size sequences per step in micro-batches of
+    micro_batch_size (both global), its buckets and sharer positions; seed: `data.seed` unless given."""
+    if data.batch_size % data.micro_batch_size:
+        raise ValueError(f"train.batch_size {data.batch_size} is not a multiple of train.micro_batch_size "
+                         f"{data.micro_batch_size}")
+    return BatchIterator(examples, micro_batch_size=data.micro_batch_size,
+                         micro_batches=data.batch_size // data.micro_batch_size, prefix_buckets=data.prefix_buckets,
+                         suffix_buckets=data.suffix_buckets, seed=data.seed if seed is None else seed, pad_id=pad_id,
+                         sharer_pad_id=sharer_pad_id, sharer_positions=data.sharer_positions,
+                         process_index=process_index, process_count=process_count, shuffle=data.shuffle)
 
 
-# ================================================================================================
-# 4. From a config.
-# ================================================================================================
-
-
-def load_train_data(config, receiver_tokenizer, sharer_tokenizer, receiver_vocab_size: int | None,
+def load_train_data(data: DataSettings, receiver_tokenizer, sharer_tokenizer, receiver_vocab_size: int | None,
                     sharer_vocab_size: int | None) -> tuple[list[TrainExample], list[TrainExample], dict]:
-    """(train examples, eval examples, stats) for `config.data` / `config.alignment`.
+    """(train examples, eval examples, stats) of `data`.
 
     stats: "rows" (source rows read), "chats", "examples", "train", "eval", and "skipped/<reason>" per skip
     reason. The eval split is `data.eval_fraction` of the examples, chosen by a permutation seeded by
-    `config.seed`, disjoint from train; both keep source order.
+    `data.seed`, disjoint from train; both keep source order.
     """
-    d = config.data
-    chats, row_stats = load_chats(d.source, max_rows=d.max_rows, seed=config.seed)
+    d = data
+    chats, row_stats = load_chats(d.source, max_rows=d.max_rows, seed=d.seed)
     encoder = PromptEncoder(receiver_tokenizer, [] if sharer_tokenizer is None else [sharer_tokenizer],
-                            alignment=config.alignment.tokens, strategy=config.alignment.strategy,
-                            sharer_positions=config.alignment.sharer_positions, max_length=d.max_length,
-                            enable_thinking=d.enable_thinking, receiver_vocab_size=receiver_vocab_size,
-                            sharer_vocab_size=sharer_vocab_size)
+                            alignment=d.alignment, strategy=d.strategy, sharer_positions=d.sharer_positions,
+                            max_length=d.max_length, enable_thinking=d.enable_thinking,
+                            receiver_vocab_size=receiver_vocab_size, sharer_vocab_size=sharer_vocab_size)
     encoded, enc_stats = encoder.encode_examples(chats)
     examples = []
     for ex in encoded:
@@ -398,7 +422,7 @@ def load_train_data(config, receiver_tokenizer, sharer_tokenizer, receiver_vocab
     n = len(examples)
     # At least one eval example when a fraction is asked for, and always at least one train example.
     n_eval = min(max(int(round(n * d.eval_fraction)), 1), n - 1) if d.eval_fraction > 0 else 0
-    perm = np.random.default_rng(config.seed).permutation(n)
+    perm = np.random.default_rng(d.seed).permutation(n)
     eval_idx = set(perm[:n_eval].tolist())
     train = [ex for i, ex in enumerate(examples) if i not in eval_idx]
     evals = [ex for i, ex in enumerate(examples) if i in eval_idx]

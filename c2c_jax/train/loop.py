@@ -19,7 +19,7 @@ from c2c_jax import build, cli, sharding
 from c2c_jax.c2c.fuser import Fuser
 from c2c_jax.c2c.token_alignment import pad_id_of
 from c2c_jax.infer.fuser_io import export_upstream_fuser, load_fuser, save_fuser
-from c2c_jax.train.batching import batch_iterator, load_train_data
+from c2c_jax.train.batching import DataSettings, batch_iterator, load_train_data
 from c2c_jax.train.checkpointer import TrainCheckpointer
 from c2c_jax.train.sources import check_source
 from c2c_jax.train.step import StepSettings, TrainState, build_steps
@@ -36,6 +36,7 @@ class Run:
     """Everything a training run holds between steps (built by `setup`, used by `train_and_evaluate`)."""
 
     config: ml_collections.ConfigDict
+    data: DataSettings
     mesh: jax.sharding.Mesh
     graphdefs: tuple
     frozen: tuple
@@ -72,11 +73,12 @@ def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = No
         config, loaded=loaded, param_sharding=param_sharding, remat=config.train.remat, platform=sharding.platform_of(mesh))
     fuser = build.new_fuser(config, receiver, sharer)
 
-    cli.phase(f"reading and tokenizing the training data ({config.data.source})")
+    data = DataSettings.from_config(config)
+    cli.phase(f"reading and tokenizing the training data ({data.source})")
     train_examples, eval_examples, stats = load_train_data(
-        config, receiver_tok, sharer_tok, receiver.config.vocab_size, sharer.config.vocab_size)
+        data, receiver_tok, sharer_tok, receiver.config.vocab_size, sharer.config.vocab_size)
     train_iter = batch_iterator(
-        config, train_examples, pad_id=pad_id_of(receiver_tok), sharer_pad_id=pad_id_of(sharer_tok),
+        data, train_examples, pad_id=pad_id_of(receiver_tok), sharer_pad_id=pad_id_of(sharer_tok),
         process_index=jax.process_index(), process_count=jax.process_count())
     steps_per_epoch = train_iter.num_steps_per_epoch()
     total_steps = config.train.max_steps if config.train.max_steps > 0 else config.train.epochs * steps_per_epoch
@@ -84,7 +86,7 @@ def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = No
         raise ValueError(f"no training steps: {len(train_examples)} examples do not fill one batch of {batch_size}")
 
     steps = build_steps(StepSettings.from_config(config), mesh, receiver, sharer, fuser, total_steps)
-    return Run(config, mesh, steps.graphdefs, steps.frozen, steps.state, steps.step_fn, steps.eval_fn, train_iter,
+    return Run(config, data, mesh, steps.graphdefs, steps.frozen, steps.state, steps.step_fn, steps.eval_fn, train_iter,
                eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
 
 
@@ -115,14 +117,12 @@ def evaluate_loss(run: Run, params) -> float:
 
     if not run.eval_examples:
         return float("nan")
-    c = run.config
-    eval_config = c.copy_and_resolve_references()
-    eval_config.train.batch_size = c.train.micro_batch_size  # one micro-batch per eval step
+    one_micro_batch = dataclasses.replace(run.data, batch_size=run.data.micro_batch_size)  # per eval step
     it = batch_iterator(
-        eval_config, run.eval_examples, pad_id=pad_id_of(run.tokenizers[0]),
+        one_micro_batch, run.eval_examples, pad_id=pad_id_of(run.tokenizers[0]),
         sharer_pad_id=pad_id_of(run.tokenizers[1]), process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=c.seed + 1)
-    n = min(c.train.eval_batches, max(it.num_steps_per_epoch(), 1))
+        process_count=jax.process_count(), seed=run.data.seed + 1)
+    n = min(run.config.train.eval_batches, max(it.num_steps_per_epoch(), 1))
     total_loss, total_count = 0.0, 0
     for _ in range(n):
         batch = sharding.place_batch(next(it), run.mesh, batch_axis=1)
