@@ -18,15 +18,18 @@ def get_config():
     c.receiver.path = "qwen2.5-coder-0.5b"
     c.sharer.path = "qwen2.5-coder-1.5b"
     # The paper's fuser (hidden 1024, 3 layers); the gate temperature anneals over the run's length.
-    c.fuser.anneal_steps = 300
+    c.fuser.anneal_steps = 500
+    # At lr 1e-4 a gate logit moves by < 0.01 in 300 steps (measured): the gates would stay at their
+    # initial coin flip. A 100x gate learning rate lets them decide within the run.
+    c.optim.gate_lr_multiplier = 100.0
     # The chats of these MC items are 120-330 receiver tokens (system prompt included); the answer,
     # "The correct answer is B" and the end of the turn, fits 16.
-    c.data.update(source="mc_train", max_rows=12_000, max_length=528, eval_fraction=0.01,
+    c.data.update(source="mc_train", max_rows=12_000, max_length=528, eval_fraction=0.03,
                   prefix_buckets=(256, 512), suffix_buckets=(16,))
-    c.train.update(batch_size=32, micro_batch_size=32, max_steps=300, log_every=20, eval_every=50,
-                   eval_batches=4, patience=3)
+    c.train.update(batch_size=32, micro_batch_size=32, max_steps=500, log_every=20, eval_every=50,
+                   eval_batches=12, patience=3)
     c.ckpt.update(every=200, keep=1)
     c.eval.update(benchmarks="arc-challenge,openbookqa", source="offline", limit=0,
                   methods="receiver,sharer,t2t,c2c,c2c_mismatched,c2c_zero,c2c_noise,c2c_no_receiver_input",
-                  answer_mode="logits", batch_size=32, max_new_tokens=8, t2t_message_tokens=64, latency_items=4)
+                  answer_mode="logits", batch_size=32, max_new_tokens=8, t2t_message_tokens=64, latency_items=2)
     return c

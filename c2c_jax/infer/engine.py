@@ -204,13 +204,21 @@ def admit(model: C2CModel, slots: Slots, batch: PromptBatch, prompt_cache: KVCac
 
 
 def compact(slots: Slots, shift: jax.Array) -> Slots:
-    """Every row's columns moved `shift` to the left (the first `shift` must be free), end with them."""
+    """Every row's columns moved `shift` to the left (the first `shift` must be free), end with them.
+
+    One layer at a time, written back into the (donated) cache: the move needs one layer's copy of
+    the columns, not a second copy of the whole cache, which the slots of a 16 GiB chip leave no room for.
+    """
     cache = slots.cache
     capacity = cache.capacity
     kept = jnp.arange(capacity) < capacity - shift
+
+    def move_layer(layer, kv):
+        return tuple(x.at[layer].set(jnp.roll(x[layer], -shift, axis=1)) for x in kv)
+
+    k, v = jax.lax.fori_loop(0, cache.num_layers, move_layer, (cache.k, cache.v))
     return dataclasses.replace(slots, cache=dataclasses.replace(
-        cache, k=jnp.roll(cache.k, -shift, axis=2), v=jnp.roll(cache.v, -shift, axis=2),
-        valid=jnp.roll(cache.valid, -shift, axis=1) & kept, end=cache.end - shift))
+        cache, k=k, v=v, valid=jnp.roll(cache.valid, -shift, axis=1) & kept, end=cache.end - shift))
 
 
 class Executables:
