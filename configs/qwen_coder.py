@@ -18,7 +18,7 @@ def get_config():
     c.receiver.path = "qwen2.5-coder-0.5b"
     c.sharer.path = "qwen2.5-coder-1.5b"
     # The paper's fuser (hidden 1024, 3 layers); the gate temperature anneals over the run's length.
-    c.fuser.anneal_steps = 500
+    c.fuser.anneal_steps = 300
     # At lr 1e-4 a gate logit moves by < 0.01 in 300 steps (measured): the gates would stay at their
     # initial coin flip. A 100x gate learning rate lets them decide within the run.
     c.optim.gate_lr_multiplier = 100.0
@@ -26,7 +26,7 @@ def get_config():
     # "The correct answer is B" and the end of the turn, fits 16.
     c.data.update(source="mc_train", max_rows=12_000, max_length=528, eval_fraction=0.03,
                   prefix_buckets=(256, 512), suffix_buckets=(16,))
-    c.train.update(batch_size=32, micro_batch_size=32, max_steps=500, log_every=20, eval_every=50,
+    c.train.update(batch_size=32, micro_batch_size=32, max_steps=300, log_every=20, eval_every=50,
                    eval_batches=12, patience=3)
     c.ckpt.update(every=200, keep=1)
     c.eval.update(benchmarks="arc-challenge,openbookqa", source="offline", limit=0,
