@@ -26,7 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 NOTEBOOKS = LAUNCH / "colab"
-SCRIPTS = ["tpu_vm.sh", "tpu_xpk.sh", "tpu_worker_setup.sh", "gpu_single.sh", "gpu_multinode.sh", "gpu_slurm.sbatch"]
+SCRIPTS = ["tpu_vm.sh", "tpu_xpk.sh", "tpu_worker_setup.sh", "gpu_single.sh", "gpu_multinode.sh", "gpu_slurm.sbatch",
+           "gpu_evidence.sh"]
 
 
 def script_env(**extra) -> dict:
@@ -260,6 +261,40 @@ def test_gpu_single_dry_run():
     # A user's XLA_FLAGS are kept, after ours.
     (_, train, _) = dry_run("gpu_single.sh", env=script_env(XLA_FLAGS="--xla_dump_to=/tmp/hlo"))
     assert xla_flags(train).endswith(" --xla_dump_to=/tmp/hlo")
+
+
+def test_gpu_evidence_dry_run_trains_both_fusers_then_evaluates_each_against_its_controls():
+    commands = dry_run("gpu_evidence.sh", "--workdir=runs/ev", "--config.train.max_steps=10")
+    cd, mkdir, *rest = commands
+    assert cd == ["cd", str(ROOT)] and mkdir == ["mkdir", "-p", "runs/ev/logs"]
+    fetch, rest = rest[:2], rest[2:]
+    assert [c[-1] for c in fetch] == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert all(c[:4] == ["python3", "-m", "c2c_jax.offline", "research"] for c in fetch)
+    trains, evaluations = rest[:2], rest[2:]
+    assert [flag(c, "--workdir") for c in trains] == ["runs/ev/fuser", "runs/ev/control"]
+    assert "--config.fuser.sharer_input=zeros" in trains[1] and "--config.fuser.sharer_input=zeros" not in trains[0]
+    assert all("c2c_jax.train" in c and c[-1] == "--config.train.max_steps=10" for c in trains)
+    assert len(evaluations) == 5 and all("c2c_jax.evaluate" in c for c in evaluations)
+    by_dir = {flag(c, "--workdir"): c for c in evaluations}
+    # Every fused method is scored next to the receiver alone, on the fuser it belongs to.
+    for name, fuser in [("arc_fused", "fuser"), ("obqa_fused", "fuser"), ("arc_text", "fuser"),
+                        ("obqa_text", "fuser"), ("trained_control", "control")]:
+        c = by_dir[f"runs/ev/{name}"]
+        assert flag(c, "--config.eval.fuser") == f"runs/ev/{fuser}/final"
+        assert flag(c, "--config.eval.methods").split(",")[0] == "receiver"
+    assert set(flag(by_dir["runs/ev/arc_fused"], "--config.eval.methods").split(",")) == {
+        "receiver", "c2c", "c2c_mismatched", "c2c_zero", "c2c_noise", "c2c_no_receiver_input"}
+    assert flag(by_dir["runs/ev/arc_text"], "--config.eval.methods") == "receiver,sharer,t2t"
+    # Processes share the GPU by fixed memory fractions that add up to at most the whole card.
+    fractions = lambda cs: sum(float(flag(c, "XLA_PYTHON_CLIENT_MEM_FRACTION")) for c in cs)  # noqa: E731
+    assert fractions(trains) <= 1.0 and fractions(evaluations) <= 1.0
+
+
+def test_gpu_evidence_names_the_processes_that_failed(tmp_path):
+    result = launch("gpu_evidence.sh", "--models=", f"--workdir={tmp_path}", "--python=false")
+    assert result.returncode == 1
+    assert "failed: fuser" in result.stderr and "control" in result.stderr and str(tmp_path / "logs") in result.stderr
+    assert not (tmp_path / "arc_fused").exists()  # no evaluation starts without its fusers
 
 
 def test_gpu_xla_flags_are_known_to_the_installed_jaxlib():
