@@ -34,6 +34,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -91,9 +92,44 @@ def serve(args) -> None:
                     warm_up_s=round(time.perf_counter() - start, 1), programs=engine.compiled_programs,
                     slot_widths=list(engine.widths), scan_unroll=receiver.scan_unroll,
                     backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    settings["engine_alone"] = {route.name: engine_alone(engine, route, args) for route in routes}
     print("SETTINGS " + json.dumps(settings), flush=True)
     app = create_app(engine, tokenizer, defaults=Sampling(max_tokens=args.max_tokens))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def engine_alone(engine, route, args) -> dict:
+    """The engine without HTTP: every slot filled with one route's requests at once, tokens counted on
+    the engine thread. Output tokens/s and the time per decode step at full occupancy: the server's
+    ceiling, against which the HTTP rows show what serving the streams costs."""
+    from c2c_jax.infer.engine import Request, Sampling
+
+    rng = np.random.default_rng(args.seed)
+    prompt_ids = rng.integers(1, 512 if args.smoke else 151936, (args.slots, args.prompt_tokens))
+    done = threading.Event()
+    counts = {"tokens": 0, "finished": 0, "first": None}
+
+    def sink(ids, finish):  # engine thread
+        counts["tokens"] += len(ids)
+        if counts["first"] is None and counts["tokens"] >= args.slots:
+            counts["first"] = time.perf_counter()  # every row has its first token: decoding from here
+        if finish is not None:
+            counts["finished"] += 1
+            if counts["finished"] == args.slots:
+                done.set()
+
+    engine.start()
+    try:
+        start = time.perf_counter()
+        for ids in prompt_ids:
+            engine.submit(Request(route, route.encoder.encode_ids(ids), Sampling(max_tokens=args.max_tokens), sink))
+        done.wait()
+        end = time.perf_counter()
+    finally:
+        engine.stop()
+    steps = args.max_tokens - 1
+    return dict(tokens_per_s=round(counts["tokens"] / (end - start), 1),
+                decode_step_ms=round((end - counts["first"]) / steps * 1e3, 3))
 
 
 # ------------------------------------------------------------------------------------------------

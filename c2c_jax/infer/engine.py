@@ -447,6 +447,8 @@ class Engine:
             self._lock.notify()
 
     def start(self) -> None:
+        """Starts the engine thread (again, after `stop`)."""
+        self._stopping = False
         self._thread = threading.Thread(target=self.run, name="c2c-engine", daemon=True)
         self._thread.start()
 
