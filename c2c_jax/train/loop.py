@@ -31,11 +31,32 @@ log = logging.getLogger("c2c_jax.train")
 # The loop.
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """What the loop does between steps: logging, held-out evaluation, early stopping, checkpoints."""
+
+    log_every: int  # steps between logged metrics
+    eval_every: int  # steps between held-out evaluations
+    eval_batches: int  # micro-batches per held-out evaluation (at most one epoch of the held-out set)
+    patience: int  # held-out evaluations without a lower loss before stopping; 0: never
+    ckpt_every: int  # steps between checkpoints (the last step is always saved)
+    ckpt_keep: int  # checkpoints kept
+    ckpt_async: bool  # save in the background while training goes on
+    export_upstream: bool  # also write the final fuser in upstream's layout
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "LoopSettings":
+        t, c = config.train, config.ckpt
+        return cls(log_every=t.log_every, eval_every=t.eval_every, eval_batches=t.eval_batches, patience=t.patience,
+                   ckpt_every=c.every, ckpt_keep=c.keep, ckpt_async=c.async_save, export_upstream=c.export_upstream)
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a training run holds between steps (built by `setup`, used by `train_and_evaluate`)."""
 
     config: ml_collections.ConfigDict
+    loop: LoopSettings
     data: DataSettings
     mesh: jax.sharding.Mesh
     graphdefs: tuple
@@ -70,7 +91,8 @@ def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = No
     build.check_before_loading(config, [(config.fuser.init_from, config.sharer.path)] if config.fuser.init_from else [])
     param_sharding = sharding.param_sharding_fn(mesh, config.mesh.shard_frozen)
     receiver, receiver_tok, sharer, sharer_tok = build.load_pair(
-        config, loaded=loaded, param_sharding=param_sharding, remat=config.train.remat, platform=sharding.platform_of(mesh))
+        config, loaded=loaded, param_sharding=param_sharding, remat=config.train.remat,
+        platform=sharding.platform_of(mesh))
     fuser = build.new_fuser(config, receiver, sharer)
 
     data = DataSettings.from_config(config)
@@ -86,8 +108,9 @@ def setup(config: ml_collections.ConfigDict, *, loaded: build.Loaded | None = No
         raise ValueError(f"no training steps: {len(train_examples)} examples do not fill one batch of {batch_size}")
 
     steps = build_steps(StepSettings.from_config(config), mesh, receiver, sharer, fuser, total_steps)
-    return Run(config, data, mesh, steps.graphdefs, steps.frozen, steps.state, steps.step_fn, steps.eval_fn, train_iter,
-               eval_examples, total_steps, fuser, (receiver_tok, sharer_tok), stats)
+    return Run(config, LoopSettings.from_config(config), data, mesh, steps.graphdefs, steps.frozen, steps.state,
+               steps.step_fn, steps.eval_fn, train_iter, eval_examples, total_steps, fuser, (receiver_tok, sharer_tok),
+               stats)
 
 
 def check_train_settings(config: ml_collections.ConfigDict) -> None:
@@ -122,7 +145,7 @@ def evaluate_loss(run: Run, params) -> float:
         one_micro_batch, run.eval_examples, pad_id=pad_id_of(run.tokenizers[0]),
         sharer_pad_id=pad_id_of(run.tokenizers[1]), process_index=jax.process_index(),
         process_count=jax.process_count(), seed=run.data.seed + 1)
-    n = min(run.config.train.eval_batches, max(it.num_steps_per_epoch(), 1))
+    n = min(run.loop.eval_batches, max(it.num_steps_per_epoch(), 1))
     total_loss, total_count = 0.0, 0
     for _ in range(n):
         batch = sharding.place_batch(next(it), run.mesh, batch_axis=1)
@@ -145,8 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     run = setup(config, loaded=loaded)
     config = run.config  # with `reproduce` applied
     is_main = jax.process_index() == 0
-    checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=config.ckpt.keep,
-                                     async_save=config.ckpt.async_save)
+    loop = run.loop
+    checkpointer = TrainCheckpointer(workdir / "checkpoints", keep=loop.ckpt_keep, async_save=loop.ckpt_async)
     resumed = checkpointer.restore_newest_intact(run.state)
     best = None  # {"step", "eval_loss"} of the lowest held-out loss so far
     if resumed is not None:
@@ -176,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train",
                smoothing=0.1)
     history, compiled = [], {}
-    patience, stopped_at = config.train.patience, None
+    patience, stopped_at = loop.patience, None
     tokens_since, time_since = 0, time.perf_counter()
 
     def pause(seconds: float) -> None:  # compiling and held-out evaluation stay out of the reported rates
@@ -206,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         done = step + 1
         jax.block_until_ready(metrics["loss"])  # the bar counts finished steps, not queued ones
         bar.update(1)
-        if done % config.train.log_every == 0 or done == run.total_steps:
+        if done % loop.log_every == 0 or done == run.total_steps:
             m = jax.device_get(metrics)
             elapsed = time.perf_counter() - time_since
             tokens_per_s = tokens_since / max(elapsed, 1e-9)
@@ -220,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     writer.add_scalar(f"train/{key}", record[key], done)
                 for (layer, branch), logit in np.ndenumerate(np.asarray(m["gate_logits"]).reshape(-1, 2)):
                     writer.add_scalar(f"gates/layer{layer:02d}_{'kv'[branch]}", float(logit), done)
-        if (done % config.train.eval_every == 0 or done == run.total_steps) and run.eval_examples:
+        if (done % loop.eval_every == 0 or done == run.total_steps) and run.eval_examples:
             began = time.perf_counter()
             eval_loss = evaluate_loss(run, run.state.params)
             pause(time.perf_counter() - began)
@@ -235,11 +258,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 best = {"step": done, "eval_loss": eval_loss}
                 if patience and is_main:
                     save_fuser(nnx.merge(run.graphdefs[2], jax.device_get(run.state.params)), workdir / "best")
-            elif patience and (done - best["step"]) // config.train.eval_every >= patience:
+            elif patience and (done - best["step"]) // loop.eval_every >= patience:
                 stopped_at = done
                 cli.phase(f"step {done}: no lower held-out loss in {patience} evaluations; stopping, keeping "
                           f"the fuser of step {best['step']} (held-out loss {best['eval_loss']:.4f})")
-        if done % config.ckpt.every == 0 or done == run.total_steps or stopped_at:
+        if done % loop.ckpt_every == 0 or done == run.total_steps or stopped_at:
             checkpointer.save(done, run.state, {"data": run.train_iter.state(), "step": done, "best": best})
         if stopped_at:
             break
@@ -255,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         if patience and best is not None:  # `final` is the fuser of the lowest held-out loss
             fuser = load_fuser(workdir / "best")
         save_fuser(fuser, workdir / "final")
-        if config.ckpt.export_upstream:
+        if loop.export_upstream:
             export_upstream_fuser(fuser, workdir / "final_upstream")
         plot_gates(fuser, workdir / "gates.png")
         summary_file.write_text(json.dumps(summary, indent=2))
