@@ -92,10 +92,32 @@ def serve(args) -> None:
                     warm_up_s=round(time.perf_counter() - start, 1), programs=engine.compiled_programs,
                     slot_widths=list(engine.widths), scan_unroll=receiver.scan_unroll,
                     backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    settings["decode_step_ms"] = decode_step_ms(engine)
     settings["engine_alone"] = {route.name: engine_alone(engine, route, args) for route in routes}
     print("SETTINGS " + json.dumps(settings), flush=True)
     app = create_app(engine, tokenizer, defaults=Sampling(max_tokens=args.max_tokens))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def decode_step_ms(engine, steps: int = 40) -> dict:
+    """{slot width: ms} of one decode step over that many busy rows, its tokens read on the host after
+    each step (no overlap with the next, no admission, no HTTP): the device's share of a token."""
+    import jax
+
+    # Every step writes a column: stay within the cache (the engine compacts it before its next step).
+    steps = min(steps, (engine.capacity - engine.end) // len(engine.widths) - 1)
+    times = {}
+    for width in engine.widths:
+        active = np.ones((width,), bool)
+        engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
+        jax.block_until_ready(tokens)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
+            np.asarray(tokens)
+        times[width] = round((time.perf_counter() - start) / steps * 1e3, 3)
+    engine.end += (steps + 1) * len(engine.widths)  # the columns these steps wrote; compaction reclaims them
+    return times
 
 
 def engine_alone(engine, route, args) -> dict:
