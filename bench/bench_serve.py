@@ -3,8 +3,11 @@ side, at Qwen3-0.6B <- Qwen2.5-0.5B shapes with random bf16 weights.
 
 The script starts the server (`c2c_jax.serve.create_app` over an `engine.Engine`, in a process of
 its own, on 127.0.0.1) and compiles every program it will run (`Engine.warm_up`; the time and the
-number of programs are in the settings row). Requests then arrive on their own schedule, whether or
-not earlier ones have finished, so queueing shows in the time to first token: each is one streamed
+number of programs are in the settings row, with two ceilings measured before any HTTP request:
+`decode_step_ms`, one decode step per slot width with its tokens read on the host, and `engine_alone`,
+every slot filled at once through the engine without HTTP). Requests then arrive on their own
+schedule, whether or not earlier ones have finished, so queueing shows in the time to first token:
+each is one streamed
 /v1/completions request (a prompt of --prompt-tokens random tokens, exactly --max-tokens new tokens:
 end of sequence is off), sent at seeded Poisson arrival times over --seconds, from several processes
 so that the load generator is not the bottleneck. A 429 (queue full) is counted as refused.
@@ -116,7 +119,7 @@ def decode_step_ms(engine, steps: int = 40) -> dict:
             engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
             np.asarray(tokens)
         times[width] = round((time.perf_counter() - start) / steps * 1e3, 3)
-    engine.end += (steps + 1) * len(engine.widths)  # the columns these steps wrote; compaction reclaims them
+    engine.end = int(engine.slots.cache.end)  # past the columns these steps wrote; compaction reclaims them
     return times
 
 
