@@ -19,8 +19,10 @@ rate if every request kept its batch-1 latency; it is an offered load, not a cap
 when the server falls behind, requests pile up and the concurrency reached exceeds N. Both routes get
 the same rate, arrival times and prompts at each level, so that their rows differ only by the route.
 Reported per row: output tokens/s (tokens received over the span from the first arrival to the last
-token), p50/p99 time to first token and inter-token latency as the clients see them (one token per
-streamed chunk), and the concurrency reached (mean number of requests in flight over the span, and
+token), p50/p99 time to first token and inter-token latency as the clients see them (between
+streamed chunks: a chunk holds one token while the server keeps up, several when it falls behind;
+`chunks_per_token` says how many), the median time per output token after the first (TPOT), and
+the concurrency reached (mean number of requests in flight over the span, and
 its maximum).
 
     python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 128]
@@ -162,9 +164,10 @@ def engine_alone(engine, route, args) -> dict:
 
 
 async def stream_one(client, body: dict, sent: float) -> dict:
-    """One streamed request: its send time, the arrival time of each chunk with text (one token's),
-    the tokens generated (the usage chunk's count: a token may have no text) and its status (0: the
-    connection failed, as when the server's listen queue overflows)."""
+    """One streamed request: its send time, the arrival time of each chunk with text (a chunk holds
+    every token the server had for it: one while the server keeps up), the tokens generated (the
+    usage chunk's count) and its status (0: the connection failed, as when the server's listen queue
+    overflows)."""
     import httpx
 
     stamps, ok, status, tokens = [], False, 0, 0
@@ -236,7 +239,10 @@ def summarize(records, max_tokens) -> dict:
     failed: any other request without exactly `max_tokens` tokens and a clean end."""
     served = [r for r in records if r["status"] != 429]
     ttft = [1e3 * (r["stamps"][0] - r["sent"]) for r in served if r["stamps"]]
-    itl = [1e3 * d for r in served for d in np.diff(r["stamps"])]
+    itl = [1e3 * d for r in served for d in np.diff(r["stamps"])]  # between chunks, as a client sees them
+    # Time per output token after the first (vLLM's TPOT): a chunk of several tokens counts as several.
+    tpot = [1e3 * (r["stamps"][-1] - r["stamps"][0]) / (r["tokens"] - 1) for r in served
+            if len(r["stamps"]) > 1 and r["tokens"] > 1]
     tokens = sum(r["tokens"] for r in served)
     busy = [(r["sent"], r["done"]) for r in served]
     first = min(r["sent"] for r in records)
@@ -249,7 +255,8 @@ def summarize(records, max_tokens) -> dict:
                 output_tokens_per_s=round(tokens / span, 1),
                 concurrency_mean=round(sum(end - sent for sent, end in busy) / span, 1),
                 concurrency_max=int(in_flight.max()),
-                ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99))
+                ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99), itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99),
+                tpot_p50_ms=pct(tpot, 50), chunks_per_token=round(sum(len(r["stamps"]) for r in served) / max(tokens, 1), 3))
 
 
 def batch1_latency(url, body, repeats: int) -> float:

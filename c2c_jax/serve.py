@@ -123,6 +123,19 @@ class LoopDelivery:
             queue.put_nowait(item)
 
 
+async def waiting_tokens(events: asyncio.Queue):
+    """(token ids, finish reason or None) from a request's queue until it finishes, each time with
+    every token waiting there: while the event loop keeps up that is one token, and when it falls
+    behind (many streams) it sends fewer, longer pieces instead of falling further behind."""
+    finish = None
+    while finish is None:
+        ids, finish = await events.get()
+        while finish is None and not events.empty():
+            more, finish = events.get_nowait()
+            ids = ids + more
+        yield ids, finish
+
+
 class TextAssembler:
     """Token ids in, text out in whole characters, cut at the first stop string.
 
@@ -360,13 +373,15 @@ def create_app(engine: Engine, tokenizer, *, defaults: Sampling, metrics: Promet
         text = TextAssembler(tokenizer, stop, incremental=incremental)
         finish = None
         try:
-            while finish is None:
-                ids, finish = await events.get()
-                text.add(ids, final=finish is not None)
-                if text.stopped and finish is None:
-                    engine.cancel(request)
-                    finish = "stop"
-                yield text.take(final=finish is not None), finish
+            async with contextlib.aclosing(waiting_tokens(events)) as tokens:
+                async for ids, finish in tokens:
+                    text.add(ids, final=finish is not None)
+                    if text.stopped and finish is None:
+                        engine.cancel(request)
+                        finish = "stop"
+                    yield text.take(final=finish is not None), finish
+                    if finish is not None:
+                        break
         finally:
             if finish is None:  # the client went away (or a stop string ended it): free the slot
                 engine.cancel(request)

@@ -20,7 +20,7 @@ from c2c_jax.infer.decode import SamplingConfig
 from c2c_jax.infer.engine import EngineLimits, Sampling, filtered_logits
 from c2c_jax.infer.fuser_io import save_fuser
 from c2c_jax.infer.generator import Generator
-from c2c_jax.serve import TextAssembler, build_engine, create_app
+from c2c_jax.serve import TextAssembler, build_engine, create_app, waiting_tokens
 from configs import tiny
 
 LIMITS = EngineLimits(slots=8, max_prompt_tokens=120, max_tokens=12, max_queue=256, max_prefill_batch=2)
@@ -367,6 +367,25 @@ def test_bounded_load_no_error_no_mixup(served, expected):
     assert served_ok >= len(jobs)
 
 
+def test_tokens_waiting_together_leave_together_and_the_finish_ends_the_stream():
+    """A request's stream takes every token queued by the time it reads (a behind event loop sends
+    fewer, longer pieces), in order, and nothing after the finish."""
+    async def main():
+        events = asyncio.Queue()
+        for item in (([1], None), ([2], None), ([3, 4], None)):
+            events.put_nowait(item)
+        stream = waiting_tokens(events)
+        first = await anext(stream)
+        for item in (([5], None), ([], "length"), ([9], None)):
+            events.put_nowait(item)
+        return first, [item async for item in stream], events.qsize()
+
+    first, rest, left = asyncio.run(main())
+    assert first == ([1, 2, 3, 4], None)
+    assert rest == [([5], "length")]
+    assert left == 1
+
+
 def test_text_assembler_streams_exactly_the_whole_decode():
     from c2c_jax.models.tiny import byte_tokenizer
 
@@ -431,6 +450,9 @@ def test_load_summary_counts_concurrency_and_refusals():
     assert got["output_tokens_per_s"] == pytest.approx(4 * 40 / (end - start), abs=0.1)
     assert got["ttft_p50_ms"] == pytest.approx(np.percentile([1e3 * (r["stamps"][0] - r["sent"]) for r in served], 50),
                                                abs=0.01)
+    assert got["tpot_p50_ms"] == pytest.approx(np.median([1e3 * (r["stamps"][-1] - r["stamps"][0]) / 3 for r in served]),
+                                               abs=0.01)
+    assert got["chunks_per_token"] == 1.0
     arrivals = bench_serve.poisson_arrivals(rate=50.0, seconds=40.0, seed=1)
     assert arrivals[0] == 0 and np.all(np.diff(arrivals) > 0) and arrivals[-1] < 40
     assert len(arrivals) == pytest.approx(50 * 40, rel=0.1)  # 2000 arrivals: 5 standard deviations

@@ -22,6 +22,10 @@ The host loop (`Engine.run`) alternates one prefill chunk (up to `max_prefill_ba
 requests of one route, run alone or padded to `max_prefill_batch`) with one decode step, and
 reads back only the sampled tokens. End of sequence and `max_tokens` are checked there; a
 finished or cancelled row is freed before the next step.
+
+The engine thread shares the GIL with whatever else runs in its process (the server's event loop).
+It waits on the device with the GIL released and must take it back at once, or the device idles:
+`Engine.start` shortens the interpreter's switch interval for that (`SWITCH_INTERVAL_S`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -373,6 +378,12 @@ def stop_token_ids(receiver: Decoder, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
+# How long a thread may hold the GIL while another asks for it. CPython's 5 ms default lets a busy
+# event loop keep the engine thread from its next dispatch for up to 5 ms after every decode step:
+# with 128 streams a step took 11-14 ms on an H100 whose device work was 5 ms (docs/design.md).
+SWITCH_INTERVAL_S = 1e-4
+
+
 class Engine:
     """Continuous batching over `limits.slots` decode rows for a receiver and its routes.
 
@@ -447,8 +458,11 @@ class Engine:
             self._lock.notify()
 
     def start(self) -> None:
-        """Starts the engine thread (again, after `stop`)."""
+        """Starts the engine thread (again, after `stop`), with the process's GIL switch interval
+        at `SWITCH_INTERVAL_S` until `stop`."""
         self._stopping = False
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self.run, name="c2c-engine", daemon=True)
         self._thread.start()
 
@@ -458,6 +472,8 @@ class Engine:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
+            sys.setswitchinterval(self._switch_interval)
 
     @property
     def busy_rows(self) -> int:
