@@ -303,6 +303,36 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
     assert [len(p.compiled) for p in programs] == compiled
 
 
+def test_the_engine_restarts_after_stop_and_puts_the_switch_interval_back(served, expected):
+    """Start, serve, stop, twice over: each run answers as `Generator` does, a second `start` while
+    running is refused, and `stop` leaves the interpreter's GIL switch interval as `start` found it."""
+    import sys
+
+    from c2c_jax.infer.engine import SWITCH_INTERVAL_S, Engine, Request
+
+    _, engine, _ = served
+    local = Engine(engine.receiver, list(engine.routes.values()), LIMITS, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    route = local.routes["receiver"]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        for _ in range(2):
+            local.start()
+            assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+            with pytest.raises(RuntimeError, match="running already"):
+                local.start()
+            got, done = [], threading.Event()
+            local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": PROMPTS[1]}]),
+                                 Sampling(max_tokens=LIMITS.max_tokens),
+                                 lambda ids, finish: got.extend(ids) or (finish is not None and done.set())))
+            assert done.wait(timeout=600)
+            local.stop()
+            assert got == expected["receiver"][PROMPTS[1]]
+            assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expected):
     """Three requests in rows 0-2; when the two short ones finish, the long one moves to row 0 and
     the step runs over one row, not eight: every answer is still Generator's for its prompt alone."""

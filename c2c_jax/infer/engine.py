@@ -460,6 +460,8 @@ class Engine:
     def start(self) -> None:
         """Starts the engine thread (again, after `stop`), with the process's GIL switch interval
         at `SWITCH_INTERVAL_S` until `stop`."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is running already: stop it before starting it again")
         self._stopping = False
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
