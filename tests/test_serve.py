@@ -17,7 +17,7 @@ import pytest
 
 from c2c_jax import build
 from c2c_jax.infer.decode import SamplingConfig
-from c2c_jax.infer.engine import EngineLimits, Sampling, filtered_logits
+from c2c_jax.infer.engine import Engine, EngineLimits, Sampling, filtered_logits
 from c2c_jax.infer.fuser_io import save_fuser
 from c2c_jax.infer.generator import Generator
 from c2c_jax.serve import TextAssembler, build_engine, create_app, waiting_tokens
@@ -80,6 +80,12 @@ def expected(served):
                                                         fuse=route.fuse))
             out[name][prompt] = [int(t) for t in g.tokens[0, : g.lengths[0]] if int(t) not in engine.eos_ids]
     return out
+
+
+def engine_like(engine, limits=LIMITS):
+    """A new engine over `engine`'s receiver and routes (models and compiled prefills shared), with its own
+    slots and `limits`."""
+    return Engine(engine.receiver, list(engine.routes.values()), limits, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
 
 
 def text_of(tokenizer, ids):
@@ -235,10 +241,7 @@ def test_a_failing_program_fails_its_requests_not_the_server(served, expected, m
 def idle_server(served):
     """A server whose engine does not run: requests stay queued (1 slot, 2 places in the queue)."""
     _, engine, tokenizer = served
-    from c2c_jax.infer.engine import Engine
-
-    idle = Engine(engine.receiver, list(engine.routes.values()), EngineLimits(slots=1, max_queue=2, max_tokens=4),
-                  eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    idle = engine_like(engine, EngineLimits(slots=1, max_queue=2, max_tokens=4))
     server = Server(create_app(idle, tokenizer, defaults=Sampling(max_tokens=4), start_engine=False))
     yield server, idle
     server.close()
@@ -275,7 +278,7 @@ def test_a_full_queue_answers_429_and_clients_that_leave_are_cancelled(idle_serv
 
 def test_a_cancelled_request_frees_its_row_at_once(served):
     _, engine, _ = served
-    from c2c_jax.infer.engine import Engine, Request
+    from c2c_jax.infer.engine import Request
 
     local = Engine(engine.receiver, list(engine.routes.values()),
                    EngineLimits(slots=2, max_tokens=12, max_prompt_tokens=64, max_prefill_batch=1),
@@ -308,10 +311,10 @@ def test_the_engine_restarts_after_stop_and_puts_the_switch_interval_back(served
     running is refused, and `stop` leaves the interpreter's GIL switch interval as `start` found it."""
     import sys
 
-    from c2c_jax.infer.engine import SWITCH_INTERVAL_S, Engine, Request
+    from c2c_jax.infer.engine import SWITCH_INTERVAL_S, Request
 
     _, engine, _ = served
-    local = Engine(engine.receiver, list(engine.routes.values()), LIMITS, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    local = engine_like(engine)
     route = local.routes["receiver"]
     previous = sys.getswitchinterval()
     sys.setswitchinterval(0.004)
@@ -337,9 +340,9 @@ def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expecte
     """Three requests in rows 0-2; when the two short ones finish, the long one moves to row 0 and
     the step runs over one row, not eight: every answer is still Generator's for its prompt alone."""
     _, engine, _ = served
-    from c2c_jax.infer.engine import Engine, Request
+    from c2c_jax.infer.engine import Request
 
-    local = Engine(engine.receiver, list(engine.routes.values()), LIMITS, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    local = engine_like(engine)
     assert local.widths == (1, 8)
     long_model, long_prompt = max(((m, p) for m in expected for p in PROMPTS[:3]),
                                   key=lambda mp: len(expected[mp[0]][mp[1]]))
