@@ -7,9 +7,8 @@ number of programs are in the settings row, with two ceilings measured before an
 `decode_step_ms`, one decode step per slot width with its tokens read on the host, and `engine_alone`,
 every slot filled at once through the engine without HTTP). Requests then arrive on their own
 schedule, whether or not earlier ones have finished, so queueing shows in the time to first token:
-each is one streamed
-/v1/completions request (a prompt of --prompt-tokens random tokens, exactly --max-tokens new tokens:
-end of sequence is off), sent at seeded Poisson arrival times over --seconds, from several processes
+each is one streamed /v1/completions request (a prompt of --prompt-tokens random tokens, exactly
+--max-tokens new tokens: end of sequence is off), sent at seeded Poisson arrival times over --seconds, from several processes
 so that the load generator is not the bottleneck. A 429 (queue full) is counted as refused.
 
 Load levels. Level N stands for N concurrent clients: its arrival rate is N / T1, where T1 is the
