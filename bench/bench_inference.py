@@ -354,7 +354,7 @@ def main():
     parts = args.only.split(",")
     print("device:", device_name(), flush=True)
     if args.smoke:
-        receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = SMOKE_RECEIVER, SMOKE_SHARER, (32,), (1, 2), (1, 2), 4
+        receiver_cfg, sharer_cfg, lengths, batches, decode_batches, steps = SMOKE_RECEIVER, SMOKE_SHARER, (32,), (2,), (2,), 4
     else:
         receiver_cfg, sharer_cfg, steps = QWEN3_0_6B, QWEN2_5_0_5B, 64
         lengths, batches, decode_batches = (tuple(int(x) for x in a.split(",") if x) for a in

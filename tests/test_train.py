@@ -183,8 +183,8 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
                 example(5, 12, receiver_pads=(0,), sharer_pads=(1, 4))]
     batch = collate(examples, prefix_length=16, suffix_length=8, pad_id=0, sharer_pad_id=0)
     mb = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
-    row_losses, _ = jax.jit(functools.partial(micro_batch_loss, graphdefs=run.graphdefs))(
-        params, run.frozen, mb, None, None)
+    loss_fn = jax.jit(functools.partial(micro_batch_loss, graphdefs=run.graphdefs))
+    row_losses, _ = loss_fn(params, run.frozen, mb, None, None)
 
     assert batch.fused_sections == 4 and batch.trailing_section  # several fused runs, some rows end unfused
     for ex, row_loss in zip(examples, np.asarray(row_losses)):
@@ -210,7 +210,7 @@ def test_training_loss_equals_upstreams_section_route_on_each_example_alone():
         assert float(row_loss) == pytest.approx(expected, rel=2e-5)
     # ... and the fuser does matter to these losses.
     closed = dict(params, projectors=dict(params["projectors"], gate_logit=-params["projectors"]["gate_logit"]))
-    row_losses_closed, _ = micro_batch_loss(closed, run.frozen, mb, None, None, graphdefs=run.graphdefs)
+    row_losses_closed, _ = loss_fn(closed, run.frozen, mb, None, None)
     assert np.abs(np.asarray(row_losses_closed) - np.asarray(row_losses)).min() > 1e-3
 
 
