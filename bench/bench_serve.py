@@ -88,7 +88,8 @@ def serve(args) -> None:
     routes = [Route("receiver", C2CModel(receiver), PromptEncoder(tokenizer), fuse=False),
               Route("c2c", C2CModel(receiver, [sharer], [fuser]), PromptEncoder(tokenizer, [tokenizer]), fuse=True)]
     limits = EngineLimits(slots=args.slots, max_prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                          max_queue=args.max_queue, max_prefill_batch=args.prefill_batch)
+                          max_queue=args.max_queue, max_prefill_batch=args.prefill_batch,
+                          decode_steps=args.decode_steps)
     engine = Engine(receiver, routes, limits, eos_ids=(), pad_id=0)  # no end of sequence: fixed lengths
     start = time.perf_counter()
     engine.warm_up([args.prompt_tokens])
@@ -103,23 +104,25 @@ def serve(args) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
-def decode_step_ms(engine, steps: int = 40) -> dict:
+def decode_step_ms(engine, calls: int = 40) -> dict:
     """{slot width: ms} of one decode step over that many busy rows, its tokens read on the host after
-    each step (no overlap with the next, no admission, no HTTP): the device's share of a token."""
+    each decode call of --decode-steps steps (no overlap with the next, no admission, no HTTP): the
+    device's share of a token."""
     import jax
 
     # Every step writes a column: stay within the cache (the engine compacts it before its next step).
-    steps = min(steps, (engine.capacity - engine.end) // len(engine.widths) - 1)
+    steps = engine.limits.decode_steps
+    calls = min(calls, (engine.capacity - engine.end) // (len(engine.widths) * steps) - 1)
     times = {}
     for width in engine.widths:
         active = np.ones((width,), bool)
         engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
         jax.block_until_ready(tokens)
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(calls):
             engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
             np.asarray(tokens)
-        times[width] = round((time.perf_counter() - start) / steps * 1e3, 3)
+        times[width] = round((time.perf_counter() - start) / (calls * steps) * 1e3, 3)
     engine.end = int(engine.slots.cache.end)  # past the columns these steps wrote; compaction reclaims them
     return times
 
@@ -290,6 +293,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prefill-batch", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=1, help="the engine's decode steps per dispatch")
     parser.add_argument("--processes", type=int, default=8, help="load generator processes")
     parser.add_argument("--compilation-cache-dir", default="", help="JAX's persistent compilation cache")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
@@ -314,6 +318,7 @@ def main():
     command = [sys.executable, __file__, "--serve", f"--port={port}", f"--clients={args.clients}",
                f"--slots={args.slots}", f"--prompt-tokens={args.prompt_tokens}", f"--max-tokens={args.max_tokens}",
                f"--prefill-batch={args.prefill_batch}", f"--max-queue={args.max_queue}",
+               f"--decode-steps={args.decode_steps}",
                f"--compilation-cache-dir={args.compilation_cache_dir}"] + (["--smoke"] if args.smoke else [])
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=server_env)
     url = f"http://127.0.0.1:{port}"
@@ -334,7 +339,8 @@ def main():
         report = Report("serve")
         report.header.update(settings)
         report.add(what="settings", **settings, slots=args.slots, prompt_tokens=args.prompt_tokens,
-                   max_tokens=args.max_tokens, prefill_batch=args.prefill_batch, seconds=args.seconds,
+                   max_tokens=args.max_tokens, prefill_batch=args.prefill_batch,
+                   decode_steps=args.decode_steps, seconds=args.seconds,
                    max_queue=args.max_queue, seed=args.seed)
         rng = np.random.default_rng(args.seed)
         vocab = 512 if args.smoke else 151936

@@ -536,6 +536,9 @@ def main() -> None:
     max_prompt = flags.DEFINE_integer("max_prompt_tokens", 2048, "Longest prompt, in receiver tokens.")
     max_tokens = flags.DEFINE_integer("max_tokens", 1024, "Most new tokens one request may ask for.")
     prefill_batch = flags.DEFINE_integer("max_prefill_batch", 8, "Requests prefilled together.")
+    decode_steps = flags.DEFINE_integer(
+        "decode_steps", 1, "Decode steps per dispatch: more divide the host's work per token, and stream "
+        "tokens that many at a time.")
     route_flag = flags.DEFINE_multi_string("route", [], "Another C2C route: NAME=FUSER_DIR[@SHARER_MODEL].")
     receiver_name = flags.DEFINE_string("receiver_name", "receiver", "The receiver-alone route's model name.")
     c2c_name = flags.DEFINE_string("c2c_name", "c2c", "The model name of --config.generate.fuser's route.")
@@ -555,7 +558,8 @@ def main() -> None:
         if cache_dir.value:
             use_compilation_cache(cache_dir.value)
         limits = EngineLimits(slots=slots.value, max_prompt_tokens=max_prompt.value, max_tokens=max_tokens.value,
-                              max_queue=max_queue.value, max_prefill_batch=prefill_batch.value)
+                              max_queue=max_queue.value, max_prefill_batch=prefill_batch.value,
+                              decode_steps=decode_steps.value)
         try:
             engine, tokenizer = build_engine(config_flag.value, limits, routes=route_flag.value,
                                              receiver_name=receiver_name.value, c2c_name=c2c_name.value)

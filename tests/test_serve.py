@@ -365,6 +365,58 @@ def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expecte
     assert len(moves) == 1 and moves[0][0] > 0 == moves[0][1] and widths[0] == 8 and widths[-1] == 1
 
 
+def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expected):
+    """Three decode steps per dispatch, both routes, max_tokens ending inside a call and after it, the
+    cache compacted while rows decode, then a request alone (a step over one row of eight): greedy
+    answers are Generator's for each prompt alone, and seeded samples are those of an engine that
+    decodes one step per dispatch."""
+    import dataclasses
+
+    from c2c_jax.infer.engine import Request
+
+    _, engine, _ = served
+    mixed = [(model, prompt, 1 + (i + j + r) % LIMITS.max_tokens, t)
+             for r in range(3) for i, prompt in enumerate(PROMPTS[:3]) for j, model in enumerate(("receiver", "c2c"))
+             for t in (0.0, 0.9)]
+    # The answer that varies most: the one that tells a lost column of the cache best.
+    alone = [max(((m, p, LIMITS.max_tokens, 0.0) for m in expected for p in PROMPTS[:3]),
+                 key=lambda job: len(set(expected[job[0]][job[1]])))]
+
+    def serve(local, jobs):
+        got, finishes = {k: [] for k in range(len(jobs))}, {k: [] for k in range(len(jobs))}
+
+        def sink(k):
+            return lambda ids, finish: got[k].extend(ids) or finishes[k].append(finish)
+
+        for k, (model, prompt, m, t) in enumerate(jobs):
+            route = local.routes[model]
+            local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
+                                 Sampling(max_tokens=m, temperature=t, seed=k), sink(k)))
+        while local.waiting or local.busy_rows or local.pending is not None:
+            local.iteration()
+        for k, reasons in finishes.items():  # one finish, last
+            assert reasons[-1] in ("stop", "length") and reasons[:-1] == [None] * (len(reasons) - 1), reasons
+        for k, (model, prompt, m, t) in enumerate(jobs):
+            if t == 0.0:
+                assert got[k] == expected[model][prompt][:m], (model, prompt, m)
+        return got
+
+    several = engine_like(engine, dataclasses.replace(LIMITS, decode_steps=3))
+    # Its write column starts 10 columns before the end of the cache: it compacts within a few calls.
+    several.end = several.capacity - 10
+    several.slots = dataclasses.replace(several.slots, cache=dataclasses.replace(several.slots.cache,
+                                                                                 end=jax.numpy.int32(several.end)))
+    shifts, widths = [], []
+    compact, step = several.decode.compact, several.decode.step
+    several.decode.compact = lambda key, slots, shift: shifts.append(int(shift)) or compact(key, slots, shift)
+    several.decode.step = lambda width, *args: widths.append(width) or step(width, *args)
+    assert serve(several, mixed) == serve(engine_like(engine), mixed)
+    assert shifts  # the cache filled up and was compacted
+    widths.clear()
+    serve(several, alone)
+    assert set(widths) == {1} and len(widths) >= 3
+
+
 def test_bounded_load_no_error_no_mixup(served, expected):
     """32 concurrent clients, 192 requests in all: every answer is its own prompt's greedy answer."""
     server, engine, tokenizer = served

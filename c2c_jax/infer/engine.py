@@ -19,9 +19,12 @@ that covers the live rows. Requests take the lowest free rows; when the load fal
 the live rows beyond it move into free rows within it (`move_row`, one row's cache copied).
 
 The host loop (`Engine.run`) alternates one prefill chunk (up to `max_prefill_batch` waiting
-requests of one route, run alone or padded to `max_prefill_batch`) with one decode step, and
-reads back only the sampled tokens. End of sequence and `max_tokens` are checked there; a
-finished or cancelled row is freed before the next step.
+requests of one route, run alone or padded to `max_prefill_batch`) with one decode call of
+`decode_steps` steps, and reads back only the sampled tokens. End of sequence and `max_tokens` are
+checked there; a finished or cancelled row is freed before the next call. Several steps per call
+divide the host's work per token (the loop, the delivery, the server's chunks) by `decode_steps`,
+at the price of tokens streamed `decode_steps` at a time, a new request waiting for the running
+call to end, and up to `decode_steps - 1` steps computed past a row's last token.
 
 The engine thread shares the GIL with whatever else runs in its process (the server's event loop).
 It waits on the device with the GIL released and must take it back at once, or the device idles:
@@ -144,23 +147,28 @@ def _rows(x: jax.Array, axis: int, width: int) -> jax.Array:
     return jax.lax.slice_in_dim(x, 0, width, axis=axis)
 
 
-def decode_rows(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slots, jax.Array]:
-    """`decode_step` over the first w = len(active) rows only (the others must be free): it reads w
-    rows of the cache, not all. The other rows keep their contents; of the cache, only the written
-    column goes back. Returns the new slots and the sampled tokens int32 [w]."""
+def decode_rows(receiver: Decoder, slots: Slots, active: jax.Array, steps: int = 1) -> tuple[Slots, jax.Array]:
+    """`steps` decode steps (`decode_step`, one after another) over the first w = len(active) rows
+    only (the others must be free): they read w rows of the cache, not all. The other rows keep
+    their contents; of the cache, only the written columns go back. Returns the new slots and the
+    sampled tokens int32 [steps, w]."""
     width = active.shape[0]
+
+    def run(slots):
+        return jax.lax.scan(lambda s, _: decode_step(receiver, s, active), slots, length=steps)
+
     if width == slots.tokens.shape[0]:
-        return decode_step(receiver, slots, active)
+        return run(slots)
     cache = slots.cache
     head = Slots(dataclasses.replace(cache, k=_rows(cache.k, 1, width), v=_rows(cache.v, 1, width),
                                      valid=_rows(cache.valid, 0, width)),
                  *(_rows(getattr(slots, f.name), 0, width) for f in dataclasses.fields(Slots)[1:]))
-    head, tokens = decode_step(receiver, head, active)
+    head, tokens = run(head)
     end = cache.end
 
-    def written(new, old, axis):  # column `end` of the head's rows, put back into rows [0, width)
-        column = jax.lax.dynamic_slice_in_dim(new, end, 1, axis=axis)
-        return jax.lax.dynamic_update_slice_in_dim(old, column, end, axis=axis)
+    def written(new, old, axis):  # columns [end, end + steps) of the head's rows, put back into rows [0, width)
+        columns = jax.lax.dynamic_slice_in_dim(new, end, steps, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(old, columns, end, axis=axis)
 
     new_cache = dataclasses.replace(cache, k=written(head.cache.k, cache.k, 2), v=written(head.cache.v, cache.v, 2),
                                     valid=written(head.cache.valid, cache.valid, 1), end=head.cache.end)
@@ -250,11 +258,12 @@ class Executables:
 class DecodePrograms:
     """The decode-side programs; they close over the receiver's graphdef (see
     `infer.generator.InferencePrograms` for why) and donate the slots, which are updated in place. The step
-    is keyed by its width (`slot_widths`)."""
+    is keyed by its width (`slot_widths`) and runs `steps` decode steps per call."""
 
-    def __init__(self, graphdef: nnx.GraphDef):
-        self.step = Executables(lambda state, slots, active: decode_rows(nnx.merge(graphdef, state), slots, active),
-                                donate_argnums=1)
+    def __init__(self, graphdef: nnx.GraphDef, steps: int = 1):
+        self.step = Executables(
+            lambda state, slots, active: decode_rows(nnx.merge(graphdef, state), slots, active, steps),
+            donate_argnums=1)
         self.compact = Executables(compact, donate_argnums=0)
         self.move_row = Executables(move_row, donate_argnums=0)
 
@@ -297,6 +306,7 @@ class EngineLimits:
     max_tokens: int = 512  # new tokens of one request
     max_queue: int = 256  # requests waiting for a slot; more are refused (QueueFull)
     max_prefill_batch: int = 8  # requests prefilled together
+    decode_steps: int = 1  # decode steps per dispatch: the host's work per token / decode_steps (module doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,6 +412,8 @@ class Engine:
         if len(pad_to) != 1:
             raise ValueError(f"routes bucket prompts differently ({sorted(pad_to)}): give them one pad_to")
         self.pad_to = pad_to.pop()
+        if limits.decode_steps < 1:
+            raise ValueError(f"decode_steps must be at least 1, not {limits.decode_steps}")
         self.receiver = receiver
         self.routes = {route.name: route for route in routes}
         self.limits = limits
@@ -409,12 +421,14 @@ class Engine:
         self.pad_id = pad_id
         self.metrics = metrics or Metrics()
         # A prompt's bucket is at most `prompt_width`; a row spans at most prompt_width + max_tokens
-        # columns, so after `compact` at least `prompt_width` columns are free.
+        # columns, plus up to 2 * decode_steps written after its last token (the rest of that call,
+        # and the next, dispatched before it is read). So after `compact` at least `prompt_width`
+        # columns and a call's `decode_steps` are free.
         self.prompt_width = -(-limits.max_prompt_tokens // self.pad_to) * self.pad_to
-        self.capacity = decode_capacity(2 * self.prompt_width + limits.max_tokens)
+        self.capacity = decode_capacity(2 * self.prompt_width + limits.max_tokens + 3 * limits.decode_steps)
         self.context = receiver.config.max_position_embeddings
         graphdef, self.receiver_state = nnx.split(receiver)
-        self.decode = DecodePrograms(graphdef)
+        self.decode = DecodePrograms(graphdef, limits.decode_steps)
         self.widths = slot_widths(limits.slots)
         self.slots = Slots.empty(receiver, limits.slots, self.capacity, self.prompt_width)
         self.end = self.prompt_width  # host copy of slots.cache.end
@@ -533,36 +547,37 @@ class Engine:
                 self._fail_all(error)
 
     def iteration(self) -> None:
-        """Frees cancelled rows, admits one prefill chunk, dispatches one decode step, then hands out
-        the previous step's tokens and the new requests' first tokens.
+        """Frees cancelled rows, admits one prefill chunk, dispatches one decode call
+        (`decode_steps` steps), then hands out the previous call's tokens and the new requests'
+        first tokens.
 
-        The host reads a step's tokens only after dispatching the next one, so its per-token work
-        (stop checks, delivery) overlaps the device's step. A row that finished at step k still
-        computes in step k + 1, unseen: its token is dropped, as is any token of a request no
-        longer in its row.
+        The host reads a call's tokens only after dispatching the next one, so its per-token work
+        (stop checks, delivery) overlaps the device's steps. A row that finished in call k still
+        computes in call k + 1, unseen: its tokens are dropped, as are those after its last token
+        and any of a request no longer in its row.
         """
         self._free_cancelled()
         admitted, first = self._admit_chunk()
         step = None
         if self.busy_rows:
             width = self._pack()
-            if self.end >= self.capacity:
+            if self.end + self.limits.decode_steps > self.capacity:
                 self._compact()
             live = [(row, request) for row, request in enumerate(self.rows[:width]) if request is not None]
             active = np.zeros((width,), bool)
             active[[row for row, _ in live]] = True
             self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active)
-            self.end += 1
+            self.end += self.limits.decode_steps
             step = (tokens, live)
         previous, self.pending = self.pending, step
         if previous is not None:
             tokens, rows = previous
-            tokens = np.asarray(tokens)
+            tokens = np.asarray(tokens)  # [decode_steps, width]
             for row, request in rows:
-                self._emit(request, int(tokens[row]))
+                self._emit(request, tokens[:, row].tolist())
         if admitted:  # the admission ran before the new step: its first tokens are ready
-            for request, token in zip(admitted, np.asarray(first)):
-                self._emit(request, int(token))
+            for request, token in zip(admitted, np.asarray(first).tolist()):
+                self._emit(request, [token])
         self.metrics.slots_busy(self.busy_rows)
 
     def _pack(self) -> int:
@@ -579,26 +594,35 @@ class Engine:
                 self.row_start[target] = self.row_start[source]
         return width
 
-    def _emit(self, request: Request, token: int) -> None:
-        """Hands `token` to `request` unless it no longer has a row (finished, cancelled or failed)."""
+    def _emit(self, request: Request, tokens: list[int]) -> None:
+        """Hands `tokens` (in order) to `request` up to its end of sequence or `max_tokens`, unless it
+        no longer has a row (finished, cancelled or failed). Tokens that arrive together count one
+        inter-token gap and then gaps of 0: that is what the client sees."""
         if request.row is None or request.cancelled:
             return
+        ids, finish, used = [], None, 0
+        for token in tokens:
+            used += 1
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            ids.append(token)
+            if request.generated + used >= request.sampling.max_tokens:
+                finish = "length"
+                break
         now = time.perf_counter()
         if request.generated == 0:
             self.metrics.first_token(now - request.arrival)
         else:
             self.metrics.inter_token(now - request.last_token_time)
+        for _ in range(used - 1):
+            self.metrics.inter_token(0.0)
         request.last_token_time = now
-        request.generated += 1
-        self.metrics.tokens(1)
-        finish = None
-        if token in self.eos_ids:
-            finish = "stop"
-        elif request.generated >= request.sampling.max_tokens:
-            finish = "length"
+        request.generated += used
+        self.metrics.tokens(used)
         if finish is not None:
             self.rows[request.row], request.row = None, None
-        request.on_tokens([] if token in self.eos_ids else [token], finish)
+        request.on_tokens(ids, finish)
 
     def _free_cancelled(self) -> None:
         for row, request in enumerate(self.rows):
