@@ -270,15 +270,15 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
 
 
 # The server's shapes as `python -m c2c_jax.serve` runs by default (its flags' defaults).
-SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefill_batch=8)
+SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefill_batch=8, decode_steps=1)
 
 
 def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int, max_tokens: int,
-                   max_prefill_batch: int):
+                   max_prefill_batch: int, decode_steps: int = 1):
     """[(name, jitted program, abstract args, static kwargs)] of the server's engine (`infer/engine.py`) on
     one chip, as the server runs: the C2C route's prefill with fusion and admission into the slots
     of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode step over all
-    slots (`serve_decode`, its widest), a row's move to a lower slot (`serve_move_row`) and the
+    slots (`serve_decode`, its widest, `decode_steps` steps), a row's move to a lower slot (`serve_move_row`) and the
     slots' compaction (`serve_compact`)."""
     import jax
     import jax.numpy as jnp
@@ -286,9 +286,8 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
 
     from c2c_jax.c2c.model import C2CModel
     from c2c_jax.c2c.prompt import PromptBatch
-    from c2c_jax.infer.engine import DecodePrograms, PrefillPrograms, RowSampling, Slots
+    from c2c_jax.infer.engine import DecodePrograms, PrefillPrograms, RowSampling, Slots, slots_capacity
     from c2c_jax.models.attention import TPU_BLOCK
-    from c2c_jax.models.kv_cache import decode_capacity
 
     make_receiver, make_sharer, make_fuser = models
 
@@ -304,7 +303,7 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
     state, receiver_state = place(state), place(receiver_state)
     # As `Engine`: prompts padded to the TPU kernels' block, rows of up to two prompts and the answer.
     width = -(-max_prompt_tokens // TPU_BLOCK) * TPU_BLOCK
-    capacity = decode_capacity(2 * width + max_tokens, platform="tpu")
+    capacity = slots_capacity(width, max_tokens, decode_steps, platform="tpu")
     slots_state = place(jax.eval_shape(lambda: Slots.empty(model.receiver, slots, capacity, width)))
 
     def array(shape, dtype):
@@ -314,7 +313,7 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
     columns = lambda dtype: array((batch, width), dtype)  # noqa: E731
     prompts = PromptBatch(columns(jnp.int32), columns(jnp.bool_), columns(jnp.int32), (columns(jnp.int32),),
                           (columns(jnp.bool_),), (columns(jnp.int32),), (columns(jnp.bool_),))
-    prefill, decode = PrefillPrograms(graphdef, fuse=True), DecodePrograms(receiver_graphdef)
+    prefill, decode = PrefillPrograms(graphdef, fuse=True), DecodePrograms(receiver_graphdef, decode_steps)
     sampling = RowSampling(array((batch,), jnp.float32), array((batch,), jnp.int32), array((batch,), jnp.float32),
                            array((batch, 2), jnp.uint32))
     row = array((), jnp.int32)

@@ -28,7 +28,7 @@ def test_tiny_programs_compile_for_a_tpu_slice_with_tpu_kernels_and_a_sharded_op
     config.train.update(micro_batch_size=8, batch_size=16)
     config.receiver.dtype = config.sharer.dtype = "bfloat16"
     config.eval.batch_size = 8
-    serve_limits = dict(slots=4, max_prompt_tokens=100, max_tokens=20, max_prefill_batch=2)
+    serve_limits = dict(slots=4, max_prompt_tokens=100, max_tokens=20, max_prefill_batch=2, decode_steps=2)
     # conftest asks for float32 matmuls everywhere; Mosaic cannot give a bfloat16 kernel that precision.
     with jax.default_matmul_precision("default"):
         reports = {r.name: r for r in aot.run(config, aot.topology_named("v5e-8"), serve_limits=serve_limits,
@@ -44,8 +44,8 @@ def test_tiny_programs_compile_for_a_tpu_slice_with_tpu_kernels_and_a_sharded_op
         assert report.attention_routes and all(r.endswith(":mosaic") for r in report.attention_routes), \
             (name, report.attention_routes)
         assert report.mosaic_calls > 0, name
-    # The server's programs run on one chip: no collectives. Its decode step is the receiver's one
-    # token over the cached slots; its prefill fuses the sharer's cache (two prefills) and admits the
+    # The server's programs run on one chip: no collectives. Its decode call is the receiver's one
+    # token over the cached slots, in a loop of `decode_steps`; its prefill fuses the sharer's cache (two prefills) and admits the
     # prompts' last token over the fused cache.
     for name in aot.SERVE_PROGRAMS:
         assert not reports[name].collectives, (name, reports[name].collectives)

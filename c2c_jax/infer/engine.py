@@ -132,6 +132,13 @@ def decode_step(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slo
                                steps=slots.steps + 1), tokens
 
 
+def slots_capacity(prompt_width: int, max_tokens: int, decode_steps: int, platform: str | None = None) -> int:
+    """Columns of the slots' cache. A row spans at most prompt_width + max_tokens columns, plus up to
+    2 * decode_steps written after its last token (the rest of that call, and the next, dispatched
+    before it is read); so after `compact` at least `prompt_width` columns and a call's steps are free."""
+    return decode_capacity(2 * prompt_width + max_tokens + 3 * decode_steps, platform)
+
+
 def slot_widths(num_slots: int) -> tuple[int, ...]:
     """The row counts a decode step is compiled for: 1, 8, 32, 128, ... (x4) below `num_slots`, and
     `num_slots`. A step over w rows costs about what w rows need, so few widths keep the cost near
@@ -420,12 +427,8 @@ class Engine:
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = pad_id
         self.metrics = metrics or Metrics()
-        # A prompt's bucket is at most `prompt_width`; a row spans at most prompt_width + max_tokens
-        # columns, plus up to 2 * decode_steps written after its last token (the rest of that call,
-        # and the next, dispatched before it is read). So after `compact` at least `prompt_width`
-        # columns and a call's `decode_steps` are free.
-        self.prompt_width = -(-limits.max_prompt_tokens // self.pad_to) * self.pad_to
-        self.capacity = decode_capacity(2 * self.prompt_width + limits.max_tokens + 3 * limits.decode_steps)
+        self.prompt_width = -(-limits.max_prompt_tokens // self.pad_to) * self.pad_to  # the longest bucket
+        self.capacity = slots_capacity(self.prompt_width, limits.max_tokens, limits.decode_steps)
         self.context = receiver.config.max_position_embeddings
         graphdef, self.receiver_state = nnx.split(receiver)
         self.decode = DecodePrograms(graphdef, limits.decode_steps)
