@@ -4,7 +4,8 @@ side, at Qwen3-0.6B <- Qwen2.5-0.5B shapes with random bf16 weights.
 The script starts the server (`c2c_jax.serve.create_app` over an `engine.Engine`, in a process of
 its own, on 127.0.0.1) and compiles every program it will run (`Engine.warm_up`; the time and the
 number of programs are in the settings row, with two ceilings measured before any HTTP request:
-`decode_step_ms`, one decode step per slot width with its tokens read on the host, and `engine_alone`,
+`decode_step_ms`, a decode step per slot width (calls of --decode-steps steps, each call's tokens read
+on the host), and `engine_alone`,
 every slot filled at once through the engine without HTTP). Requests then arrive on their own
 schedule, whether or not earlier ones have finished, so queueing shows in the time to first token:
 each is one streamed /v1/completions request (a prompt of --prompt-tokens random tokens, exactly
@@ -24,7 +25,7 @@ streamed chunks: a chunk holds one token while the server keeps up, several when
 the concurrency reached (mean number of requests in flight over the span, and
 its maximum).
 
-    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 128]
+    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 128] [--decode-steps 1]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row
 """
 
