@@ -1,16 +1,16 @@
 """Serving benchmark: the OpenAI-compatible server under open-loop load, receiver-only and C2C side by
 side, at Qwen3-0.6B <- Qwen2.5-0.5B shapes with random bf16 weights.
 
-The script starts the server (`c2c_jax.serve.create_app` over an `engine.Engine`, in a process of
-its own, on 127.0.0.1) and compiles every program it will run (`Engine.warm_up`; the time and the
-number of programs are in the settings row, with two ceilings measured before any HTTP request:
-`decode_step_ms`, a decode step per slot width (calls of --decode-steps steps, each call's tokens read
-on the host), and `engine_alone`,
-every slot filled at once through the engine without HTTP). Requests then arrive on their own
-schedule, whether or not earlier ones have finished, so queueing shows in the time to first token:
-each is one streamed /v1/completions request (a prompt of --prompt-tokens random tokens, exactly
---max-tokens new tokens: end of sequence is off), sent at seeded Poisson arrival times over --seconds, from several processes
-so that the load generator is not the bottleneck. A 429 (queue full) is counted as refused.
+The script starts the server (`c2c_jax.serve.create_app` over an `engine.Engine`, in a process of its
+own, on 127.0.0.1) and compiles every program it will run (`Engine.warm_up`; the time and the number of
+programs are in the settings row, with two ceilings measured before any HTTP request: `decode_step_ms`,
+a decode step per slot width (calls of --decode-steps steps, each call's tokens read on the host), and
+`engine_alone`, every slot filled at once through the engine without HTTP). Requests then arrive on
+their own schedule, whether or not earlier ones have finished, so queueing shows in the time to first
+token: each is one streamed /v1/completions request (a prompt of --prompt-tokens random tokens, exactly
+--max-tokens new tokens: end of sequence is off), sent at seeded Poisson arrival times over --seconds,
+from several processes so that the load generator is not the bottleneck. A 429 (queue full) is counted
+as refused.
 
 Load levels. Level N stands for N concurrent clients: its arrival rate is N / T1, where T1 is the
 median latency of one request alone on the receiver-only route (measured first; the calibration
