@@ -1,4 +1,4 @@
-"""What every command (`train`, `evaluate`, `generate`, `demo`) shares at its edge.
+"""What every command (`train`, `evaluate`, `generate`, `demo`, `serve`) shares at its edge.
 
 * A user's mistake (a file that is not there, a fuser for another model pair, a bad config value)
   ends the command with one line, `error: ...`, and exit status 1; `--verbose` shows the traceback.

@@ -487,12 +487,15 @@ def build_engine(config, limits, *, routes: list[str] = (), receiver_name: str =
     from c2c_jax.infer.engine import Engine, Route, stop_token_ids
     from c2c_jax.infer.fuser_io import load_any_fuser
 
-    receiver, receiver_tok = build.load_frozen(config.receiver)
     specs = [(c2c_name, config.generate.fuser, "")] if config.generate.fuser else []
     specs += [parse_route(s) for s in routes]
     names = [receiver_name] + [name for name, _, _ in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"route names must differ: {names}")
+    # A missing fuser, or one for another pair, fails here, before any model loads.
+    build.check_before_loading(config, [(fuser_dir, sharer_path or config.sharer.path)
+                                        for _, fuser_dir, sharer_path in specs])
+    receiver, receiver_tok = build.load_frozen(config.receiver)
     built = [Route(receiver_name, C2CModel(receiver), build.prompt_encoder(config, receiver_tok), fuse=False)]
     sharers = {}
     for name, fuser_dir, sharer_path in specs:
@@ -522,23 +525,27 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def main() -> None:
+    from c2c_jax import cli
+
+    cli.starting("serve")
     from absl import app, flags
     from ml_collections import config_flags
 
-    from c2c_jax.config import parse_flags, use_inference_xla_flags
+    from c2c_jax.config import use_inference_xla_flags
 
     use_inference_xla_flags()
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     host = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
-    port = flags.DEFINE_integer("port", 8000, "Port to listen on.")
-    slots = flags.DEFINE_integer("slots", 32, "Decode slots: requests generating at the same time.")
-    max_queue = flags.DEFINE_integer("max_queue", 256, "Requests waiting for a slot before new ones get 429.")
-    max_prompt = flags.DEFINE_integer("max_prompt_tokens", 2048, "Longest prompt, in receiver tokens.")
-    max_tokens = flags.DEFINE_integer("max_tokens", 1024, "Most new tokens one request may ask for.")
-    prefill_batch = flags.DEFINE_integer("max_prefill_batch", 8, "Requests prefilled together.")
+    port = flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535)
+    slots = flags.DEFINE_integer("slots", 32, "Decode slots: requests generating at the same time.", lower_bound=1)
+    max_queue = flags.DEFINE_integer("max_queue", 256, "Requests waiting for a slot before new ones get 429.",
+                                     lower_bound=0)
+    max_prompt = flags.DEFINE_integer("max_prompt_tokens", 2048, "Longest prompt, in receiver tokens.", lower_bound=1)
+    max_tokens = flags.DEFINE_integer("max_tokens", 1024, "Most new tokens one request may ask for.", lower_bound=1)
+    prefill_batch = flags.DEFINE_integer("max_prefill_batch", 8, "Requests prefilled together.", lower_bound=1)
     decode_steps = flags.DEFINE_integer(
         "decode_steps", 1, "Decode steps per dispatch: more divide the host's work per token, and stream "
-        "tokens that many at a time.")
+        "tokens that many at a time.", lower_bound=1)
     route_flag = flags.DEFINE_multi_string("route", [], "Another C2C route: NAME=FUSER_DIR[@SHARER_MODEL].")
     receiver_name = flags.DEFINE_string("receiver_name", "receiver", "The receiver-alone route's model name.")
     c2c_name = flags.DEFINE_string("c2c_name", "c2c", "The model name of --config.generate.fuser's route.")
@@ -548,8 +555,7 @@ def main() -> None:
                                     "a restart loads the programs compiled before instead of compiling them.")
     flags.mark_flags_as_required(["config"])
 
-    def run(argv):
-        del argv
+    def run():
         import uvicorn
 
         from c2c_jax.infer.engine import EngineLimits
@@ -571,7 +577,7 @@ def main() -> None:
         uvicorn.run(create_app(engine, tokenizer, defaults=defaults), host=host.value, port=port.value,
                     log_level="warning")
 
-    app.run(run, flags_parser=parse_flags)
+    cli.run(run)
 
 
 if __name__ == "__main__":
