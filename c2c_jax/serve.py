@@ -551,6 +551,8 @@ def main() -> None:
     c2c_name = flags.DEFINE_string("c2c_name", "c2c", "The model name of --config.generate.fuser's route.")
     warm_up = flags.DEFINE_list("warm_up", [], "Prompt lengths (tokens) whose programs are compiled before the "
                                 "server listens, e.g. 256,1024; other lengths compile on their first request.")
+    flags.register_validator("warm_up", lambda lengths: all(n.isdigit() and int(n) > 0 for n in lengths),
+                             "--warm_up takes prompt lengths in tokens, e.g. --warm_up=256,1024")
     cache_dir = flags.DEFINE_string("compilation_cache_dir", "", "Directory of JAX's persistent compilation cache: "
                                     "a restart loads the programs compiled before instead of compiling them.")
     flags.mark_flags_as_required(["config"])

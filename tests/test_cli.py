@@ -77,6 +77,8 @@ def test_config_is_found_from_any_directory_and_a_missing_one_is_named(tmp_path)
 def test_serve_refuses_a_bad_limit_and_a_missing_fuser_in_one_line_before_loading(tmp_path):
     bad_limit = command("serve", "--config=configs/tiny.py", "--decode_steps=0", cwd=tmp_path)
     assert error_line(bad_limit) == "error: flag --decode_steps=0: 0 is not a positive integer"
+    bad_lengths = command("serve", "--config=configs/tiny.py", "--warm_up=256,long", cwd=tmp_path)
+    assert "--warm_up takes prompt lengths in tokens" in error_line(bad_lengths)
     for fuser_flag in (f"--config.generate.fuser={tmp_path / 'nope'}", f"--route=other={tmp_path / 'nope'}"):
         missing = command("serve", "--config=configs/tiny.py", fuser_flag, cwd=tmp_path)
         assert error_line(missing) == f"error: fuser directory {tmp_path / 'nope'} does not exist"
