@@ -417,6 +417,33 @@ def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expec
     assert set(widths) == {1} and len(widths) >= 3
 
 
+def test_decode_calls_longer_than_the_answers_stay_within_the_cache(served, expected):
+    """40 steps a call, more than any answer (12 tokens) or prompt bucket (64): the write column never
+    passes the cache's end, the cache is compacted between calls, and every answer is still Generator's."""
+    import dataclasses
+
+    from c2c_jax.infer.engine import Request
+
+    _, engine, _ = served
+    local = engine_like(engine, dataclasses.replace(LIMITS, max_prompt_tokens=60, decode_steps=40))
+    shifts = []
+    compact = local.decode.compact
+    local.decode.compact = lambda key, slots, shift: shifts.append(int(shift)) or compact(key, slots, shift)
+    jobs = [(model, prompt, 1 + (3 * i + j) % LIMITS.max_tokens) for i in range(6)
+            for prompt in PROMPTS[:2] for j, model in enumerate(("receiver", "c2c"))]
+    got = {k: [] for k in range(len(jobs))}
+    for k, (model, prompt, m) in enumerate(jobs):
+        route = local.routes[model]
+        local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
+                             Sampling(max_tokens=m), lambda ids, finish, k=k: got[k].extend(ids)))
+    while local.waiting or local.busy_rows or local.pending is not None:
+        local.iteration()
+        assert local.end <= local.capacity
+    assert len(shifts) >= 2
+    for k, (model, prompt, m) in enumerate(jobs):
+        assert got[k] == expected[model][prompt][:m], (model, prompt, m)
+
+
 def test_bounded_load_no_error_no_mixup(served, expected):
     """32 concurrent clients, 192 requests in all: every answer is its own prompt's greedy answer."""
     server, engine, tokenizer = served

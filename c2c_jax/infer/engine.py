@@ -133,10 +133,12 @@ def decode_step(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slo
 
 
 def slots_capacity(prompt_width: int, max_tokens: int, decode_steps: int, platform: str | None = None) -> int:
-    """Columns of the slots' cache. A row spans at most prompt_width + max_tokens columns, plus up to
-    2 * decode_steps written after its last token (the rest of that call, and the next, dispatched
-    before it is read); so after `compact` at least `prompt_width` columns and a call's steps are free."""
-    return decode_capacity(2 * prompt_width + max_tokens + 3 * decode_steps, platform)
+    """Columns of the slots' cache. While it holds its slot a row spans at most prompt_width +
+    max_tokens + 2 (k - 1) columns, k = decode_steps (its last call's steps after its last token, and
+    the call dispatched before that one's tokens are read); after `compact` the next call needs k more.
+    A second `prompt_width`, which spaces compactions out, covers that unless k is large."""
+    need = prompt_width + max_tokens + 3 * decode_steps - 2
+    return decode_capacity(max(2 * prompt_width + max_tokens, need), platform)
 
 
 def slot_widths(num_slots: int) -> tuple[int, ...]:
