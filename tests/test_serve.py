@@ -365,14 +365,34 @@ def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expecte
     assert len(moves) == 1 and moves[0][0] > 0 == moves[0][1] and widths[0] == 8 and widths[-1] == 1
 
 
+def answer_in_the_engine(local, jobs):
+    """Runs `jobs` [(model, prompt, max_tokens, temperature)] through the engine `local` on this thread,
+    job k with seed k, until all have finished; checks that each finished once, last. Returns
+    {k: new token ids}."""
+    from c2c_jax.infer.engine import Request
+
+    got, finishes = {k: [] for k in range(len(jobs))}, {k: [] for k in range(len(jobs))}
+
+    def sink(k):
+        return lambda ids, finish: got[k].extend(ids) or finishes[k].append(finish)
+
+    for k, (model, prompt, m, t) in enumerate(jobs):
+        route = local.routes[model]
+        local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
+                             Sampling(max_tokens=m, temperature=t, seed=k), sink(k)))
+    while local.waiting or local.busy_rows or local.pending is not None:
+        local.iteration()
+    for reasons in finishes.values():
+        assert reasons[-1] in ("stop", "length") and reasons[:-1] == [None] * (len(reasons) - 1), reasons
+    return got
+
+
 def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expected):
     """Three decode steps per dispatch, both routes, max_tokens ending inside a call and after it, the
     cache compacted while rows decode, then a request alone (a step over one row of eight): greedy
     answers are Generator's for each prompt alone, and seeded samples are those of an engine that
     decodes one step per dispatch."""
     import dataclasses
-
-    from c2c_jax.infer.engine import Request
 
     _, engine, _ = served
     mixed = [(model, prompt, 1 + (i + j + r) % LIMITS.max_tokens, t)
@@ -381,25 +401,6 @@ def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expec
     # The answer that varies most: the one that tells a lost column of the cache best.
     alone = [max(((m, p, LIMITS.max_tokens, 0.0) for m in expected for p in PROMPTS[:3]),
                  key=lambda job: len(set(expected[job[0]][job[1]])))]
-
-    def serve(local, jobs):
-        got, finishes = {k: [] for k in range(len(jobs))}, {k: [] for k in range(len(jobs))}
-
-        def sink(k):
-            return lambda ids, finish: got[k].extend(ids) or finishes[k].append(finish)
-
-        for k, (model, prompt, m, t) in enumerate(jobs):
-            route = local.routes[model]
-            local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
-                                 Sampling(max_tokens=m, temperature=t, seed=k), sink(k)))
-        while local.waiting or local.busy_rows or local.pending is not None:
-            local.iteration()
-        for k, reasons in finishes.items():  # one finish, last
-            assert reasons[-1] in ("stop", "length") and reasons[:-1] == [None] * (len(reasons) - 1), reasons
-        for k, (model, prompt, m, t) in enumerate(jobs):
-            if t == 0.0:
-                assert got[k] == expected[model][prompt][:m], (model, prompt, m)
-        return got
 
     several = engine_like(engine, dataclasses.replace(LIMITS, decode_steps=3))
     # Its write column starts 10 columns before the end of the cache: it compacts within a few calls.
@@ -410,37 +411,34 @@ def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expec
     compact, step = several.decode.compact, several.decode.step
     several.decode.compact = lambda key, slots, shift: shifts.append(int(shift)) or compact(key, slots, shift)
     several.decode.step = lambda width, *args: widths.append(width) or step(width, *args)
-    assert serve(several, mixed) == serve(engine_like(engine), mixed)
+    got = answer_in_the_engine(several, mixed)
+    assert got == answer_in_the_engine(engine_like(engine), mixed)
     assert shifts  # the cache filled up and was compacted
     widths.clear()
-    serve(several, alone)
+    got_alone = answer_in_the_engine(several, alone)
     assert set(widths) == {1} and len(widths) >= 3
+    for jobs, answers in ((mixed, got), (alone, got_alone)):
+        for k, (model, prompt, m, t) in enumerate(jobs):
+            if t == 0.0:
+                assert answers[k] == expected[model][prompt][:m], (model, prompt, m)
 
 
 def test_decode_calls_longer_than_the_answers_stay_within_the_cache(served, expected):
-    """40 steps a call, more than any answer (12 tokens) or prompt bucket (64): the write column never
-    passes the cache's end, the cache is compacted between calls, and every answer is still Generator's."""
+    """40 steps a call, more than any answer (12 tokens) or prompt bucket (64): every call's columns
+    lie within the cache, which is compacted between calls, and every answer is still Generator's."""
     import dataclasses
-
-    from c2c_jax.infer.engine import Request
 
     _, engine, _ = served
     local = engine_like(engine, dataclasses.replace(LIMITS, max_prompt_tokens=60, decode_steps=40))
-    shifts = []
-    compact = local.decode.compact
+    shifts, spans = [], []
+    compact, step = local.decode.compact, local.decode.step
     local.decode.compact = lambda key, slots, shift: shifts.append(int(shift)) or compact(key, slots, shift)
-    jobs = [(model, prompt, 1 + (3 * i + j) % LIMITS.max_tokens) for i in range(6)
+    local.decode.step = lambda width, *args: spans.append((local.end, local.end + 40)) or step(width, *args)
+    jobs = [(model, prompt, 1 + (3 * i + j) % LIMITS.max_tokens, 0.0) for i in range(6)
             for prompt in PROMPTS[:2] for j, model in enumerate(("receiver", "c2c"))]
-    got = {k: [] for k in range(len(jobs))}
-    for k, (model, prompt, m) in enumerate(jobs):
-        route = local.routes[model]
-        local.submit(Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
-                             Sampling(max_tokens=m), lambda ids, finish, k=k: got[k].extend(ids)))
-    while local.waiting or local.busy_rows or local.pending is not None:
-        local.iteration()
-        assert local.end <= local.capacity
-    assert len(shifts) >= 2
-    for k, (model, prompt, m) in enumerate(jobs):
+    got = answer_in_the_engine(local, jobs)
+    assert len(shifts) >= 2 and all(end <= local.capacity for _, end in spans), (shifts, spans, local.capacity)
+    for k, (model, prompt, m, _) in enumerate(jobs):
         assert got[k] == expected[model][prompt][:m], (model, prompt, m)
 
 
