@@ -277,9 +277,9 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
                    max_prefill_batch: int, decode_steps: int = 1):
     """[(name, jitted program, abstract args, static kwargs)] of the server's engine (`infer/engine.py`) on
     one chip, as the server runs: the C2C route's prefill with fusion and admission into the slots
-    of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode step over all
-    slots (`serve_decode`, its widest, `decode_steps` steps), a row's move to a lower slot (`serve_move_row`) and the
-    slots' compaction (`serve_compact`)."""
+    of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode call over all
+    slots (`serve_decode`, its widest, `decode_steps` steps), a row's move to a lower slot
+    (`serve_move_row`) and the slots' compaction (`serve_compact`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -301,7 +301,7 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
     graphdef, state = nnx.split(model)
     receiver_graphdef, receiver_state = nnx.split(model.receiver)
     state, receiver_state = place(state), place(receiver_state)
-    # As `Engine`: prompts padded to the TPU kernels' block, rows of up to two prompts and the answer.
+    # As `Engine`: prompts padded to the TPU kernels' block, the cache as `slots_capacity` sizes it.
     width = -(-max_prompt_tokens // TPU_BLOCK) * TPU_BLOCK
     capacity = slots_capacity(width, max_tokens, decode_steps, platform="tpu")
     slots_state = place(jax.eval_shape(lambda: Slots.empty(model.receiver, slots, capacity, width)))

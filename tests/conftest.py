@@ -2,14 +2,13 @@
 
 import os
 
+from cpu_flags import cpu_xla_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    flags += " --xla_force_host_platform_device_count=8"
-if "xla_backend_optimization_level" not in flags:
-    # LLVM's optimisations off: compiling, not running, is most of a tiny-model test's time, and this
-    # about halves it. Floating-point results are the same (no fast-math either way).
-    flags += " --xla_backend_optimization_level=0"
+for flag in cpu_xla_flags(8).split():  # each unless the caller's XLA_FLAGS set it already
+    if flag.split("=")[0] not in flags:
+        flags += " " + flag
 os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -45,8 +45,8 @@ def test_tiny_programs_compile_for_a_tpu_slice_with_tpu_kernels_and_a_sharded_op
             (name, report.attention_routes)
         assert report.mosaic_calls > 0, name
     # The server's programs run on one chip: no collectives. Its decode call is the receiver's one
-    # token over the cached slots, in a loop of `decode_steps`; its prefill fuses the sharer's cache (two prefills) and admits the
-    # prompts' last token over the fused cache.
+    # token over the cached slots, in a loop of `decode_steps`; its prefill fuses the sharer's cache
+    # (two prefills) and admits the prompts' last token over the fused cache.
     for name in aot.SERVE_PROGRAMS:
         assert not reports[name].collectives, (name, reports[name].collectives)
     assert reports["serve_decode"].attention_routes == {"cache:mosaic": 1}

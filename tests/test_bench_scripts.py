@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from cpu_flags import cpu_xla_flags
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def run_script(name, *args, out_dir, devices=1):
-    env = dict(os.environ, OUT=str(out_dir), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+    env = dict(os.environ, OUT=str(out_dir), JAX_PLATFORMS="cpu", XLA_FLAGS=cpu_xla_flags(devices))
     proc = subprocess.run([sys.executable, str(BENCH / name), "--smoke", *args], env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

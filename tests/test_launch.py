@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from cpu_flags import cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 NOTEBOOKS = LAUNCH / "colab"
@@ -356,7 +358,7 @@ def test_gpu_multinode_really_trains_with_two_processes_on_cpu(tmp_path):
               "--config.train.eval_every=1000", "--config.data.eval_fraction=0.0", "--config.eval.limit=2",
               "--config.eval.methods=receiver,c2c", "--config.eval.latency_items=0", "--config.eval.max_new_tokens=2"]
     env = script_env(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                     XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+                     XLA_FLAGS=cpu_xla_flags(1))
     procs = [subprocess.Popen(["bash", str(LAUNCH / "gpu_multinode.sh"), *common, f"--process-id={i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]

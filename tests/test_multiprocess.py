@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cpu_flags import cpu_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4  # optimizer steps per run; checkpoints at 2 and 4
 RESUME_STEP = 2
@@ -70,7 +72,7 @@ def _env(devices_per_process: int, **extra: str) -> dict:
            if not k.startswith(("JAX_", "XLA_", "SLURM_")) and k != "C2C_DISTRIBUTED"}
     env.update(
         PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} --xla_backend_optimization_level=0",
+        XLA_FLAGS=cpu_xla_flags(devices_per_process),
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     env.update(extra)
     return env
