@@ -11,8 +11,9 @@ and it exits with status 1 when a program does not fit. Nothing runs on a TPU.
 
 Programs: `train` (one optimizer step at the config's largest buckets), and inference's
 `prompt_cache` (prefill of receiver and sharer + fusion), `logits` (the last prompt token) and
-`generate` (the last prompt token and the decode loop), on an evaluation batch split over all chips;
-and the server's engine on one chip, as `python -m c2c_jax.serve` runs it (`serve_prefill`,
+`generate` (the last prompt token and the decode loop), and `eval_variants` (logits-mode evaluation:
+the receiver alone, C2C and the config's controls from one prefill), on an evaluation batch split over
+all chips; and the server's engine on one chip, as `python -m c2c_jax.serve` runs it (`serve_prefill`,
 `serve_decode`, `serve_move_row`, `serve_compact`: see `serve_programs`).
 Needs `pip install "jax[tpu]"`; only one process on a machine may hold libtpu at a time.
 """
@@ -69,7 +70,7 @@ TOPOLOGIES: dict[str, Topology] = {t.name: t for t in (
     _slice("v6e-1", "v6e:1x1"), _slice("v6e-4", "v6e:2x2"), _slice("v6e-8", "v6e:2x4"),
     _slice("v6e-16", "v6e:4x4"), _slice("v6e-32", "v6e:4x8"),
 )}
-INFERENCE_PROGRAMS = ("prompt_cache", "logits", "generate")
+INFERENCE_PROGRAMS = ("prompt_cache", "logits", "generate", "eval_variants")
 SERVE_PROGRAMS = ("serve_prefill", "serve_decode", "serve_move_row", "serve_compact")
 PROGRAMS = ("train",) + INFERENCE_PROGRAMS + SERVE_PROGRAMS
 
@@ -228,10 +229,13 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
     from flax import nnx
 
     from c2c_jax import sharding
+    from c2c_jax.c2c.controls import CONTROL_METHODS
     from c2c_jax.c2c.model import C2CModel
-    from c2c_jax.infer.generator import InferencePrograms
     from c2c_jax.c2c.prompt import PromptBatch
+    from c2c_jax.evaluate.methods import Route
+    from c2c_jax.evaluate.settings import FUSED_METHODS, split_list
     from c2c_jax.infer.decode import SamplingConfig
+    from c2c_jax.infer.generator import InferencePrograms
 
     make_receiver, make_sharer, make_fuser = models
 
@@ -260,13 +264,20 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     receiver = model.receiver.config
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    # Logits-mode evaluation: the receiver alone, C2C and the config's controls from one prefill (a
+    # control's randomness is an argument, so any seed compiles the same program).
+    methods = split_list(config.eval.methods)
+    controls = tuple(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+                                  Route._batch_control(CONTROL_METHODS.get(m), 0, batch, batch, seed=0))
+                     for m in methods if m in FUSED_METHODS)
     return [
         ("prompt_cache", programs._prompt_cache, (state, prompts, None), dict(fuse=True, suffix_length=1)),
         ("logits", programs._logits, (state, prompts, cache), dict(suffix_length=1)),
         ("generate", programs._generate, (state, prompts, cache, key),
          dict(sampling=sampling, eos_ids=tuple(receiver.eos_token_ids), pad_id=int(receiver.pad_token_id or 0),
               stream=False)),
-    ]
+    ] + ([("eval_variants", programs._variants, (state, prompts, controls),
+           dict(suffix_length=1, receiver_only="receiver" in methods))] if controls else [])
 
 
 # The server's shapes as `python -m c2c_jax.serve` runs by default (its flags' defaults).

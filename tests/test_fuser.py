@@ -9,6 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
+from c2c_jax.c2c import fuser as fuser_module
 from c2c_jax.c2c.fuser import FuserCheckpointError
 from c2c_jax.c2c.fuser import ABLATIONS, Fuser, FuserConfig, FuserNoise, count_params, gate_temperature
 from c2c_jax.infer.fuser_io import export_upstream_fuser, flat_params, fuser_from_flat, import_upstream_fuser, load_fuser, save_fuser
@@ -99,8 +100,11 @@ def fp32(fuser):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layers_at_once", [RECEIVER_LAYERS, 2, 1])
 @pytest.mark.parametrize("level", sorted(ABLATIONS.values()))
-def test_inference_matches_numpy_reference(tmp_path, level):
+def test_inference_matches_numpy_reference(tmp_path, monkeypatch, level, layers_at_once):
+    # Large inference batches run the projectors in groups of layers (2 of 3: a short last group).
+    monkeypatch.setattr(fuser_module, "INFERENCE_ROWS_AT_ONCE", layers_at_once * 2 * 2 * 5)  # x 2 branches x B x S
     rng = np.random.default_rng(level)
     dicts = random_state_dicts(rng, level)
     fuser = fp32(import_upstream_fuser(write_upstream(tmp_path / "up", dicts, level)))

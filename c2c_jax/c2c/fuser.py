@@ -14,7 +14,8 @@ Gate: one scalar logit per layer and branch; a Gumbel-sigmoid sample with anneal
 in training, hard `logit > 0` at inference.
 
 All projectors have the same shapes, so their parameters are stacked on leading
-(receiver layer, branch) axes and run as one vmapped computation instead of 2 x layers small ones.
+(receiver layer, branch) axes and run as one vmapped computation instead of 2 x layers small ones
+(at inference on large batches, in groups of layers: `INFERENCE_ROWS_AT_ONCE`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ ABLATIONS = {
     "fuse": 4,  # paper's "+Fuse" row: gate := 1, output = receiver + alpha * P
 }
 BRANCHES = ("key", "value")
+# All projectors at once hold [layers, 2, B, S, hidden] activations: 12 GiB for 32 prompts of 512 tokens
+# at the paper's sizes (24 layers, hidden 1024). Past this many rows (layers x branches x B x S), inference
+# runs the layers in groups (`lax.map`), which bounds that to a few hundred MiB per activation while each
+# group's matmuls still fill an accelerator. Training keeps every layer's activations for the backward
+# pass anyway, so it runs them all at once.
+INFERENCE_ROWS_AT_ONCE = 2**17
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,9 +323,13 @@ class Fuser(nnx.Module):
             return nnx.merge(graphdef, p)(x, k, u, temperature)
 
         axis = None if noise is None else 0
-        for _ in range(2):  # over branches, then over receiver layers
-            project = jax.vmap(project, in_axes=(0, 0, axis, axis))
-        updates = project(params, x, dropout_keys, gate_uniform)
+        project_layer = jax.vmap(project, in_axes=(0, 0, axis, axis))  # both branches of one receiver layer
+        rows_per_layer = len(BRANCHES) * x.shape[2] * x.shape[3]
+        layers_at_once = max(1, INFERENCE_ROWS_AT_ONCE // rows_per_layer)
+        if noise is None and layers_at_once < c.receiver_layers:
+            updates = jax.lax.map(lambda px: project_layer(*px, None, None), (params, x), batch_size=layers_at_once)
+        else:
+            updates = jax.vmap(project_layer, in_axes=(0, 0, axis, axis))(params, x, dropout_keys, gate_uniform)
         updates = updates.reshape(x.shape[:-1] + (c.receiver_kv_heads, c.receiver_head_dim))
         select = fuse_mask[None, :, :, None, None]
 

@@ -45,7 +45,7 @@ class EvalSettings:
     seed: int  # the noise control's and the bootstrap's
 
 
-def _split(value) -> list[str]:
+def split_list(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -56,12 +56,12 @@ def _split(value) -> list[str]:
 def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> EvalSettings:
     """Validates `config.eval`; raises ValueError with the valid choices on any bad field."""
     e = config.eval
-    benchmarks = _split(e.benchmarks)
+    benchmarks = split_list(e.benchmarks)
     if not benchmarks:
         raise ValueError(f"eval.benchmarks is empty; choose from {', '.join(BENCHMARKS)}")
     if len(set(benchmarks)) != len(benchmarks):
         raise ValueError(f"eval.benchmarks lists a benchmark twice: {','.join(benchmarks)}")
-    methods = _split(e.methods)
+    methods = split_list(e.methods)
     if not methods:
         raise ValueError(f"eval.methods is empty; choose from {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
@@ -71,7 +71,7 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         raise ValueError(f"eval.methods lists a method twice: {','.join(methods)}")
     if e.answer_mode not in ANSWER_MODES:
         raise ValueError(f"unknown eval.answer_mode {e.answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
-    sources = _split(e.source) or ["offline"]
+    sources = split_list(e.source) or ["offline"]
     if len(sources) == 1:
         sources = sources * len(benchmarks)
     elif len(sources) != len(benchmarks):
@@ -82,8 +82,8 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)} in eval.benchmarks; "
                          f"valid: {', '.join(BENCHMARKS)}, or any name with a local file in eval.source")
-    fusers = _split(e.fuser)
-    sharers = _split(e.sharers)
+    fusers = split_list(e.fuser)
+    sharers = split_list(e.sharers)
     fused = [m for m in methods if m in FUSED_METHODS]
     if fused and not fusers:
         raise ValueError(f"method {', '.join(repr(m) for m in fused)} needs a trained fuser: set eval.fuser to a "

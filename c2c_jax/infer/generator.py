@@ -78,12 +78,18 @@ class InferencePrograms:
             width = batch.tokens.shape[1]
             prefix = batch.prefix(suffix_length)
             receiver_cache, sharer_caches = model.prefill_kv(prefix)
-            caches = [model.fused_prefix(batch, prefix, receiver_cache, [], suffix_length=suffix_length)
-                      ] if receiver_only else []
-            caches += [model.fused_prefix(batch, prefix, receiver_cache, sharer_caches, suffix_length=suffix_length,
-                                          control=c) for c in controls]
-            return jnp.stack([model.finish_prompt(batch, cache, width, suffix_length=suffix_length)[0]
-                              for cache in caches])
+            variants = ([([], None)] if receiver_only else []) + [(sharer_caches, c) for c in controls]
+            logits = []
+            for sharers, control in variants:
+                if logits:
+                    # One variant at a time: its inputs wait for the previous variant's logits, so XLA
+                    # cannot schedule several fusions side by side, each holding its fused cache and the
+                    # fuser's activations (memory would grow with the number of controls).
+                    _, receiver_cache, sharers = jax.lax.optimization_barrier((logits[-1], receiver_cache, sharers))
+                cache = model.fused_prefix(batch, prefix, receiver_cache, sharers, suffix_length=suffix_length,
+                                           control=control)
+                logits.append(model.finish_prompt(batch, cache, width, suffix_length=suffix_length)[0])
+            return jnp.stack(logits)
 
     def next_token_logits(self, state, batch: PromptBatch, *, fuse: bool = True, suffix_length: int = 1,
                           control: FusionControl | None = None) -> jax.Array:
