@@ -111,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
         answer_mode="generate",  # generate | logits
         limit=0,  # items per benchmark, 0 = all
         batch_size=16,
+        # Batch widths in tokens ("256,512"): a batch is padded to the smallest that holds its longest prompt
+        # (longer ones: to a multiple of 64, 128 on a TPU). Each width compiles every method's programs once.
+        prompt_buckets="",
         max_new_tokens=64,
         t2t_message_tokens=0,  # sharer's text-to-text message, new tokens; 0: upstream's (1024 generate, 64 logits)
         background_prompt=T2T_BACKGROUND_PROMPT,  # text-to-text stage 1; must contain {question}

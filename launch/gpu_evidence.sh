@@ -96,20 +96,23 @@ start control 0.45 "${train[@]}" "--workdir=${WORKDIR}/control" --config.fuser.s
   ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 finish
 
-evaluate() {  # evaluate NAME FUSER_DIR FLAGS...
-  local name=$1 fuser=$2
-  shift 2
-  start "$name" 0.15 "$PYTHON" -m c2c_jax.evaluate "--config=${CONFIG}" "--workdir=${WORKDIR}/${name}" \
+evaluate() {  # evaluate NAME MEMORY_FRACTION FUSER_DIR FLAGS...
+  local name=$1 fraction=$2 fuser=$3
+  shift 3
+  start "$name" "$fraction" "$PYTHON" -m c2c_jax.evaluate "--config=${CONFIG}" "--workdir=${WORKDIR}/${name}" \
     "--config.eval.fuser=${fuser}/final" "$@" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 }
 fused=receiver,c2c,c2c_mismatched,c2c_zero,c2c_noise,c2c_no_receiver_input
 # Batch-1 latency is measured once per method (on ARC-Challenge): each measured shape compiles.
-evaluate arc_fused "${WORKDIR}/fuser" --config.eval.benchmarks=arc-challenge "--config.eval.methods=${fused}"
-evaluate arc_text "${WORKDIR}/fuser" --config.eval.benchmarks=arc-challenge --config.eval.methods=receiver,sharer,t2t
-evaluate obqa_fused "${WORKDIR}/fuser" --config.eval.benchmarks=openbookqa "--config.eval.methods=${fused}" \
+# Memory: the models' weights (5 GiB with the fuser) plus each program's temporaries; a fused evaluation
+# of 32 prompts of 512 tokens needs about 3 GiB of them (python -m c2c_jax.aot --programs=eval_variants).
+evaluate arc_fused 0.2 "${WORKDIR}/fuser" --config.eval.benchmarks=arc-challenge "--config.eval.methods=${fused}"
+evaluate arc_text 0.15 "${WORKDIR}/fuser" --config.eval.benchmarks=arc-challenge \
+  --config.eval.methods=receiver,sharer,t2t
+evaluate obqa_fused 0.2 "${WORKDIR}/fuser" --config.eval.benchmarks=openbookqa "--config.eval.methods=${fused}" \
   --config.eval.latency_items=0
-evaluate obqa_text "${WORKDIR}/fuser" --config.eval.benchmarks=openbookqa --config.eval.methods=receiver,sharer,t2t \
-  --config.eval.latency_items=0
-evaluate trained_control "${WORKDIR}/control" --config.eval.benchmarks=arc-challenge,openbookqa \
+evaluate obqa_text 0.15 "${WORKDIR}/fuser" --config.eval.benchmarks=openbookqa \
+  --config.eval.methods=receiver,sharer,t2t --config.eval.latency_items=0
+evaluate trained_control 0.2 "${WORKDIR}/control" --config.eval.benchmarks=arc-challenge,openbookqa \
   --config.eval.methods=receiver,c2c,c2c_zero --config.eval.latency_items=0
 finish

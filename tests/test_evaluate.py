@@ -17,10 +17,11 @@ from c2c_jax.c2c.fuser import FuserCheckpointError
 from c2c_jax.c2c.model import C2CModel
 from c2c_jax.c2c.prompt import PromptEncoder
 from c2c_jax.evaluate.benchmarks import load_benchmark
+from c2c_jax.evaluate.methods import Route
 from c2c_jax.evaluate.report import CSV_FIELDS
 from c2c_jax.evaluate.run import evaluate
 from c2c_jax.evaluate.scoring import T2T_BACKGROUND_PROMPT, t2t_messages
-from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt, extract_answer
+from c2c_jax.evaluate.scoring import ANSWER_PREFIX, LETTERS, build_mc_prompt, extract_answer, mc_messages
 from c2c_jax.evaluate.settings import METHOD_LABELS, parse_settings
 from c2c_jax.infer.decode import SamplingConfig
 from c2c_jax.infer.fuser_io import load_fuser, save_fuser
@@ -257,6 +258,29 @@ def test_logits_predictions_are_the_argmax_over_option_letters(runs, assets):
     assert max(np.abs(np.subtract(by[("c2c", i)], by[("receiver", i)])).max() for i in choices) > 1e-3
 
 
+def test_prompt_buckets_set_the_batch_width_and_leave_the_logits_as_they_were(assets):
+    generator = _independent_generator(assets, [assets["fuser"]], pad_to=8)
+    with pytest.raises(ValueError, match=r"eval.prompt_buckets \(100, 64\): every bucket must be a positive "
+                                         r"multiple of 8"):
+        Route("c2c", generator, fuse=True, context=4096, prompt_buckets=(100, 64))
+    route = Route("c2c", generator, fuse=True, context=4096, prompt_buckets=(1024, 512))
+    items = {it.id: it for it in load_benchmark("openbookqa", source=assets["bench"]).items}
+    prompts = [route.encode(mc_messages(items[i]), "logits") for i in ("q1", "q3")]
+    longest = max(p.width for p in prompts)
+    assert 0 < longest <= 496  # one byte a token
+    batch = route.batch(prompts, 0)
+    assert batch.tokens.shape[1] == 512  # the smallest bucket that holds the longest prompt
+    assert route.batch(prompts, 3600).tokens.shape[1] == 496  # never past the context
+    padded = generator.encoder.batch([p.encoded for p in prompts])  # a multiple of pad_to only
+    assert padded.tokens.shape[1] < 512
+    suffix = prompts[0].suffix
+    np.testing.assert_allclose(generator.next_token_logits(batch, suffix_length=suffix),
+                               generator.next_token_logits(padded, suffix_length=suffix), atol=2e-5)
+    # Past the largest bucket: a multiple of pad_to.
+    wide = Route("c2c", generator, fuse=True, context=4096, prompt_buckets=(16,))
+    assert wide.batch(prompts, 0).tokens.shape[1] == -(-longest // 8) * 8
+
+
 def test_t2t_feeds_the_sharers_text_to_the_receiver(runs, assets):
     rows = [r for r in runs["generate"]["rows"] if r["method"] == "t2t"]
     items = {it.id: it for it in load_benchmark("openbookqa", source=assets["bench"]).items}
@@ -314,6 +338,7 @@ def no_model_loading(monkeypatch):
     ("answer_mode", "cot", r"unknown eval.answer_mode 'cot'; valid: generate, logits"),
     ("fuser", "", r"method 'c2c' needs a trained fuser"),
     ("sharers", "random:qwen2,random:qwen2", r"2 sharer model\(s\) for 1 fuser"),
+    ("prompt_buckets", "256,long", r"eval.prompt_buckets must be token counts, e.g. 256,512; got '256,long'"),
 ])
 def test_bad_configuration_fails_before_loading_models(assets, tmp_path, no_model_loading, field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -39,11 +39,18 @@ def _timed(fn: Callable):
 class Route:
     """A `Generator` used with one `fuse` setting, with its context limit and option-letter ids."""
 
-    def __init__(self, name: str, generator: Generator, *, fuse: bool, context: int):
+    def __init__(self, name: str, generator: Generator, *, fuse: bool, context: int,
+                 prompt_buckets: Sequence[int] = ()):
+        """prompt_buckets: batch widths (`eval.prompt_buckets`); each must be a multiple of the encoder's `pad_to`."""
+        pad_to = generator.encoder.pad_to
+        if any(b < 1 or b % pad_to for b in prompt_buckets):
+            raise ValueError(f"eval.prompt_buckets {tuple(prompt_buckets)}: every bucket must be a positive multiple "
+                             f"of {pad_to} (the prompts' padding unit on this platform)")
         self.name = name
         self.generator = generator
         self.fuse = fuse
         self.context = context
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
         self._letter_ids: dict[int, list[int]] = {}
 
     @property
@@ -72,11 +79,12 @@ class Route:
         return None
 
     def batch(self, prompts: Sequence[Prompt], new_tokens: int) -> PromptBatch:
-        """Left-padded to a multiple of the encoder's `pad_to` (buckets limit recompilation), within context."""
+        """Left-padded to the smallest prompt bucket that holds the longest prompt, else to a multiple of
+        the encoder's `pad_to` (each width compiles its programs once), within context."""
         pad_to = self.generator.encoder.pad_to
         longest = max(p.width for p in prompts)
-        width = min(-(-longest // pad_to) * pad_to, self.context - new_tokens)
-        return self.generator.encoder.batch([p.encoded for p in prompts], width=width)
+        width = next((b for b in self.prompt_buckets if b >= longest), -(-longest // pad_to) * pad_to)
+        return self.generator.encoder.batch([p.encoded for p in prompts], width=min(width, self.context - new_tokens))
 
     @staticmethod
     def _chunks(prompts: Sequence[Prompt], batch_size: int, min_rows: int = 1) -> list[list[int]]:

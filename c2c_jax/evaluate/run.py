@@ -106,7 +106,7 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings, lo
 
     def single(name: str, model, tok) -> Route:
         return Route(name, Generator(C2CModel(model), encoder(tok), mesh=mesh), fuse=False,
-                     context=model.config.max_position_embeddings)
+                     context=model.config.max_position_embeddings, prompt_buckets=settings.prompt_buckets)
 
     routes: dict[str, Route] = {}
     fused = [m for m in methods if m in FUSED_METHODS]
@@ -132,7 +132,7 @@ def _build_methods(config: ml_collections.ConfigDict, settings: EvalSettings, lo
         model = C2CModel(receiver, sharers, fusers, multi_sharer_mode="sequential")
         context = min(m.config.max_position_embeddings for m in [receiver, *sharers])
         routes["c2c"] = Route("c2c", Generator(model, encoder(receiver_tok, sharer_toks), mesh=mesh), fuse=True,
-                              context=context)
+                              context=context, prompt_buckets=settings.prompt_buckets)
 
     runners = {}
     shared = None

@@ -34,6 +34,7 @@ class EvalSettings:
     answer_mode: str
     limit: int | None
     batch_size: int
+    prompt_buckets: tuple[int, ...]  # batch widths; () = multiples of the encoder's pad_to
     max_new_tokens: int
     t2t_message_tokens: int
     use_cot: bool
@@ -97,6 +98,12 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     for name in ("batch_size", "max_new_tokens"):
         if int(e[name]) < 1:
             raise ValueError(f"eval.{name} must be >= 1, got {e[name]}")
+    try:
+        prompt_buckets = tuple(int(b) for b in split_list(e.prompt_buckets))
+    except ValueError:
+        raise ValueError(f"eval.prompt_buckets must be token counts, e.g. 256,512; got {e.prompt_buckets!r}") from None
+    if any(b < 1 for b in prompt_buckets):
+        raise ValueError(f"eval.prompt_buckets must be positive token counts; got {e.prompt_buckets!r}")
     t2t_message_tokens = int(e.t2t_message_tokens) or T2T_MESSAGE_TOKENS[e.answer_mode]
     if t2t_message_tokens < 1:
         raise ValueError(f"eval.t2t_message_tokens must be >= 1 (or 0: upstream's budget for the answer mode, "
@@ -117,7 +124,8 @@ def parse_settings(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         raise ValueError("no output directory: pass a workdir (--workdir) or set eval.output_dir")
     return EvalSettings(
         benchmarks=tuple(benchmarks), sources=tuple(sources), methods=tuple(methods), answer_mode=e.answer_mode,
-        limit=int(e.limit) or None, batch_size=int(e.batch_size), max_new_tokens=int(e.max_new_tokens),
+        limit=int(e.limit) or None, batch_size=int(e.batch_size), prompt_buckets=prompt_buckets,
+        max_new_tokens=int(e.max_new_tokens),
         t2t_message_tokens=t2t_message_tokens, use_cot=bool(e.use_cot), latency_items=latency_items,
         fusers=tuple(fusers), sharers=tuple(sharers), background_prompt=background_prompt,
         output_dir=output_dir.expanduser(), seed=int(config.seed))
