@@ -329,8 +329,9 @@ def test_gate_lr_multiplier_scales_only_the_gate_updates_decay_included():
 def test_patience_stops_after_evaluations_without_gain_and_keeps_the_best_fuser(tmp_path, monkeypatch):
     from c2c_jax.infer.fuser_io import flat_params, load_fuser
 
-    # The held-out losses the run sees at steps 2, 4, 6, 8, ...: lowest at step 4, then two without gain.
-    held_out = iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])
+    # The held-out losses the run sees: the receiver alone's before the first step, then at steps 2, 4, 6,
+    # 8, ...: lowest at step 4, then two without gain.
+    held_out = iter([4.0, 3.0, 2.0, 2.5, 2.6, 1.0, 1.0])
     monkeypatch.setattr(loop, "evaluate_loss", lambda run, params: next(held_out))
     config = tiny_config(**{"train.max_steps": 20, "train.eval_every": 2, "train.patience": 2, "train.log_every": 1,
                             "ckpt.every": 2, "ckpt.keep": 10, "ckpt.async_save": False, "optim.lr": 1e-2})
@@ -350,3 +351,30 @@ def test_patience_stops_after_evaluations_without_gain_and_keeps_the_best_fuser(
     assert final == fingerprint(flat_params(load_fuser(tmp_path / "best")).values())
     # A run that stopped is not restarted.
     assert train_and_evaluate(config, tmp_path)["stopped_at"] == 8
+
+
+def test_the_receiver_alones_held_out_loss_is_measured_before_training(tmp_path):
+    """The baseline a fuser's held-out loss is read against: the receiver without fusion, even when the run
+    starts from a fuser whose gates are open (`fuser.init_from`)."""
+    from c2c_jax import build
+    from c2c_jax.infer.fuser_io import save_fuser
+    from c2c_jax.models import load_model
+
+    config = tiny_config(**{"train.max_steps": 2, "train.eval_every": 2, "ckpt.async_save": False})
+    receiver, sharer = load_model(config.receiver.path), load_model(config.sharer.path)
+    opened = build.new_fuser(config, receiver, sharer)
+    opened.projectors.gate_logit[...] = jnp.ones_like(opened.projectors.gate_logit[...])
+    save_fuser(opened, tmp_path / "opened")
+    config.fuser.init_from = str(tmp_path / "opened")
+    summary = train_and_evaluate(config, tmp_path / "run")
+    # Independently: a fuser whose output projections are zero adds nothing, whatever its gates.
+    silent = tiny_config()
+    silent.fuser.zero_init = True
+    run = loop.setup(silent)
+    params = host(run.state.params)
+    params["projectors"]["gate_logit"] = np.ones_like(params["projectors"]["gate_logit"])  # open, yet silent
+    receiver_alone = loop.evaluate_loss(run, params)
+    assert summary["receiver_eval_loss"] == pytest.approx(receiver_alone, rel=1e-5)
+    # With its gates open the starting fuser does change the loss (so closing them was needed).
+    with_open_gates = loop.evaluate_loss(run, host(loop.setup(config).state.params))
+    assert abs(with_open_gates - receiver_alone) > 1e-4

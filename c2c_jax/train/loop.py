@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -154,6 +155,13 @@ def evaluate_loss(run: Run, params) -> float:
     return total_loss / max(total_count, 1)
 
 
+def closed_gates(params: dict) -> dict:
+    """The fuser's parameters with every gate logit negative: inference-mode fusion then adds gate 0 x the
+    projection, exactly nothing, so the held-out loss is the receiver's alone."""
+    projectors = dict(params["projectors"], gate_logit=-jnp.abs(params["projectors"]["gate_logit"]) - 1.0)
+    return dict(params, projectors=projectors)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
                        loaded: build.Loaded | None = None) -> dict:
     """Trains a fuser; checkpoints under `workdir/checkpoints`, exports `workdir/final`. Resumes if it can.
@@ -196,6 +204,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         if start >= run.total_steps or summary.get("stopped_at") == start:
             log.info("%s already finished at step %d; nothing to do", workdir, start)
             return summary
+    receiver_loss = None  # the baseline the fuser's held-out loss is read against
+    if run.eval_examples and run.fuser_template.config.uses_gate:
+        receiver_loss = evaluate_loss(run, closed_gates(run.state.params))
+        if is_main:
+            cli.phase(f"held-out loss of the receiver alone (every gate closed): {receiver_loss:.4f}")
+        if writer:
+            writer.add_scalar("eval/receiver_loss", receiver_loss, start)
     bar = tqdm(total=run.total_steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train",
                smoothing=0.1)
     history, compiled = [], {}
@@ -273,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
     fuser = nnx.merge(run.graphdefs[2], jax.device_get(run.state.params))
     summary = {"steps": run.total_steps, "history": history, "batch_shapes": shapes, "best": best,
-               "stopped_at": stopped_at}
+               "stopped_at": stopped_at, "receiver_eval_loss": receiver_loss}
     if is_main:
         if patience and best is not None:  # `final` is the fuser of the lowest held-out loss
             fuser = load_fuser(workdir / "best")
