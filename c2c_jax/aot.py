@@ -268,7 +268,7 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
     # control's randomness is an argument, so any seed compiles the same program).
     methods = split_list(config.eval.methods)
     controls = tuple(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-                                  Route._batch_control(CONTROL_METHODS.get(m), 0, batch, batch, seed=0))
+                                  Route.batch_control(CONTROL_METHODS.get(m), 0, batch, batch, seed=0))
                      for m in methods if m in FUSED_METHODS)
     return [
         ("prompt_cache", programs._prompt_cache, (state, prompts, None), dict(fuse=True, suffix_length=1)),

@@ -130,7 +130,7 @@ def test_donors_form_a_derangement_within_batches_of_neighbouring_lengths():
     assert all(donors[i] != i for i in donors)
     assert all(any(i in c and donors[i] in c for c in chunks) for i in donors)
     # The batch control's row permutation is the same derangement.
-    control = Route._batch_control(FusionControl("mismatched"), 0, 3, 4, seed=0)
+    control = Route.batch_control(FusionControl("mismatched"), 0, 3, 4, seed=0)
     assert list(np.asarray(control.donor_rows)) == [1, 2, 0, 3]
 
 

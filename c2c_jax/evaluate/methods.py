@@ -110,7 +110,7 @@ class Route:
         return {i: chunk[(j + 1) % len(chunk)] for chunk in chunks if len(chunk) > 1 for j, i in enumerate(chunk)}
 
     @staticmethod
-    def _batch_control(control: FusionControl | None, index: int, rows: int, size: int, seed: int
+    def batch_control(control: FusionControl | None, index: int, rows: int, size: int, seed: int
                        ) -> FusionControl | None:
         """`control` for the `index`-th batch (`rows` real rows of `size`): its noise key and derangement."""
         if control is None:
@@ -133,7 +133,7 @@ class Route:
         out: list[tuple[str, int] | None] = [None] * len(prompts)
         for index, chunk in enumerate(self._chunks(prompts, batch_size, min_rows)):
             batch = self.batch(self._filled([prompts[i] for i in chunk], size), max_new_tokens)
-            batch_control = self._batch_control(control, index, len(chunk), size, seed)
+            batch_control = self.batch_control(control, index, len(chunk), size, seed)
             generation = jax.device_get(self.generator.generate_batch(batch, sampling, fuse=self.fuse,
                                                                       control=batch_control))
             for row, i in enumerate(chunk):
@@ -157,7 +157,7 @@ class Route:
         for index, chunk in enumerate(self._chunks(prompts, batch_size, min_rows)):
             group = [prompts[i] for i in chunk]
             batch = self.batch(self._filled(group, size), 0)
-            batch_control = self._batch_control(control, index, len(chunk), size, seed)
+            batch_control = self.batch_control(control, index, len(chunk), size, seed)
             logits = self.generator.next_token_logits(batch, fuse=self.fuse, suffix_length=group[0].suffix,
                                                       control=batch_control)
             logits = np.asarray(jax.device_get(logits))[: len(chunk)]
@@ -326,7 +326,7 @@ class SharedPrefill:
         for index, chunk in enumerate(chunks):
             group = [prompts[i] for i in chunk]
             batch = self.route.batch(Route._filled(group, size), 0)
-            controls = [Route._batch_control(CONTROL_METHODS.get(m), index, len(chunk), size, s.seed) for m in fused]
+            controls = [Route.batch_control(CONTROL_METHODS.get(m), index, len(chunk), size, s.seed) for m in fused]
             logits = self.route.generator.variant_logits(batch, controls, suffix_length=group[0].suffix,
                                                          receiver_only=receiver_only)
             logits = np.asarray(jax.device_get(logits))[:, : len(chunk)]
