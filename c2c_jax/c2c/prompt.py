@@ -313,11 +313,15 @@ class PromptEncoder:
                     + (" and alignment.tokens: 'off' feeds receiver ids to the sharer" if side == "sharer" else "")
                     + ")")
 
+    def padded_width(self, tokens: int) -> int:
+        """The batch width of a prompt of `tokens` tokens: the next multiple of `pad_to`."""
+        return -(-tokens // self.pad_to) * self.pad_to
+
     def batch(self, prompts: Sequence[EncodedPrompt], *, width: int | None = None) -> PromptBatch:
-        """Left-pads to a common width (a multiple of `pad_to`, or `width`)."""
+        """Left-pads to a common width (`padded_width` of the longest, or `width`)."""
         longest = max(len(p.tokens) for p in prompts)
         if width is None:
-            width = -(-longest // self.pad_to) * self.pad_to
+            width = self.padded_width(longest)
         if longest > width:
             raise ValueError(f"a prompt of {longest} tokens does not fit the batch width {width}")
         b, n_sharers = len(prompts), len(self.aligners)

@@ -143,7 +143,7 @@ class C2CHarnessModel(LM):
             rows = [np.asarray(pairs[i][0] + pairs[i][1][:-1], np.int32) for i in chunk]
             rows += [rows[-1]] * (self.batch_size - len(rows))  # one batch shape per width bucket
             longest = max(len(r) for r in rows)
-            width = min(-(-longest // encoder.pad_to) * encoder.pad_to, self.max_length)
+            width = min(encoder.padded_width(longest), self.max_length)
             if width - n < 1:  # the fused prefix needs a column: one more column of left padding
                 width = n + 1
             batch = encoder.batch([encoder.encode_ids(r) for r in rows], width=width)

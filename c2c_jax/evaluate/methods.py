@@ -81,10 +81,10 @@ class Route:
     def batch(self, prompts: Sequence[Prompt], new_tokens: int) -> PromptBatch:
         """Left-padded to the smallest prompt bucket that holds the longest prompt, else to a multiple of
         the encoder's `pad_to` (each width compiles its programs once), within context."""
-        pad_to = self.generator.encoder.pad_to
+        encoder = self.generator.encoder
         longest = max(p.width for p in prompts)
-        width = next((b for b in self.prompt_buckets if b >= longest), -(-longest // pad_to) * pad_to)
-        return self.generator.encoder.batch([p.encoded for p in prompts], width=min(width, self.context - new_tokens))
+        width = next((b for b in self.prompt_buckets if b >= longest), encoder.padded_width(longest))
+        return encoder.batch([p.encoded for p in prompts], width=min(width, self.context - new_tokens))
 
     @staticmethod
     def _chunks(prompts: Sequence[Prompt], batch_size: int, min_rows: int = 1) -> list[list[int]]:

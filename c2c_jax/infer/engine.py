@@ -420,7 +420,7 @@ class Engine:
         pad_to = {route.encoder.pad_to for route in routes}
         if len(pad_to) != 1:
             raise ValueError(f"routes bucket prompts differently ({sorted(pad_to)}): give them one pad_to")
-        self.pad_to = pad_to.pop()
+        self.padded_width = routes[0].encoder.padded_width  # one padding for every route
         if limits.decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, not {limits.decode_steps}")
         self.receiver = receiver
@@ -429,7 +429,7 @@ class Engine:
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.pad_id = pad_id
         self.metrics = metrics or Metrics()
-        self.prompt_width = -(-limits.max_prompt_tokens // self.pad_to) * self.pad_to  # the longest bucket
+        self.prompt_width = self.padded_width(limits.max_prompt_tokens)  # the longest bucket
         self.capacity = slots_capacity(self.prompt_width, limits.max_tokens, limits.decode_steps)
         self.context = receiver.config.max_position_embeddings
         graphdef, self.receiver_state = nnx.split(receiver)
@@ -456,7 +456,7 @@ class Engine:
         if not 1 <= sampling.max_tokens <= self.limits.max_tokens:
             raise InvalidRequest(f"max_tokens must be between 1 and {self.limits.max_tokens}, "
                                  f"not {sampling.max_tokens}")
-        width = -(-n // self.pad_to) * self.pad_to
+        width = self.padded_width(n)
         if width + sampling.max_tokens > self.context:
             raise InvalidRequest(f"the prompt ({n} tokens, {width} padded) and max_tokens {sampling.max_tokens} "
                                  f"exceed the model's context of {self.context} tokens")
@@ -519,7 +519,7 @@ class Engine:
         each prefill batch size, so that no request waits for a compilation. Call before `start`."""
         import concurrent.futures
 
-        widths = sorted({-(-w // self.pad_to) * self.pad_to for w in widths})
+        widths = sorted({self.padded_width(w) for w in widths})
         if widths and widths[-1] > self.prompt_width:
             raise ValueError(f"width {widths[-1]} exceeds the longest prompt bucket {self.prompt_width}")
         jobs = [(self.decode.step, w, self.receiver_state, self.slots, np.zeros((w,), bool)) for w in self.widths]
