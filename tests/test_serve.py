@@ -294,7 +294,7 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
                     lambda ids, finish: seen["other"].append((ids, finish)))
     local.submit(long)
     local.iteration()  # admits it (first token) and dispatches a step
-    local.iteration()  # the step's token is read after the next step's dispatch
+    local.iteration()  # reads the step's token, dispatches the next step, then delivers it
     assert local.busy_rows == 1 and len(seen["long"]) == 2
     local.cancel(long)
     local.submit(other)
@@ -304,6 +304,44 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
         local.iteration()
     assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
     assert [len(p.compiled) for p in programs] == compiled
+
+
+def test_a_request_that_arrives_during_a_call_is_prefilled_before_the_next_call(served, expected):
+    """The engine waits for the decode call in flight before it admits: a request submitted while the
+    host waits for a call's tokens gets its first token from that same iteration, and the next call
+    already decodes its row (admitting first and waiting after would leave it for one more call).
+    Both answers are still Generator's."""
+    _, engine, _ = served
+    from c2c_jax.infer.engine import Request
+
+    local = engine_like(engine)
+    got = {"early": [], "late": []}
+
+    def request(name, model, prompt):
+        route = local.routes[model]
+        return Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
+                       Sampling(max_tokens=LIMITS.max_tokens), lambda ids, finish: got[name].extend(ids))
+
+    early, late = request("early", "receiver", PROMPTS[0]), request("late", "c2c", PROMPTS[1])
+    local.submit(early)
+    local.iteration()  # admits `early`, dispatches the first call
+
+    class ArrivesWhileWaited:  # the call's tokens; reading them is when `late` arrives
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def __array__(self, dtype=None, copy=None):
+            local.submit(late)
+            return np.asarray(self.tokens, dtype)
+
+    tokens, rows = local.pending
+    local.pending = (ArrivesWhileWaited(tokens), rows)
+    local.iteration()
+    assert len(got["late"]) == 1 and late.row is not None
+    assert [request for _, request in local.pending[1]] == [early, late]
+    while local.busy_rows or local.pending is not None:
+        local.iteration()
+    assert got["early"] == expected["receiver"][PROMPTS[0]] and got["late"] == expected["c2c"][PROMPTS[1]]
 
 
 def test_the_engine_restarts_after_stop_and_puts_the_switch_interval_back(served, expected):

@@ -18,13 +18,16 @@ it is compiled for a few widths (1, 8, 32, 128, ...: `slot_widths`) and each ste
 that covers the live rows. Requests take the lowest free rows; when the load falls below a width,
 the live rows beyond it move into free rows within it (`move_row`, one row's cache copied).
 
-The host loop (`Engine.run`) alternates one prefill chunk (up to `max_prefill_batch` waiting
-requests of one route, run alone or padded to `max_prefill_batch`) with one decode call of
-`decode_steps` steps, and reads back only the sampled tokens. End of sequence and `max_tokens` are
-checked there; a finished or cancelled row is freed before the next call. Several steps per call
-divide the host's work per token (the loop, the delivery, the server's chunks) by `decode_steps`,
-at the price of tokens streamed `decode_steps` at a time, a new request waiting for the running
-call to end, and up to `decode_steps - 1` steps computed past a row's last token.
+The host loop (`Engine.run`) waits for the decode call in flight, admits one prefill chunk (up to
+`max_prefill_batch` waiting requests of one route, run alone or padded to `max_prefill_batch`),
+dispatches the next decode call of `decode_steps` steps, and only then delivers the tokens it read:
+the delivery (stop checks, the server's chunks), most of the host's work, overlaps the next call,
+and a request that arrived while a call ran is prefilled right after it, not after a call queued
+behind it. End of sequence and `max_tokens` are checked there: a finished row is freed before the
+call after next, a cancelled one before the next. Several steps per call divide the host's work per
+token by `decode_steps`, at the price of tokens streamed `decode_steps` at a time, a new request
+waiting for the running call to end, and up to `decode_steps - 1` steps computed past a row's last
+token.
 
 The engine thread shares the GIL with whatever else runs in its process (the server's event loop).
 It waits on the device with the GIL released and must take it back at once, or the device idles:
@@ -440,7 +443,7 @@ class Engine:
         self.rows: list[Request | None] = [None] * limits.slots
         self.row_start = [0] * limits.slots  # first column of each row's tokens
         self.waiting: collections.deque[Request] = collections.deque()
-        self.pending = None  # the last step's (tokens, [(row, request)]), read after the next dispatch
+        self.pending = None  # the call in flight: (its tokens, [(row, request)]), read by the next iteration
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -552,18 +555,22 @@ class Engine:
                 self._fail_all(error)
 
     def iteration(self) -> None:
-        """Frees cancelled rows, admits one prefill chunk, dispatches one decode call
-        (`decode_steps` steps), then hands out the previous call's tokens and the new requests'
-        first tokens.
+        """Waits for the decode call in flight, frees cancelled rows, admits one prefill chunk,
+        dispatches the next decode call (`decode_steps` steps), then hands out the waited-for call's
+        tokens and the new requests' first tokens.
 
-        The host reads a call's tokens only after dispatching the next one, so its per-token work
-        (stop checks, delivery) overlaps the device's steps. A row that finished in call k still
-        computes in call k + 1, unseen: its tokens are dropped, as are those after its last token
-        and any of a request no longer in its row.
+        Waiting before admitting lets a request that arrived during the call be prefilled straight
+        after it (the device idles only for the host's admission and dispatch); handing out after
+        dispatching overlaps the host's per-token work with the next call. A row that finished in call
+        k therefore still computes in call k + 1, unseen: its tokens are dropped, as are those after its
+        last token and any of a request no longer in its row.
         """
+        previous, self.pending = self.pending, None
+        if previous is not None:
+            tokens, rows = previous
+            previous = np.asarray(tokens), rows  # [decode_steps, width]: blocks until the call has run
         self._free_cancelled()
         admitted, first = self._admit_chunk()
-        step = None
         if self.busy_rows:
             width = self._pack()
             if self.end + self.limits.decode_steps > self.capacity:
@@ -573,14 +580,12 @@ class Engine:
             active[[row for row, _ in live]] = True
             self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active)
             self.end += self.limits.decode_steps
-            step = (tokens, live)
-        previous, self.pending = self.pending, step
+            self.pending = (tokens, live)
         if previous is not None:
             tokens, rows = previous
-            tokens = np.asarray(tokens)  # [decode_steps, width]
             for row, request in rows:
                 self._emit(request, tokens[:, row].tolist())
-        if admitted:  # the admission ran before the new step: its first tokens are ready
+        if admitted:  # the admission ran before the new call: its first tokens are ready
             for request, token in zip(admitted, np.asarray(first).tolist()):
                 self._emit(request, [token])
         self.metrics.slots_busy(self.busy_rows)
