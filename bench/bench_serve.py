@@ -25,7 +25,7 @@ streamed chunks: a chunk holds one token while the server keeps up, several when
 the concurrency reached (mean number of requests in flight over the span, and
 its maximum).
 
-    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 128] [--decode-steps 1]
+    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 256] [--decode-steps 4]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row
 """
 
@@ -289,12 +289,12 @@ def main():
                         help="load levels, in concurrent clients: N arrive at N / (batch-1 request latency) per s")
     parser.add_argument("--seconds", type=float, default=10.0, help="arrivals per row span this long")
     parser.add_argument("--seed", type=int, default=0, help="of the arrival times and prompts")
-    parser.add_argument("--slots", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=256)
     parser.add_argument("--max-queue", type=int, default=512, help="the server's queue; more requests get 429")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prefill-batch", type=int, default=8)
-    parser.add_argument("--decode-steps", type=int, default=1, help="the engine's decode steps per dispatch")
+    parser.add_argument("--decode-steps", type=int, default=4, help="the engine's decode steps per dispatch")
     parser.add_argument("--processes", type=int, default=8, help="load generator processes")
     parser.add_argument("--compilation-cache-dir", default="", help="JAX's persistent compilation cache")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process

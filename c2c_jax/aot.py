@@ -281,7 +281,7 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
 
 
 # The server's shapes as `python -m c2c_jax.serve` runs by default (its flags' defaults).
-SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefill_batch=8, decode_steps=1)
+SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefill_batch=8, decode_steps=4)
 
 
 def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int, max_tokens: int,

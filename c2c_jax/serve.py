@@ -544,7 +544,7 @@ def main() -> None:
     max_tokens = flags.DEFINE_integer("max_tokens", 1024, "Most new tokens one request may ask for.", lower_bound=1)
     prefill_batch = flags.DEFINE_integer("max_prefill_batch", 8, "Requests prefilled together.", lower_bound=1)
     decode_steps = flags.DEFINE_integer(
-        "decode_steps", 1, "Decode steps per dispatch: more divide the host's work per token, and stream "
+        "decode_steps", 4, "Decode steps per dispatch: more divide the host's work per token, and stream "
         "tokens that many at a time.", lower_bound=1)
     route_flag = flags.DEFINE_multi_string("route", [], "Another C2C route: NAME=FUSER_DIR[@SHARER_MODEL].")
     receiver_name = flags.DEFINE_string("receiver_name", "receiver", "The receiver-alone route's model name.")
