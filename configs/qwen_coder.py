@@ -23,9 +23,11 @@ def get_config():
     # initial coin flip. A 100x gate learning rate lets them decide within the run.
     c.optim.gate_lr_multiplier = 100.0
     # The chats of these MC items are 120-330 receiver tokens (system prompt included); the answer,
-    # "The correct answer is B" and the end of the turn, fits 16.
+    # "The correct answer is B" and the end of the turn, fits 16. One prefix width: every width is a
+    # train, held-out and baseline program to compile, and at these sizes compiling is most of a run
+    # (two widths took 255 s on an H100, the 300 steps about 40 s).
     c.data.update(source="mc_train", max_rows=12_000, max_length=528, eval_fraction=0.03,
-                  prefix_buckets=(256, 512), suffix_buckets=(16,))
+                  prefix_buckets=(512,), suffix_buckets=(16,))
     c.train.update(batch_size=32, micro_batch_size=32, max_steps=300, log_every=20, eval_every=50,
                    eval_batches=12, patience=3)
     c.ckpt.update(every=200, keep=1)
