@@ -280,12 +280,16 @@ def inference_programs(config, mesh, models, *, batch: int, width: int, max_new_
            dict(suffix_length=1, receiver_only="receiver" in methods))] if controls else [])
 
 
-# The server's shapes as `python -m c2c_jax.serve` runs by default (its flags' defaults).
-SERVE_LIMITS = dict(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_prefill_batch=8, decode_steps=4)
+def server_limits() -> dict:
+    """The limits `serve_programs` takes, at `python -m c2c_jax.serve`'s defaults (`engine.SERVER_LIMITS`)."""
+    from c2c_jax.infer.engine import SERVER_LIMITS
+
+    return {key: getattr(SERVER_LIMITS, key)
+            for key in ("slots", "max_prompt_tokens", "max_tokens", "max_prefill_batch", "decode_steps")}
 
 
 def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int, max_tokens: int,
-                   max_prefill_batch: int, decode_steps: int = 1):
+                   max_prefill_batch: int, decode_steps: int):
     """[(name, jitted program, abstract args, static kwargs)] of the server's engine (`infer/engine.py`) on
     one chip, as the server runs: the C2C route's prefill with fusion and admission into the slots
     of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode call over all
@@ -483,7 +487,7 @@ def run(config, topology: Topology, *, programs=PROGRAMS, prefix: int = 0, suffi
                 log(format_report(report))
     serve = [p for p in programs if p in SERVE_PROGRAMS]
     if serve:
-        limits = dict(SERVE_LIMITS, **(serve_limits or {}))
+        limits = dict(server_limits(), **(serve_limits or {}))
         models = abstract_models(config, platform, remat=False, receiver_config_file=receiver_config_file,
                                  sharer_config_file=sharer_config_file)
         log(f"serve (one chip, as the server runs): {limits['slots']} slots, prompts up to "
@@ -515,7 +519,7 @@ def main() -> None:
     receiver_flag = flags.DEFINE_string("receiver_config", None, "config.json of the receiver, if not pinned.")
     sharer_flag = flags.DEFINE_string("sharer_config", None, "config.json of the sharer, if not pinned.")
     serve_flags = {key: flags.DEFINE_integer(f"serve_{key}", value, f"The server's {key} (serve's --{key}).")
-                   for key, value in SERVE_LIMITS.items()}
+                   for key, value in server_limits().items()}
     json_flag = flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
     flags.mark_flags_as_required(["config"])
 

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from c2c_jax.infer.engine import Engine, InvalidRequest, Metrics, QueueFull, Request, Sampling
+from c2c_jax.infer.engine import SERVER_LIMITS, Engine, InvalidRequest, Metrics, QueueFull, Request, Sampling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,15 +537,20 @@ def main() -> None:
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
     host = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
     port = flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535)
-    slots = flags.DEFINE_integer("slots", 32, "Decode slots: requests generating at the same time.", lower_bound=1)
-    max_queue = flags.DEFINE_integer("max_queue", 256, "Requests waiting for a slot before new ones get 429.",
-                                     lower_bound=0)
-    max_prompt = flags.DEFINE_integer("max_prompt_tokens", 2048, "Longest prompt, in receiver tokens.", lower_bound=1)
-    max_tokens = flags.DEFINE_integer("max_tokens", 1024, "Most new tokens one request may ask for.", lower_bound=1)
-    prefill_batch = flags.DEFINE_integer("max_prefill_batch", 8, "Requests prefilled together.", lower_bound=1)
+    default = SERVER_LIMITS
+    slots = flags.DEFINE_integer("slots", default.slots, "Decode slots: requests generating at the same time.",
+                                 lower_bound=1)
+    max_queue = flags.DEFINE_integer("max_queue", default.max_queue, "Requests waiting for a slot before new ones "
+                                     "get 429.", lower_bound=0)
+    max_prompt = flags.DEFINE_integer("max_prompt_tokens", default.max_prompt_tokens,
+                                      "Longest prompt, in receiver tokens.", lower_bound=1)
+    max_tokens = flags.DEFINE_integer("max_tokens", default.max_tokens, "Most new tokens one request may ask for.",
+                                      lower_bound=1)
+    prefill_batch = flags.DEFINE_integer("max_prefill_batch", default.max_prefill_batch, "Requests prefilled together.",
+                                         lower_bound=1)
     decode_steps = flags.DEFINE_integer(
-        "decode_steps", 4, "Decode steps per dispatch: more divide the host's work per token, and stream "
-        "tokens that many at a time.", lower_bound=1)
+        "decode_steps", default.decode_steps, "Decode steps per dispatch: more divide the host's work per token, and "
+        "stream tokens that many at a time.", lower_bound=1)
     route_flag = flags.DEFINE_multi_string("route", [], "Another C2C route: NAME=FUSER_DIR[@SHARER_MODEL].")
     receiver_name = flags.DEFINE_string("receiver_name", "receiver", "The receiver-alone route's model name.")
     c2c_name = flags.DEFINE_string("c2c_name", "c2c", "The model name of --config.generate.fuser's route.")

@@ -321,6 +321,12 @@ class EngineLimits:
     decode_steps: int = 1  # decode steps per dispatch: the host's work per token / decode_steps (module doc)
 
 
+# `python -m c2c_jax.serve`'s defaults (its flags read them) and what the TPU compile check compiles
+# (`python -m c2c_jax.aot --programs=serve_*`). Four steps a call: docs/design.md, "Several decode steps".
+SERVER_LIMITS = EngineLimits(slots=32, max_prompt_tokens=2048, max_tokens=1024, max_queue=256, max_prefill_batch=8,
+                             decode_steps=4)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """One request's settings (OpenAI's names)."""
