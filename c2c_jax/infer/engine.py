@@ -571,10 +571,9 @@ class Engine:
         k therefore still computes in call k + 1, unseen: its tokens are dropped, as are those after its
         last token and any of a request no longer in its row.
         """
-        previous, self.pending = self.pending, None
-        if previous is not None:
-            tokens, rows = previous
-            previous = np.asarray(tokens), rows  # [decode_steps, width]: blocks until the call has run
+        done, self.pending = self.pending, None
+        if done is not None:  # its tokens [decode_steps, width]: blocks until the call has run
+            done_tokens, done_rows = np.asarray(done[0]), done[1]
         self._free_cancelled()
         admitted, first = self._admit_chunk()
         if self.busy_rows:
@@ -587,10 +586,9 @@ class Engine:
             self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active)
             self.end += self.limits.decode_steps
             self.pending = (tokens, live)
-        if previous is not None:
-            tokens, rows = previous
-            for row, request in rows:
-                self._emit(request, tokens[:, row].tolist())
+        if done is not None:
+            for row, request in done_rows:
+                self._emit(request, done_tokens[:, row].tolist())
         if admitted:  # the admission ran before the new call: its first tokens are ready
             for request, token in zip(admitted, np.asarray(first).tolist()):
                 self._emit(request, [token])
