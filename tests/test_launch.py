@@ -276,17 +276,17 @@ def test_gpu_evidence_dry_run_trains_both_fusers_then_evaluates_each_against_its
     assert [flag(c, "--workdir") for c in trains] == ["runs/ev/fuser", "runs/ev/control"]
     assert "--config.fuser.sharer_input=zeros" in trains[1] and "--config.fuser.sharer_input=zeros" not in trains[0]
     assert all("c2c_jax.train" in c and c[-1] == "--config.train.max_steps=10" for c in trains)
-    assert len(evaluations) == 5 and all("c2c_jax.evaluate" in c for c in evaluations)
+    assert len(evaluations) == 3 and all("c2c_jax.evaluate" in c for c in evaluations)
     by_dir = {flag(c, "--workdir"): c for c in evaluations}
-    # Every fused method is scored next to the receiver alone, on the fuser it belongs to.
-    for name, fuser in [("arc_fused", "fuser"), ("obqa_fused", "fuser"), ("arc_text", "fuser"),
-                        ("obqa_text", "fuser"), ("trained_control", "control")]:
+    # Every fused method is scored next to the receiver alone, on the fuser it belongs to, on both benchmarks.
+    for name, fuser in [("fused", "fuser"), ("text", "fuser"), ("trained_control", "control")]:
         c = by_dir[f"runs/ev/{name}"]
         assert flag(c, "--config.eval.fuser") == f"runs/ev/{fuser}/final"
         assert flag(c, "--config.eval.methods").split(",")[0] == "receiver"
-    assert set(flag(by_dir["runs/ev/arc_fused"], "--config.eval.methods").split(",")) == {
+        assert flag(c, "--config.eval.benchmarks") == "arc-challenge,openbookqa"
+    assert set(flag(by_dir["runs/ev/fused"], "--config.eval.methods").split(",")) == {
         "receiver", "c2c", "c2c_mismatched", "c2c_zero", "c2c_noise", "c2c_no_receiver_input"}
-    assert flag(by_dir["runs/ev/arc_text"], "--config.eval.methods") == "receiver,sharer,t2t"
+    assert flag(by_dir["runs/ev/text"], "--config.eval.methods") == "receiver,sharer,t2t"
     # Processes share the GPU by fixed memory fractions that add up to at most the whole card.
     fractions = lambda cs: sum(float(flag(c, "XLA_PYTHON_CLIENT_MEM_FRACTION")) for c in cs)  # noqa: E731
     assert fractions(trains) <= 1.0 and fractions(evaluations) <= 1.0
@@ -296,7 +296,7 @@ def test_gpu_evidence_names_the_processes_that_failed(tmp_path):
     result = launch("gpu_evidence.sh", "--models=", f"--workdir={tmp_path}", "--python=false")
     assert result.returncode == 1
     assert "failed: fuser" in result.stderr and "control" in result.stderr and str(tmp_path / "logs") in result.stderr
-    assert not (tmp_path / "arc_fused").exists()  # no evaluation starts without its fusers
+    assert not (tmp_path / "fused").exists()  # no evaluation starts without its fusers
 
 
 def test_gpu_xla_flags_are_known_to_the_installed_jaxlib():
