@@ -3,9 +3,10 @@ side, at Qwen3-0.6B <- Qwen2.5-0.5B shapes with random bf16 weights.
 
 The script starts the server (`c2c_jax.serve.create_app` over an `engine.Engine`, in a process of its
 own, on 127.0.0.1) and compiles every program it will run (`Engine.warm_up`; the time and the number of
-programs are in the settings row, with two ceilings measured before any HTTP request: `decode_step_ms`,
-a decode step per slot width (calls of --decode-steps steps, each call's tokens read on the host), and
-`engine_alone`, every slot filled at once through the engine without HTTP). Requests then arrive on
+programs are in the settings row, with what is measured before any HTTP request: `decode_step_ms`,
+a decode step per slot width (calls of --decode-steps steps, each call's tokens read on the host),
+`prefill_ms`, a prefill call per route and prefill batch size, and `engine_alone`, every slot filled
+at once through the engine without HTTP). Requests then arrive on
 their own schedule, whether or not earlier ones have finished, so queueing shows in the time to first
 token: each is one streamed /v1/completions request (a prompt of --prompt-tokens random tokens, exactly
 --max-tokens new tokens: end of sequence is off), sent at seeded Poisson arrival times over --seconds,
@@ -23,7 +24,10 @@ token), p50/p99 time to first token and inter-token latency as the clients see t
 streamed chunks: a chunk holds one token while the server keeps up, several when it falls behind;
 `chunks_per_token` says how many), the median time per output token after the first (TPOT), and
 the concurrency reached (mean number of requests in flight over the span, and
-its maximum).
+its maximum); and, from the server's metrics over the row, what the engine saw: the median first
+token and wait for a prefill from each request's arrival (no HTTP), and the mean ms of each phase of
+an engine iteration (`engine.ENGINE_PHASES`: the device's two waits, the host's admitting,
+dispatching and delivering).
 
     python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 256] [--decode-steps 4]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -97,8 +102,12 @@ def serve(args) -> None:
     settings = dict(device=common.device_name(), library=common.library_digest(), capacity=engine.capacity,
                     warm_up_s=round(time.perf_counter() - start, 1), programs=engine.compiled_programs,
                     slot_widths=list(engine.widths), scan_unroll=receiver.scan_unroll,
-                    backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+                    backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                    # uvicorn's event loop and HTTP parser: uvloop and httptools where installed
+                    uvloop=importlib.util.find_spec("uvloop") is not None,
+                    httptools=importlib.util.find_spec("httptools") is not None)
     settings["decode_step_ms"] = decode_step_ms(engine)
+    settings["prefill_ms"] = {route.name: prefill_ms(engine, route) for route in routes}
     settings["engine_alone"] = {route.name: engine_alone(engine, route, args) for route in routes}
     print("SETTINGS " + json.dumps(settings), flush=True)
     app = create_app(engine, tokenizer, defaults=Sampling(max_tokens=args.max_tokens))
@@ -125,6 +134,27 @@ def decode_step_ms(engine, calls: int = 40) -> dict:
             np.asarray(tokens)
         times[width] = round((time.perf_counter() - start) / (calls * steps) * 1e3, 3)
     engine.end = int(engine.slots.cache.end)  # past the columns these steps wrote; compaction reclaims them
+    return times
+
+
+def prefill_ms(engine, route, calls: int = 10) -> dict:
+    """{prefill batch size: ms} of one prefill call of `route` (prompt cache, fusion, first tokens, rows
+    written into the slots) at the longest prompt bucket, its first tokens read on the host: the
+    device's share of an admission."""
+    from c2c_jax.infer.engine import Sampling, row_sampling
+
+    times = {}
+    for size in engine.prefill_sizes():
+        prompt = route.encoder.encode_ids(np.full((engine.prompt_width,), 1, np.int32))
+        batch = route.encoder.batch([prompt] * size, width=engine.prompt_width)
+        rows, sampling = np.arange(size, dtype=np.int32) % engine.limits.slots, row_sampling([Sampling(max_tokens=1)] * size)
+        engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling)
+        np.asarray(first)
+        start = time.perf_counter()
+        for _ in range(calls):
+            engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling)
+            np.asarray(first)
+        times[size] = round((time.perf_counter() - start) / calls * 1e3, 3)
     return times
 
 
@@ -262,6 +292,46 @@ def summarize(records, max_tokens) -> dict:
                 tpot_p50_ms=pct(tpot, 50), chunks_per_token=round(sum(len(r["stamps"]) for r in served) / max(tokens, 1), 3))
 
 
+def scrape(url) -> dict:
+    """The server's /metrics samples: {(name, le or phase label): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, s.labels.get("le", s.labels.get("phase"))): s.value
+            for family in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in family.samples}
+
+
+def histogram_p50(before: dict, after: dict, name: str) -> float | None:
+    """The median of what histogram `name` observed between two scrapes, interpolated linearly within
+    its bucket (as Prometheus' histogram_quantile does)."""
+    buckets = sorted((float(le), after[key] - before.get(key, 0.0)) for key in after
+                     if key[0] == name + "_bucket" for le in [key[1]])
+    total = buckets[-1][1] if buckets else 0.0
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= total / 2 and total:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (total / 2 - below) / max(count - below, 1e-9)
+        lower, below = upper, count
+    return None
+
+
+def engine_breakdown(before: dict, after: dict) -> dict:
+    """What the engine saw of a row, from its metrics: the median first token and wait for a prefill
+    from a request's arrival (no HTTP), and the mean ms of each phase of an iteration."""
+    from c2c_jax.infer.engine import ENGINE_PHASES
+
+    delta = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
+    iterations = delta(("c2c_engine_phase_seconds_count", ENGINE_PHASES[0]))
+    ms = lambda seconds: None if seconds is None else round(seconds * 1e3, 2)  # noqa: E731
+    return dict(engine_ttft_p50_ms=ms(histogram_p50(before, after, "c2c_time_to_first_token_seconds")),
+                engine_queue_wait_p50_ms=ms(histogram_p50(before, after, "c2c_queue_wait_seconds")),
+                engine_iterations=int(iterations),
+                engine_iteration_ms={phase: round(1e3 * delta(("c2c_engine_phase_seconds_sum", phase))
+                                                  / max(iterations, 1), 2) for phase in ENGINE_PHASES})
+
+
 def batch1_latency(url, body, repeats: int) -> float:
     """Median seconds of one request alone, sent one after another (the rates' calibration)."""
     import httpx
@@ -360,9 +430,10 @@ def main():
             offsets = poisson_arrivals(rate, args.seconds, seed=args.seed + level)
             prompts = bodies("receiver", len(offsets))
             for model in ("receiver", "c2c"):  # the same arrivals and prompts for both routes
+                before = scrape(url)
                 records = run_load(url, [dict(b, model=model) for b in prompts], offsets, args.processes)
                 report.add(model=model, clients=clients, offered_rps=round(rate, 2),
-                           **summarize(records, args.max_tokens))
+                           **summarize(records, args.max_tokens), **engine_breakdown(before, scrape(url)))
         metrics = httpx.get(url + "/metrics").text
         report.add(what="server_metrics", requests_200=sum(
             float(line.split()[-1]) for line in metrics.splitlines()

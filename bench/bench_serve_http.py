@@ -1,8 +1,8 @@
 """The server's HTTP side alone: what the event loop adds to a first token under streaming load.
 
 `c2c_jax.serve.create_app` runs over a stand-in engine with no model and no device: a thread that,
-every --call-ms (a decode call), hands each live request --decode-steps tokens and each request
-submitted since the last call its first token. The same open-loop load as `bench_serve.py` (seeded
+every --call-ms (a decode call), hands each request submitted since the last call its first token,
+then each running request --decode-steps tokens, in the engine's order. The same open-loop load as `bench_serve.py` (seeded
 Poisson arrivals, streamed /v1/completions, several load processes) then measures the first token as
 the clients see it; the stand-in records when it handed each first token out, so the difference is
 the HTTP side's share: parsing, tokenizing and submitting the request, and delivering its first chunk
@@ -72,8 +72,13 @@ class StandInEngine:
             time.sleep(max(0.0, due - time.perf_counter()))
             with self.lock:
                 admitted, self.waiting = self.waiting, []
+            now = time.perf_counter()
+            for request in admitted:  # first the new streams' first tokens, as the engine hands them out
+                self.first_token_s.append(now - request.arrival)
+                request.generated = 1
+                request.on_tokens([7], None)
             live = []
-            for request in self.live:  # first the running streams' tokens, as the engine hands them out
+            for request in self.live:  # then the running streams' tokens
                 if request.cancelled:
                     continue
                 n = min(self.steps, request.sampling.max_tokens - request.generated)
@@ -82,13 +87,7 @@ class StandInEngine:
                 request.on_tokens([7] * n, finish)
                 if finish is None:
                     live.append(request)
-            now = time.perf_counter()
-            for request in admitted:
-                self.first_token_s.append(now - request.arrival)
-                request.generated = 1
-                request.on_tokens([7], None)
-                live.append(request)
-            self.live = live
+            self.live = live + admitted
 
 
 def serve(args) -> None:

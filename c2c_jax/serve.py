@@ -25,7 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from c2c_jax.infer.engine import SERVER_LIMITS, Engine, InvalidRequest, Metrics, QueueFull, Request, Sampling
+from c2c_jax.infer.engine import (ENGINE_PHASES, SERVER_LIMITS, Engine, InvalidRequest, Metrics, QueueFull, Request,
+                                  Sampling)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ class PrometheusMetrics(Metrics):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        latency = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+        latency = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+                   5.0, 10.0, 30.0)
         self.requests = Counter("c2c_requests", "HTTP requests by route and status code.", ["model", "status"],
                                 registry=self.registry)
         self.queue = Gauge("c2c_queue_depth", "Requests waiting for a decode slot.", registry=self.registry)
@@ -213,6 +215,14 @@ class PrometheusMetrics(Metrics):
                               buckets=latency, registry=self.registry)
         self.itl = Histogram("c2c_inter_token_latency_seconds", "Between a request's consecutive tokens.",
                              buckets=latency, registry=self.registry)
+        self.queued = Histogram("c2c_queue_wait_seconds", "From a request's arrival to its prefill.",
+                                buckets=latency, registry=self.registry)
+        self.phases = Histogram("c2c_engine_phase_seconds", "The engine thread's time in each phase of an "
+                                "iteration: waiting for the decode call and the prefill (the device), admitting, "
+                                "dispatching, delivering (the host).", ["phase"], buckets=latency,
+                                registry=self.registry)
+        for phase in ENGINE_PHASES:
+            self.phases.labels(phase=phase)
         self.generated = Counter("c2c_generated_tokens", "Tokens generated.", registry=self.registry)
         rate = Gauge("c2c_tokens_per_second", f"Tokens generated per second over the last {window_s:g} s.",
                      registry=self.registry)
@@ -225,6 +235,12 @@ class PrometheusMetrics(Metrics):
 
     def slots_busy(self, n):
         self.busy.set(n)
+
+    def queue_wait(self, seconds):
+        self.queued.observe(seconds)
+
+    def engine_phase(self, phase, seconds):
+        self.phases.labels(phase=phase).observe(seconds)
 
     def first_token(self, seconds):
         self.ttft.observe(seconds)

@@ -113,6 +113,13 @@ def test_serving_benchmark_reports_both_routes(tmp_path):
     for row in measured:
         assert row["requests"] > 0 and row["failed"] == 0 and row["output_tokens_per_s"] > 0, row
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"], row
+        # From the server's metrics: a request waits for its prefill before its first token, so the
+        # wait's distribution lies below the first token's at every bucket bound, and so do medians.
+        assert 0 <= row["engine_queue_wait_p50_ms"] <= row["engine_ttft_p50_ms"], row
+        assert row["engine_iterations"] > 0 and min(row["engine_iteration_ms"].values()) >= 0, row
+        assert row["engine_iteration_ms"]["wait_decode"] > 0, row
+    settings = next(r for r in rows(tmp_path / "serve.jsonl") if r.get("what") == "settings")
+    assert all(ms > 0 for route in ("receiver", "c2c") for ms in settings["prefill_ms"][route].values()), settings
 
 
 def test_http_benchmark_sees_each_first_token_after_the_stand_in_engine_hands_it_out(tmp_path):

@@ -14,10 +14,11 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from c2c_jax import build
 from c2c_jax.infer.decode import SamplingConfig
-from c2c_jax.infer.engine import Engine, EngineLimits, Sampling, filtered_logits
+from c2c_jax.infer.engine import ENGINE_PHASES, Engine, EngineLimits, Sampling, filtered_logits
 from c2c_jax.infer.fuser_io import save_fuser
 from c2c_jax.infer.generator import Generator
 from c2c_jax.serve import TextAssembler, build_engine, create_app, waiting_tokens
@@ -310,17 +311,24 @@ def test_a_request_that_arrives_during_a_call_is_prefilled_before_the_next_call(
     """The engine waits for the decode call in flight before it admits: a request submitted while the
     host waits for a call's tokens gets its first token from that same iteration, and the next call
     already decodes its row (admitting first and waiting after would leave it for one more call).
-    Both answers are still Generator's."""
+    That first token is handed out before the waited-for call's tokens of the running request (so it
+    leads the server's event loop). Both answers are still Generator's."""
     _, engine, _ = served
     from c2c_jax.infer.engine import Request
 
     local = engine_like(engine)
     got = {"early": [], "late": []}
+    handed_out = []  # request names, in the order the engine hands tokens out
 
     def request(name, model, prompt):
         route = local.routes[model]
+
+        def sink(ids, finish):
+            got[name].extend(ids)
+            handed_out.append(name)
+
         return Request(route, route.encoder.encode_chat([{"role": "user", "content": prompt}]),
-                       Sampling(max_tokens=LIMITS.max_tokens), lambda ids, finish: got[name].extend(ids))
+                       Sampling(max_tokens=LIMITS.max_tokens), sink)
 
     early, late = request("early", "receiver", PROMPTS[0]), request("late", "c2c", PROMPTS[1])
     local.submit(early)
@@ -338,6 +346,7 @@ def test_a_request_that_arrives_during_a_call_is_prefilled_before_the_next_call(
     local.pending = (ArrivesWhileWaited(tokens), rows)
     local.iteration()
     assert len(got["late"]) == 1 and late.row is not None
+    assert handed_out[-2:] == ["late", "early"], handed_out
     assert [request for _, request in local.pending[1]] == [early, late]
     while local.busy_rows or local.pending is not None:
         local.iteration()
@@ -505,14 +514,32 @@ def test_bounded_load_no_error_no_mixup(served, expected):
     for k, (model, prompt, m) in enumerate(jobs):
         assert results[k].status_code == 200, results[k].text
         assert results[k].json()["choices"][0]["message"]["content"] == text_of(tokenizer, expected[model][prompt][:m])
+    wait_until_idle(engine)
     with httpx.Client(base_url=server.url) as client:
-        metrics = client.get("/metrics").text
+        iterations = None
+        for _ in range(100):  # until the engine's last iteration has timed all its phases
+            metrics = client.get("/metrics").text
+            samples = {(s.name, s.labels.get("le", s.labels.get("phase"))): s.value
+                       for family in text_string_to_metric_families(metrics) for s in family.samples}
+            last, iterations = iterations, [samples["c2c_engine_phase_seconds_count", p] for p in ENGINE_PHASES]
+            if iterations == last:
+                break
+            time.sleep(0.05)
     for name in ("c2c_requests_total", "c2c_queue_depth", "c2c_slots_busy", "c2c_time_to_first_token_seconds_bucket",
                  "c2c_inter_token_latency_seconds_bucket", "c2c_generated_tokens_total", "c2c_tokens_per_second"):
         assert name in metrics
     served_ok = sum(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("c2c_requests_total{") and 'status="200"' in line)
     assert served_ok >= len(jobs)
+    # A request's wait for its prefill ends before its first token: at every bound, at least as many
+    # requests had waited no longer than it as had their first token within it.
+    bounds = [le for name, le in samples if name == "c2c_time_to_first_token_seconds_bucket"]
+    assert samples["c2c_time_to_first_token_seconds_count", None] >= len(jobs)
+    for le in bounds:
+        assert samples["c2c_queue_wait_seconds_bucket", le] >= samples["c2c_time_to_first_token_seconds_bucket", le]
+    # An iteration times its phases in order, each once (all of them unless a program failed in it),
+    # and admits at most max_prefill_batch requests.
+    assert iterations == sorted(iterations, reverse=True) and iterations[-1] >= len(jobs) // LIMITS.max_prefill_batch
 
 
 def test_tokens_waiting_together_leave_together_and_the_finish_ends_the_stream():

@@ -20,10 +20,11 @@ the live rows beyond it move into free rows within it (`move_row`, one row's cac
 
 The host loop (`Engine.run`) waits for the decode call in flight, admits one prefill chunk (up to
 `max_prefill_batch` waiting requests of one route, run alone or padded to `max_prefill_batch`),
-dispatches the next decode call of `decode_steps` steps, and only then delivers the tokens it read:
-the delivery (stop checks, the server's chunks), most of the host's work, overlaps the next call,
-and a request that arrived while a call ran is prefilled right after it, not after a call queued
-behind it. End of sequence and `max_tokens` are checked there: a finished row is freed before the
+dispatches the next decode call of `decode_steps` steps, and only then delivers: first the new
+requests' first tokens, then the tokens it read. The delivery (stop checks, the server's chunks),
+most of the host's work, overlaps the next call; a request that arrived while a call ran is
+prefilled right after it, not after a call queued behind it, and its first token leaves ahead of
+every running stream's tokens, not behind them in the server's event loop. End of sequence and `max_tokens` are checked there: a finished row is freed before the
 call after next, a cancelled one before the next. Several steps per call divide the host's work per
 token by `decode_steps`, at the price of tokens streamed `decode_steps` at a time, a new request
 waiting for the running call to end, and up to `decode_steps - 1` steps computed past a row's last
@@ -377,10 +378,17 @@ class Request:
         return int(np.sum(self.prompt.valid))
 
 
+# What the engine thread does in an iteration (`Engine.iteration`), in order; `Metrics.engine_phase`
+# gets the seconds of each. The two waits are the device's share, the rest the host's.
+ENGINE_PHASES = ("wait_decode", "admit", "dispatch", "wait_prefill", "deliver")
+
+
 class Metrics:
     """What the engine reports; the server passes one that feeds Prometheus."""
 
     def queue_depth(self, n: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...  # from a request's arrival to its prefill
+    def engine_phase(self, phase: str, seconds: float) -> None: ...  # once per phase and iteration
     def slots_busy(self, n: int) -> None: ...
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
@@ -404,6 +412,18 @@ def stop_token_ids(receiver: Decoder, tokenizer) -> tuple[int, ...]:
     if "<|im_end|>" in tokenizer.get_vocab():
         ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     return tuple(sorted(int(i) for i in ids))
+
+
+class PhaseClock:
+    """Times the phases of one engine iteration: `lap(phase)` reports the seconds since the last lap."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics, self.last = metrics, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.metrics.engine_phase(phase, now - self.last)
+        self.last = now
 
 
 # How long a thread may hold the GIL while another asks for it. CPython's 5 ms default lets a busy
@@ -567,15 +587,20 @@ class Engine:
 
         Waiting before admitting lets a request that arrived during the call be prefilled straight
         after it (the device idles only for the host's admission and dispatch); handing out after
-        dispatching overlaps the host's per-token work with the next call. A row that finished in call
+        dispatching overlaps the host's per-token work with the next call, and handing out the first
+        tokens before the running rows' puts a new stream's first chunk at the head of the server's
+        event loop. A row that finished in call
         k therefore still computes in call k + 1, unseen: its tokens are dropped, as are those after its
         last token and any of a request no longer in its row.
         """
+        clock = PhaseClock(self.metrics)
         done, self.pending = self.pending, None
         if done is not None:  # its tokens [decode_steps, width]: blocks until the call has run
             done_tokens, done_rows = np.asarray(done[0]), done[1]
+        clock.lap("wait_decode")
         self._free_cancelled()
         admitted, first = self._admit_chunk()
+        clock.lap("admit")
         if self.busy_rows:
             width = self._pack()
             if self.end + self.limits.decode_steps > self.capacity:
@@ -586,13 +611,19 @@ class Engine:
             self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active)
             self.end += self.limits.decode_steps
             self.pending = (tokens, live)
+        clock.lap("dispatch")
+        if admitted:  # the prefill runs ahead of the new call: its first tokens come first
+            first = np.asarray(first).tolist()
+            clock.lap("wait_prefill")
+            for request, token in zip(admitted, first):
+                self._emit(request, [token])
+        else:
+            clock.lap("wait_prefill")
         if done is not None:
             for row, request in done_rows:
                 self._emit(request, done_tokens[:, row].tolist())
-        if admitted:  # the admission ran before the new call: its first tokens are ready
-            for request, token in zip(admitted, np.asarray(first).tolist()):
-                self._emit(request, [token])
         self.metrics.slots_busy(self.busy_rows)
+        clock.lap("deliver")
 
     def _pack(self) -> int:
         """The narrowest step width that holds every live row, after moving the live rows beyond it
@@ -657,6 +688,9 @@ class Engine:
             for request in chunk:
                 self.waiting.remove(request)
             self.metrics.queue_depth(len(self.waiting))
+        now = time.perf_counter()
+        for request in chunk:
+            self.metrics.queue_wait(now - request.arrival)
         rows = free[: len(chunk)]
         padded = next(size for size in self.prefill_sizes() if size >= len(chunk))
         chunk_rows = rows + [rows[0]] * (padded - len(chunk))
