@@ -98,7 +98,7 @@ def serve(args) -> None:
                           decode_steps=args.decode_steps)
     engine = Engine(receiver, routes, limits, eos_ids=(), pad_id=0)  # no end of sequence: fixed lengths
     start = time.perf_counter()
-    engine.warm_up([args.prompt_tokens])
+    engine.warm_up([args.prompt_tokens], sampling=False)  # every request is greedy
     settings = dict(device=common.device_name(), library=common.library_digest(), capacity=engine.capacity,
                     warm_up_s=round(time.perf_counter() - start, 1), programs=engine.compiled_programs,
                     slot_widths=list(engine.widths), scan_unroll=receiver.scan_unroll,
@@ -126,11 +126,11 @@ def decode_step_ms(engine, calls: int = 40) -> dict:
     times = {}
     for width in engine.widths:
         active = np.ones((width,), bool)
-        engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
+        engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active, sampled=False)
         jax.block_until_ready(tokens)
         start = time.perf_counter()
         for _ in range(calls):
-            engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active)
+            engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active, sampled=False)
             np.asarray(tokens)
         times[width] = round((time.perf_counter() - start) / (calls * steps) * 1e3, 3)
     engine.end = int(engine.slots.cache.end)  # past the columns these steps wrote; compaction reclaims them
@@ -147,12 +147,13 @@ def prefill_ms(engine, route, calls: int = 10) -> dict:
     for size in engine.prefill_sizes():
         prompt = route.encoder.encode_ids(np.full((engine.prompt_width,), 1, np.int32))
         batch = route.encoder.batch([prompt] * size, width=engine.prompt_width)
-        rows, sampling = np.arange(size, dtype=np.int32) % engine.limits.slots, row_sampling([Sampling(max_tokens=1)] * size)
-        engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling)
+        rows = np.arange(size, dtype=np.int32) % engine.limits.slots
+        sampling = row_sampling([Sampling(max_tokens=1)] * size)
+        engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling, sampled=False)
         np.asarray(first)
         start = time.perf_counter()
         for _ in range(calls):
-            engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling)
+            engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling, sampled=False)
             np.asarray(first)
         times[size] = round((time.perf_counter() - start) / calls * 1e3, 3)
     return times

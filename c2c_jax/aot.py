@@ -293,7 +293,8 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
     """[(name, jitted program, abstract args, static kwargs)] of the server's engine (`infer/engine.py`) on
     one chip, as the server runs: the C2C route's prefill with fusion and admission into the slots
     of a full prefill batch at the widest prompt bucket (`serve_prefill`), the decode call over all
-    slots (`serve_decode`, its widest, `decode_steps` steps), a row's move to a lower slot
+    slots (`serve_decode`, its widest, `decode_steps` steps), both with sampling (the larger of their
+    greedy and sampling variants: `engine.sample_rows`), a row's move to a lower slot
     (`serve_move_row`) and the slots' compaction (`serve_compact`)."""
     import jax
     import jax.numpy as jnp
@@ -334,8 +335,9 @@ def serve_programs(config, device, models, *, slots: int, max_prompt_tokens: int
     row = array((), jnp.int32)
     return [
         ("serve_prefill", prefill.prefill.jitted,
-         (state, slots_state, prompts, array((batch,), jnp.int32), sampling), {}),
-        ("serve_decode", decode.step.jitted, (receiver_state, slots_state, array((slots,), jnp.bool_)), {}),
+         (state, slots_state, prompts, array((batch,), jnp.int32), sampling), {"sampled": True}),
+        ("serve_decode", decode.step.jitted, (receiver_state, slots_state, array((slots,), jnp.bool_)),
+         {"sampled": True}),
         ("serve_move_row", decode.move_row.jitted, (slots_state, row, row), {}),
         ("serve_compact", decode.compact.jitted, (slots_state, row), {}),
     ]

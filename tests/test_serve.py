@@ -5,6 +5,7 @@ goes through HTTP: the official `openai` client, raw httpx for bad input and con
 """
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -226,7 +227,7 @@ def test_a_failing_program_fails_its_requests_not_the_server(served, expected, m
     server, engine, tokenizer = served
     wait_until_idle(engine)
 
-    def broken(*args):
+    def broken(*args, **static):
         raise RuntimeError("out of device memory (simulated)")
 
     monkeypatch.setattr(engine.routes["receiver"].programs, "run", broken)
@@ -305,6 +306,30 @@ def test_a_cancelled_request_frees_its_row_at_once(served):
         local.iteration()
     assert [f for _, f in seen["other"]] == [None, None, "length"] and len(seen["long"]) == 2
     assert [len(p.compiled) for p in programs] == compiled
+
+
+def test_the_engine_programs_hold_no_conditional_and_only_counted_loops(served):
+    """What the engine dispatches never makes the host wait for the device: on a GPU, XLA reads a
+    conditional's predicate, or the condition of a loop whose trip count it does not know, back to
+    the host and blocks the dispatching thread until the device has computed it. The greedy and
+    sampling variants of the decode step and of both routes' prefills, as compiled."""
+    import re
+
+    _, engine, _ = served
+    local = engine_like(engine, dataclasses.replace(LIMITS, decode_steps=3))
+    local.warm_up([64])
+    programs = {("step", key): compiled for key, compiled in local.decode.step.compiled.items()}
+    programs.update({(name, key): compiled for name, route in local.routes.items()  # with other engines'
+                     for key, compiled in route.programs.prefill.compiled.items()})
+    variants = (("sampled", False), ("sampled", True))
+    assert {("step", (w, v)) for w in local.widths for v in variants} <= set(programs)
+    assert {(name, (((size, 64), local.slots.cache.k.shape), v)) for name in local.routes
+            for size in local.prefill_sizes() for v in variants} <= set(programs)
+    for name, compiled in programs.items():
+        text = compiled.as_text()
+        assert " conditional(" not in text, name
+        loops = re.findall(r" while\(.*", text)
+        assert all("known_trip_count" in loop for loop in loops), (name, loops)
 
 
 def test_a_request_that_arrives_during_a_call_is_prefilled_before_the_next_call(served, expected):
@@ -401,7 +426,7 @@ def test_the_step_narrows_with_the_load_and_moved_rows_decode_on(served, expecte
                              Sampling(max_tokens=m), lambda ids, finish, k=k: got[k].extend(ids)))
     widths, moves = [], []
     step, move = local.decode.step, local.decode.move_row
-    local.decode.step = lambda width, *args: widths.append(width) or step(width, *args)
+    local.decode.step = lambda width, *args, **static: widths.append(width) or step(width, *args, **static)
     local.decode.move_row = lambda key, slots, source, target: moves.append((int(source), int(target))) or move(
         key, slots, source, target)
     while local.waiting or local.busy_rows or local.pending is not None:
@@ -439,7 +464,6 @@ def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expec
     cache compacted while rows decode, then a request alone (a step over one row of eight): greedy
     answers are Generator's for each prompt alone, and seeded samples are those of an engine that
     decodes one step per dispatch."""
-    import dataclasses
 
     _, engine, _ = served
     mixed = [(model, prompt, 1 + (i + j + r) % LIMITS.max_tokens, t)
@@ -457,7 +481,7 @@ def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expec
     shifts, widths = [], []
     compact, step = several.decode.compact, several.decode.step
     several.decode.compact = lambda key, slots, shift: shifts.append(int(shift)) or compact(key, slots, shift)
-    several.decode.step = lambda width, *args: widths.append(width) or step(width, *args)
+    several.decode.step = lambda width, *args, **static: widths.append(width) or step(width, *args, **static)
     got = answer_in_the_engine(several, mixed)
     assert got == answer_in_the_engine(engine_like(engine), mixed)
     assert shifts  # the cache filled up and was compacted
@@ -473,14 +497,18 @@ def test_several_decode_steps_per_call_answer_as_one_step_per_call(served, expec
 def test_decode_calls_longer_than_the_answers_stay_within_the_cache(served, expected):
     """40 steps a call, more than any answer (12 tokens) or prompt bucket (64): every call's columns
     lie within the cache, which is compacted between calls, and every answer is still Generator's."""
-    import dataclasses
 
     _, engine, _ = served
     local = engine_like(engine, dataclasses.replace(LIMITS, max_prompt_tokens=60, decode_steps=40))
     shifts, spans = [], []
     compact, step = local.decode.compact, local.decode.step
     local.decode.compact = lambda key, slots, shift: shifts.append(int(shift)) or compact(key, slots, shift)
-    local.decode.step = lambda width, *args: spans.append((local.end, local.end + 40)) or step(width, *args)
+
+    def spanned_step(width, *args, **static):
+        spans.append((local.end, local.end + 40))
+        return step(width, *args, **static)
+
+    local.decode.step = spanned_step
     jobs = [(model, prompt, 1 + (3 * i + j) % LIMITS.max_tokens, 0.0) for i in range(6)
             for prompt in PROMPTS[:2] for j, model in enumerate(("receiver", "c2c"))]
     got = answer_in_the_engine(local, jobs)

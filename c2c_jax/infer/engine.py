@@ -19,16 +19,18 @@ that covers the live rows. Requests take the lowest free rows; when the load fal
 the live rows beyond it move into free rows within it (`move_row`, one row's cache copied).
 
 The host loop (`Engine.run`) waits for the decode call in flight, admits one prefill chunk (up to
-`max_prefill_batch` waiting requests of one route, run alone or padded to `max_prefill_batch`),
-dispatches the next decode call of `decode_steps` steps, and only then delivers: first the new
-requests' first tokens, then the tokens it read. The delivery (stop checks, the server's chunks),
-most of the host's work, overlaps the next call; a request that arrived while a call ran is
-prefilled right after it, not after a call queued behind it, and its first token leaves ahead of
-every running stream's tokens, not behind them in the server's event loop. End of sequence and `max_tokens` are checked there: a finished row is freed before the
-call after next, a cancelled one before the next. Several steps per call divide the host's work per
-token by `decode_steps`, at the price of tokens streamed `decode_steps` at a time, a new request
-waiting for the running call to end, and up to `decode_steps - 1` steps computed past a row's last
-token.
+`max_prefill_batch` waiting requests of one route, run alone or padded to `max_prefill_batch`) and
+hands out its first tokens once the prefill has run, dispatches the next decode call of
+`decode_steps` steps, and only then delivers the tokens it read: that delivery (stop checks, the
+server's chunks), most of the host's work, overlaps the next call. A request that arrived while a
+call ran is prefilled right after it, and its first token leaves before the next call is dispatched
+and ahead of every running stream's tokens in the server's event loop. End of sequence and
+`max_tokens` are checked at delivery: a finished row is freed before the call after next, a
+cancelled one before the next. Several steps per call divide the host's work per token by
+`decode_steps`, at the price of tokens streamed `decode_steps` at a time, a new request waiting for
+the running call to end, and up to `decode_steps - 1` steps computed past a row's last token. No
+program the loop dispatches holds a conditional (greedy or sampling is the host's choice,
+`sample_rows`), so that on a GPU a dispatch returns at once instead of when its call is nearly done.
 
 The engine thread shares the GIL with whatever else runs in its process (the server's event loop).
 It waits on the device with the GIL released and must take it back at once, or the device idles:
@@ -109,29 +111,30 @@ def filtered_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     return jnp.where(scaled < jnp.maximum(threshold, kth), -jnp.inf, scaled)
 
 
-def sample_rows(logits: jax.Array, sampling: RowSampling, steps: jax.Array) -> jax.Array:
+def sample_rows(logits: jax.Array, sampling: RowSampling, steps: jax.Array, sampled: bool) -> jax.Array:
     """int32 [B] from float32 logits [B, vocab], each row with its own settings and key.
 
-    Greedy rows take the argmax, exactly as `infer.decode.sample_tokens`; the sort that sampling needs
-    runs only when some row samples.
+    Greedy rows take the argmax, exactly as `infer.decode.sample_tokens`. `sampled` (static): whether
+    any row samples, and so whether the sort that sampling needs is in the program. The host chooses,
+    having set every row's settings: a `lax.cond` on the device would do too, but on a GPU XLA reads
+    a conditional's predicate back to the host and blocks the dispatching thread until it is
+    computed, so that a call's dispatch would return only when its last step's logits exist.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled(_):
-        filtered = filtered_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sampling.keys), steps)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return jnp.where(sampling.temperature > 0, drawn, greedy)
-
-    return jax.lax.cond(jnp.any(sampling.temperature > 0), sampled, lambda _: greedy, None)
+    if not sampled:
+        return greedy
+    filtered = filtered_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(sampling.keys), steps)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(sampling.temperature > 0, drawn, greedy)
 
 
-def decode_step(receiver: Decoder, slots: Slots, active: jax.Array) -> tuple[Slots, jax.Array]:
-    """One token for every row (inactive rows compute, unseen, and write nothing valid).
-    Returns the new slots and the sampled tokens int32 [S]."""
+def decode_step(receiver: Decoder, slots: Slots, active: jax.Array, sampled: bool) -> tuple[Slots, jax.Array]:
+    """One token for every row (inactive rows compute, unseen, and write nothing valid); `sampled`
+    as `sample_rows`. Returns the new slots and the sampled tokens int32 [S]."""
     logits, cache = receiver(slots.tokens[:, None], slots.positions[:, None], slots.cache, active[:, None])
     sampling = RowSampling(slots.temperature, slots.top_k, slots.top_p, slots.keys)
-    tokens = sample_rows(logits[:, 0], sampling, slots.steps)
+    tokens = sample_rows(logits[:, 0], sampling, slots.steps, sampled)
     return dataclasses.replace(slots, cache=cache, tokens=tokens, positions=slots.positions + 1,
                                steps=slots.steps + 1), tokens
 
@@ -160,15 +163,16 @@ def _rows(x: jax.Array, axis: int, width: int) -> jax.Array:
     return jax.lax.slice_in_dim(x, 0, width, axis=axis)
 
 
-def decode_rows(receiver: Decoder, slots: Slots, active: jax.Array, steps: int = 1) -> tuple[Slots, jax.Array]:
+def decode_rows(receiver: Decoder, slots: Slots, active: jax.Array, steps: int,
+                sampled: bool) -> tuple[Slots, jax.Array]:
     """`steps` decode steps (`decode_step`, one after another) over the first w = len(active) rows
     only (the others must be free): they read w rows of the cache, not all. The other rows keep
-    their contents; of the cache, only the written columns go back. Returns the new slots and the
-    sampled tokens int32 [steps, w]."""
+    their contents; of the cache, only the written columns go back. `sampled` as `sample_rows`.
+    Returns the new slots and the sampled tokens int32 [steps, w]."""
     width = active.shape[0]
 
     def run(slots):
-        return jax.lax.scan(lambda s, _: decode_step(receiver, s, active), slots, length=steps)
+        return jax.lax.scan(lambda s, _: decode_step(receiver, s, active, sampled), slots, length=steps)
 
     if width == slots.tokens.shape[0]:
         return run(slots)
@@ -202,13 +206,13 @@ def move_row(slots: Slots, source: jax.Array, target: jax.Array) -> Slots:
 
 
 def admit(model: C2CModel, slots: Slots, batch: PromptBatch, prompt_cache: KVCache, rows: jax.Array,
-          sampling: RowSampling) -> tuple[Slots, jax.Array]:
-    """The prompts' last token on their (fused) `prompt_cache`, their first tokens, and their caches
-    copied into slots `rows` [B] at columns [end - W, end). Rows may repeat with identical inputs
-    (batch padding). Returns the new slots and the first tokens int32 [B]."""
+          sampling: RowSampling, sampled: bool) -> tuple[Slots, jax.Array]:
+    """The prompts' last token on their (fused) `prompt_cache`, their first tokens (`sampled` as
+    `sample_rows`), and their caches copied into slots `rows` [B] at columns [end - W, end). Rows may
+    repeat with identical inputs (batch padding). Returns the new slots and the first tokens int32 [B]."""
     width = batch.tokens.shape[1]
     logits, cache = model.finish_prompt(batch, prompt_cache, width)
-    first = sample_rows(logits, sampling, jnp.zeros_like(rows))
+    first = sample_rows(logits, sampling, jnp.zeros_like(rows), sampled)
     target = slots.cache
     start = target.end - width
     k, v, valid = target.k, target.v, target.valid
@@ -248,56 +252,61 @@ def compact(slots: Slots, shift: jax.Array) -> Slots:
 
 
 class Executables:
-    """A jitted function compiled once per input-shape key: on its first call with that key, or
-    ahead of time by `prepare` (from any thread: `Engine.warm_up` compiles them side by side).
-    The key names what varies between calls (a prompt width and batch size), so a call hashes no
-    pytree of shapes."""
+    """A jitted function compiled once per input-shape key and static arguments: on its first call
+    with them, or ahead of time by `prepare` (from any thread: `Engine.warm_up` compiles them side by
+    side). The key names what varies between calls (a prompt width and batch size), so a call hashes
+    no pytree of shapes; static arguments are keywords (`sampled`)."""
 
     def __init__(self, fn, **jit_kwargs):
         self.jitted = jax.jit(fn, **jit_kwargs)
         self.compiled = {}
 
-    def prepare(self, key, *args):
+    def prepare(self, key, *args, **static):
         """args: arrays or `jax.ShapeDtypeStruct`s of the shapes and dtypes the calls will pass."""
-        if key not in self.compiled:
-            self.compiled[key] = self.jitted.lower(*args).compile()
-        return self.compiled[key]
+        full_key = (key, *sorted(static.items()))
+        if full_key not in self.compiled:
+            self.compiled[full_key] = self.jitted.lower(*args, **static).compile()
+        return self.compiled[full_key]
 
-    def __call__(self, key, *args):
-        executable = self.compiled.get(key)
-        return (executable or self.prepare(key, *args))(*args)
+    def __call__(self, key, *args, **static):
+        executable = self.compiled.get((key, *sorted(static.items())))
+        return (executable or self.prepare(key, *args, **static))(*args)
 
 
 class DecodePrograms:
     """The decode-side programs; they close over the receiver's graphdef (see
     `infer.generator.InferencePrograms` for why) and donate the slots, which are updated in place. The step
-    is keyed by its width (`slot_widths`) and runs `steps` decode steps per call."""
+    is keyed by its width (`slot_widths`) and `sampled` (`sample_rows`), and runs `steps` decode steps
+    per call."""
 
     def __init__(self, graphdef: nnx.GraphDef, steps: int = 1):
         self.step = Executables(
-            lambda state, slots, active: decode_rows(nnx.merge(graphdef, state), slots, active, steps),
-            donate_argnums=1)
+            lambda state, slots, active, *, sampled: decode_rows(nnx.merge(graphdef, state), slots, active, steps,
+                                                                 sampled),
+            donate_argnums=1, static_argnames="sampled")
         self.compact = Executables(compact, donate_argnums=0)
         self.move_row = Executables(move_row, donate_argnums=0)
 
 
 class PrefillPrograms:
     """One route's prefill as one program: the (fused) prompt cache, then `admit` into the slots.
-    Keyed by the [B, W] prompt batch's shape and the slots' (routes may serve several engines)."""
+    Keyed by the [B, W] prompt batch's shape and the slots' (routes may serve several engines), and
+    `sampled` (`sample_rows`)."""
 
     def __init__(self, graphdef: nnx.GraphDef, fuse: bool):
-        def prefill(state, slots, batch, rows, sampling):
+        def prefill(state, slots, batch, rows, sampling, *, sampled):
             model = nnx.merge(graphdef, state)
-            return admit(model, slots, batch, model.prompt_cache(batch, fuse=fuse), rows, sampling)
+            return admit(model, slots, batch, model.prompt_cache(batch, fuse=fuse), rows, sampling, sampled)
 
-        self.prefill = Executables(prefill, donate_argnums=1)
+        self.prefill = Executables(prefill, donate_argnums=1, static_argnames="sampled")
 
     @staticmethod
     def key(slots: Slots, batch_shape: tuple[int, int]) -> tuple:
         return batch_shape, slots.cache.k.shape
 
-    def run(self, state, slots: Slots, batch: PromptBatch, rows, sampling: RowSampling) -> tuple[Slots, jax.Array]:
-        return self.prefill(self.key(slots, batch.tokens.shape), state, slots, batch, rows, sampling)
+    def run(self, state, slots: Slots, batch: PromptBatch, rows, sampling: RowSampling, *,
+            sampled: bool) -> tuple[Slots, jax.Array]:
+        return self.prefill(self.key(slots, batch.tokens.shape), state, slots, batch, rows, sampling, sampled=sampled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,8 +388,9 @@ class Request:
 
 
 # What the engine thread does in an iteration (`Engine.iteration`), in order; `Metrics.engine_phase`
-# gets the seconds of each. The two waits are the device's share, the rest the host's.
-ENGINE_PHASES = ("wait_decode", "admit", "dispatch", "wait_prefill", "deliver")
+# gets the seconds of each. The two waits are the device's share, the rest the host's (a dispatch
+# that blocks, as a GPU conditional makes it, shows as host time: `sample_rows`).
+ENGINE_PHASES = ("wait_decode", "admit", "wait_prefill", "deliver_first", "dispatch", "deliver")
 
 
 class Metrics:
@@ -533,7 +543,7 @@ class Engine:
     def compiled_programs(self) -> int:
         """Programs compiled so far for this engine: its decode side's, and its routes' prefills into its slots."""
         decode = sum(len(p.compiled) for p in (self.decode.step, self.decode.compact, self.decode.move_row))
-        return decode + sum(key[1] == self.slots.cache.k.shape for route in self.routes.values()
+        return decode + sum(key[0][1] == self.slots.cache.k.shape for route in self.routes.values()
                             for key in route.programs.prefill.compiled)
 
     def prefill_sizes(self) -> list[int]:
@@ -542,28 +552,34 @@ class Engine:
         row costs the prefill's compute, which at these batches is far from the device's limit."""
         return sorted({1, self.limits.max_prefill_batch})
 
-    def warm_up(self, widths: Sequence[int], threads: int = 16) -> None:
+    def warm_up(self, widths: Sequence[int], threads: int = 16, sampling: bool = True) -> None:
         """Compiles, side by side, the decode step at each slot width, the row move, the compaction
         and every route's prefill at each prompt width in `widths` (rounded up to the bucket) and
-        each prefill batch size, so that no request waits for a compilation. Call before `start`."""
+        each prefill batch size, so that no request waits for a compilation. Each decode step and
+        prefill comes greedy and, unless `sampling` is False (only greedy requests will come),
+        sampling (`sample_rows`). Call before `start`."""
         import concurrent.futures
 
         widths = sorted({self.padded_width(w) for w in widths})
         if widths and widths[-1] > self.prompt_width:
             raise ValueError(f"width {widths[-1]} exceeds the longest prompt bucket {self.prompt_width}")
-        jobs = [(self.decode.step, w, self.receiver_state, self.slots, np.zeros((w,), bool)) for w in self.widths]
-        jobs += [(self.decode.compact, (), self.slots, np.int32(0)),
-                 (self.decode.move_row, (), self.slots, np.int32(0), np.int32(0))]
+        variants = [{"sampled": False}, {"sampled": True}][: 1 + sampling]
+        jobs = [(self.decode.step, w, (self.receiver_state, self.slots, np.zeros((w,), bool)), static)
+                for w in self.widths for static in variants]
+        jobs += [(self.decode.compact, (), (self.slots, np.int32(0)), {}),
+                 (self.decode.move_row, (), (self.slots, np.int32(0), np.int32(0)), {})]
         for route in self.routes.values():
             for width in widths:
                 for size in self.prefill_sizes():
                     prompt = route.encoder.encode_ids(np.full((width,), self.pad_id, np.int32))
                     batch = route.encoder.batch([prompt] * size, width=width)
-                    sampling = row_sampling([Sampling(max_tokens=1)] * size)
-                    jobs.append((route.programs.prefill, route.programs.key(self.slots, batch.tokens.shape),
-                                 route.state, self.slots, batch, np.zeros((size,), np.int32), sampling))
+                    settings = row_sampling([Sampling(max_tokens=1)] * size)
+                    key = route.programs.key(self.slots, batch.tokens.shape)
+                    jobs += [(route.programs.prefill, key,
+                              (route.state, self.slots, batch, np.zeros((size,), np.int32), settings), static)
+                             for static in variants]
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            for done in [pool.submit(programs.prepare, key, *args) for programs, key, *args in jobs]:
+            for done in [pool.submit(programs.prepare, key, *args, **static) for programs, key, args, static in jobs]:
                 done.result()
 
     # -- the engine thread -------------------------------------------------------------------------
@@ -581,17 +597,18 @@ class Engine:
                 self._fail_all(error)
 
     def iteration(self) -> None:
-        """Waits for the decode call in flight, frees cancelled rows, admits one prefill chunk,
-        dispatches the next decode call (`decode_steps` steps), then hands out the waited-for call's
-        tokens and the new requests' first tokens.
+        """Waits for the decode call in flight, frees cancelled rows, admits one prefill chunk and
+        hands out its first tokens, dispatches the next decode call (`decode_steps` steps), then hands
+        out the waited-for call's tokens.
 
         Waiting before admitting lets a request that arrived during the call be prefilled straight
-        after it (the device idles only for the host's admission and dispatch); handing out after
-        dispatching overlaps the host's per-token work with the next call, and handing out the first
-        tokens before the running rows' puts a new stream's first chunk at the head of the server's
-        event loop. A row that finished in call
-        k therefore still computes in call k + 1, unseen: its tokens are dropped, as are those after its
-        last token and any of a request no longer in its row.
+        after it. Its first token depends on its prefill alone, so it is handed out before the next
+        call is dispatched: it leaves as soon as the prefill has run, ahead of every running stream's
+        tokens in the server's event loop, and the device idles only for the host's handout of at
+        most `max_prefill_batch` tokens. The call's tokens are handed out after the dispatch, so that
+        the host's per-token work overlaps the next call. A row that finished in call k therefore
+        still computes in call k + 1, unseen: its tokens are dropped, as are those after its last
+        token and any of a request no longer in its row.
         """
         clock = PhaseClock(self.metrics)
         done, self.pending = self.pending, None
@@ -601,6 +618,11 @@ class Engine:
         self._free_cancelled()
         admitted, first = self._admit_chunk()
         clock.lap("admit")
+        first = np.asarray(first).tolist() if admitted else []
+        clock.lap("wait_prefill")
+        for request, token in zip(admitted, first):
+            self._emit(request, [token])
+        clock.lap("deliver_first")
         if self.busy_rows:
             width = self._pack()
             if self.end + self.limits.decode_steps > self.capacity:
@@ -608,17 +630,11 @@ class Engine:
             live = [(row, request) for row, request in enumerate(self.rows[:width]) if request is not None]
             active = np.zeros((width,), bool)
             active[[row for row, _ in live]] = True
-            self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active)
+            sampled = any(request.sampling.temperature > 0 for _, request in live)
+            self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active, sampled=sampled)
             self.end += self.limits.decode_steps
             self.pending = (tokens, live)
         clock.lap("dispatch")
-        if admitted:  # the prefill runs ahead of the new call: its first tokens come first
-            first = np.asarray(first).tolist()
-            clock.lap("wait_prefill")
-            for request, token in zip(admitted, first):
-                self._emit(request, [token])
-        else:
-            clock.lap("wait_prefill")
         if done is not None:
             for row, request in done_rows:
                 self._emit(request, done_tokens[:, row].tolist())
@@ -702,7 +718,7 @@ class Engine:
             self.rows[row], request.row = request, row
             self.row_start[row] = self.end - width
         self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
-                                               sampling)
+                                               sampling, sampled=any(r.sampling.temperature > 0 for r in chunk))
         return chunk, first
 
     def _compact(self) -> None:
