@@ -221,8 +221,7 @@ class PrometheusMetrics(Metrics):
                                 "iteration: waiting for the decode call and the prefill (the device), admitting, "
                                 "dispatching, delivering (the host).", ["phase"], buckets=latency,
                                 registry=self.registry)
-        for phase in ENGINE_PHASES:
-            self.phases.labels(phase=phase)
+        self._phase = {phase: self.phases.labels(phase=phase) for phase in ENGINE_PHASES}  # resolved once
         self.generated = Counter("c2c_generated_tokens", "Tokens generated.", registry=self.registry)
         rate = Gauge("c2c_tokens_per_second", f"Tokens generated per second over the last {window_s:g} s.",
                      registry=self.registry)
@@ -240,7 +239,7 @@ class PrometheusMetrics(Metrics):
         self.queued.observe(seconds)
 
     def engine_phase(self, phase, seconds):
-        self.phases.labels(phase=phase).observe(seconds)
+        self._phase[phase].observe(seconds)
 
     def first_token(self, seconds):
         self.ttft.observe(seconds)
