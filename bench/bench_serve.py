@@ -114,25 +114,33 @@ def serve(args) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
+def call_ms(engine, call, calls: int) -> float:
+    """ms of one `call(slots) -> (slots, tokens)` on the engine's (donated) slots, its tokens read on the
+    host each time (no overlap with the next call), after one untimed call."""
+    engine.slots, tokens = call(engine.slots)
+    np.asarray(tokens)
+    start = time.perf_counter()
+    for _ in range(calls):
+        engine.slots, tokens = call(engine.slots)
+        np.asarray(tokens)
+    return (time.perf_counter() - start) / calls * 1e3
+
+
 def decode_step_ms(engine, calls: int = 40) -> dict:
     """{slot width: ms} of one decode step over that many busy rows, its tokens read on the host after
     each decode call of --decode-steps steps (no overlap with the next, no admission, no HTTP): the
     device's share of a token."""
-    import jax
-
     # Every step writes a column: stay within the cache (the engine compacts it before its next step).
     steps = engine.limits.decode_steps
     calls = min(calls, (engine.capacity - engine.end) // (len(engine.widths) * steps) - 1)
     times = {}
     for width in engine.widths:
         active = np.ones((width,), bool)
-        engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active, sampled=False)
-        jax.block_until_ready(tokens)
-        start = time.perf_counter()
-        for _ in range(calls):
-            engine.slots, tokens = engine.decode.step(width, engine.receiver_state, engine.slots, active, sampled=False)
-            np.asarray(tokens)
-        times[width] = round((time.perf_counter() - start) / (calls * steps) * 1e3, 3)
+
+        def step(slots, width=width, active=active):
+            return engine.decode.step(width, engine.receiver_state, slots, active, sampled=False)
+
+        times[width] = round(call_ms(engine, step, calls) / steps, 3)
     engine.end = int(engine.slots.cache.end)  # past the columns these steps wrote; compaction reclaims them
     return times
 
@@ -149,13 +157,11 @@ def prefill_ms(engine, route, calls: int = 10) -> dict:
         batch = route.encoder.batch([prompt] * size, width=engine.prompt_width)
         rows = np.arange(size, dtype=np.int32) % engine.limits.slots
         sampling = row_sampling([Sampling(max_tokens=1)] * size)
-        engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling, sampled=False)
-        np.asarray(first)
-        start = time.perf_counter()
-        for _ in range(calls):
-            engine.slots, first = route.programs.run(route.state, engine.slots, batch, rows, sampling, sampled=False)
-            np.asarray(first)
-        times[size] = round((time.perf_counter() - start) / calls * 1e3, 3)
+
+        def prefill(slots, batch=batch, rows=rows, sampling=sampling):
+            return route.programs.run(route.state, slots, batch, rows, sampling, sampled=False)
+
+        times[size] = round(call_ms(engine, prefill, calls), 3)
     return times
 
 

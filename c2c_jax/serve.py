@@ -218,9 +218,9 @@ class PrometheusMetrics(Metrics):
         self.queued = Histogram("c2c_queue_wait_seconds", "From a request's arrival to its prefill.",
                                 buckets=latency, registry=self.registry)
         self.phases = Histogram("c2c_engine_phase_seconds", "The engine thread's time in each phase of an "
-                                "iteration: waiting for the decode call and the prefill (the device), admitting, "
-                                "dispatching, delivering (the host).", ["phase"], buckets=latency,
-                                registry=self.registry)
+                                "iteration: waiting for the decode call and the prefill (the device); admitting, "
+                                "handing out first tokens, dispatching and delivering (the host).", ["phase"],
+                                buckets=latency, registry=self.registry)
         self._phase = {phase: self.phases.labels(phase=phase) for phase in ENGINE_PHASES}  # resolved once
         self.generated = Counter("c2c_generated_tokens", "Tokens generated.", registry=self.registry)
         rate = Gauge("c2c_tokens_per_second", f"Tokens generated per second over the last {window_s:g} s.",

@@ -261,15 +261,20 @@ class Executables:
         self.jitted = jax.jit(fn, **jit_kwargs)
         self.compiled = {}
 
+    @staticmethod
+    def full_key(key, static: dict) -> tuple:
+        """The key of `compiled`: the caller's key and the static arguments' values."""
+        return key, *sorted(static.items())
+
     def prepare(self, key, *args, **static):
         """args: arrays or `jax.ShapeDtypeStruct`s of the shapes and dtypes the calls will pass."""
-        full_key = (key, *sorted(static.items()))
+        full_key = self.full_key(key, static)
         if full_key not in self.compiled:
             self.compiled[full_key] = self.jitted.lower(*args, **static).compile()
         return self.compiled[full_key]
 
     def __call__(self, key, *args, **static):
-        executable = self.compiled.get((key, *sorted(static.items())))
+        executable = self.compiled.get(self.full_key(key, static))
         return (executable or self.prepare(key, *args, **static))(*args)
 
 
@@ -346,6 +351,11 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    @property
+    def samples(self) -> bool:
+        """Whether the request draws its tokens (temperature > 0) rather than taking the argmax."""
+        return self.temperature > 0
 
 
 @dataclasses.dataclass
@@ -630,7 +640,7 @@ class Engine:
             live = [(row, request) for row, request in enumerate(self.rows[:width]) if request is not None]
             active = np.zeros((width,), bool)
             active[[row for row, _ in live]] = True
-            sampled = any(request.sampling.temperature > 0 for _, request in live)
+            sampled = any(request.sampling.samples for _, request in live)
             self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active, sampled=sampled)
             self.end += self.limits.decode_steps
             self.pending = (tokens, live)
@@ -718,7 +728,7 @@ class Engine:
             self.rows[row], request.row = request, row
             self.row_start[row] = self.end - width
         self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
-                                               sampling, sampled=any(r.sampling.temperature > 0 for r in chunk))
+                                               sampling, sampled=any(r.sampling.samples for r in chunk))
         return chunk, first
 
     def _compact(self) -> None:
