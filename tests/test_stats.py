@@ -85,3 +85,9 @@ def test_verdict_names_what_the_run_shows():
     line = verdict(_summary({"receiver": chance, "c2c": better, "c2c_zero": chance.copy(),
                                 "c2c_mismatched": chance.copy()}))
     assert "above every control: the sharer's content helps" in line
+    # The sharer-only projection keeps the sharer's cache: matching C2C is no sign of a format effect, and
+    # the verdict gives its distance to C2C (what the fuser takes from the receiver's own cache).
+    line = verdict(_summary({"receiver": chance, "c2c": better, "c2c_zero": chance.copy(),
+                                "c2c_no_receiver_input": better.copy()}))
+    assert "above every control: the sharer's content helps" in line
+    assert "c2c_no_receiver_input +" in line and "+0.0 pp [+0.0, +0.0] vs c2c)" in line

@@ -133,3 +133,8 @@ CONTROL_METHODS = {
     "c2c_noise": FusionControl("noise"),
     "c2c_no_receiver_input": FusionControl("real", receiver_input=False),
 }
+
+#: The controls that withhold the sharer's content: C2C's gain is the sharer's only where it beats these.
+#: `c2c_no_receiver_input` keeps the sharer's cache (it withholds the receiver's own from the
+#: projectors), so it measures what the fuser takes from the receiver, not whether the sharer helps.
+SHARER_CONTROLS = tuple(m for m, control in CONTROL_METHODS.items() if control.sharer_input != "real")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from c2c_jax.c2c.controls import CONTROL_METHODS
+from c2c_jax.c2c.controls import CONTROL_METHODS, SHARER_CONTROLS
 from c2c_jax.evaluate.methods import ItemResult
 from c2c_jax.evaluate.scoring import LETTERS
 from c2c_jax.evaluate.settings import METHOD_LABELS, EvalSettings
@@ -150,7 +150,7 @@ def verdict(summary: dict) -> str:
                 continue
             text = f"{m} {_pp(entry['vs_receiver'])}"
             if m == "c2c" and direction > 0:
-                controls = {c: methods[c] for c in CONTROL_METHODS if c in methods and methods[c]["items"]}
+                controls = {c: methods[c] for c in SHARER_CONTROLS if c in methods and methods[c]["items"]}
                 if not controls:
                     text += " (no controls run: a format effect cannot be ruled out)"
                 else:
@@ -158,6 +158,8 @@ def verdict(summary: dict) -> str:
                     text += (f", but {', '.join(matched)} {'does' if len(matched) == 1 else 'do'} not fall below "
                              "it: not the sharer's content" if matched else ", above every control: the sharer's "
                              "content helps")
+            elif m in CONTROL_METHODS and m not in SHARER_CONTROLS and entry["vs_c2c"]:
+                text += f" ({_pp(entry['vs_c2c'])} vs c2c)"
             found.append(text)
         if found:
             clauses.append(f"{b}: " + "; ".join(found) + f" ({receiver['items']} items)")

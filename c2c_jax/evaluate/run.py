@@ -15,13 +15,16 @@ work and returns the summary, so notebooks and tests call it directly. Protocol 
     c2c       receiver + sharer(s) + fuser(s). `eval.fuser` may list several fuser directories
               (comma-separated); `eval.sharers` then lists one sharer model per fuser (default:
               `config.sharer.path` for each). Several fusers are applied sequentially.
-  and the controls, the same fusers fed inputs without the prompt's sharer content (c2c_jax/c2c/controls.py):
+  and the controls, the same fusers fed inputs without the prompt's sharer content (c2c_jax/c2c/controls.py),
+  and one ablation:
     c2c_mismatched         each item reads the sharer cache of another item of its batch (items are
                            batched by length, so a neighbour in length; a cyclic shift within the batch);
     c2c_zero, c2c_noise    the sharer's K/V replaced by zeros / by Gaussian noise of the cache's
                            per-layer, per-head mean and variance (seeded by `config.seed`);
     c2c_no_receiver_input  the projectors read zeros in place of the receiver's K/V (the sharer-only
-                           projection; not for a fuser whose ablation reads no receiver anyway).
+                           projection; not for a fuser whose ablation reads no receiver anyway). It
+                           keeps the sharer's content: it measures what the fuser takes from the
+                           receiver's own cache.
     A gain of c2c over the receiver that a control matches is a format effect, not the sharer's content.
     In logits mode the receiver alone, c2c and the controls are scored from one prefill per batch
     (`SharedPrefill`); each control then adds a fusion and the answer prefix's columns.
