@@ -28,8 +28,12 @@ def main() -> None:
         py_logging.getLogger("absl").setLevel(py_logging.WARNING)  # Orbax's per-file progress lines
         summary = train_and_evaluate(config_flag.value, workdir_flag.value)
         if summary["history"]:
-            last = summary["history"][-1]
-            print(f"done: step {last['step']}, loss {last['loss']:.4f}; fuser in {workdir_flag.value}/final")
+            loss = summary["history"][-1]["loss"]
+            steps = summary.get("stopped_at") or summary["steps"]
+            best = summary.get("best")
+            kept = (f" (the fuser of step {best['step']}, held-out loss {best['eval_loss']:.4f})"
+                    if best and config_flag.value.train.patience else "")
+            print(f"done: step {steps}, loss {loss:.4f}; fuser in {workdir_flag.value}/final{kept}")
 
     cli.run(run)
 
