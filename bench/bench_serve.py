@@ -13,12 +13,15 @@ token: each is one streamed /v1/completions request (a prompt of --prompt-tokens
 from several processes so that the load generator is not the bottleneck. A 429 (queue full) is counted
 as refused.
 
-Load levels. Level N stands for N concurrent clients: its arrival rate is N / T1, where T1 is the
-median latency of one request alone on the receiver-only route (measured first; the calibration
-row). N clients that each sent their next request as soon as the last one ended would send at that
-rate if every request kept its batch-1 latency; it is an offered load, not a cap on concurrency, so
-when the server falls behind, requests pile up and the concurrency reached exceeds N. Both routes get
-the same rate, arrival times and prompts at each level, so that their rows differ only by the route.
+Load levels, two kinds (`--loads`). An open level N ("load": "open") offers N / T1 requests/s, where
+T1 is the median latency of one request alone on the receiver-only route (measured first; the
+calibration row). N clients that each sent their next request as soon as the last one ended would
+send at that rate if every request kept its batch-1 latency; it is an offered load, not a cap on
+concurrency, so when the server falls behind, requests pile up and the concurrency reached exceeds N.
+A closed level N ("load": "closed") is N clients, each sending its next request as soon as its last
+one has ended, for --seconds (their first requests spread over T1): exactly N requests in flight,
+whatever the server's speed. Both routes get the same rate, arrival times and prompts at each level,
+so that their rows differ only by the route.
 Reported per row: output tokens/s (tokens received over the span from the first arrival to the last
 token), p50/p99 time to first token and inter-token latency as the clients see them (between
 streamed chunks: a chunk holds one token while the server keeps up, several when it falls behind;
@@ -29,7 +32,7 @@ token and wait for a prefill from each request's arrival (no HTTP), and the mean
 an engine iteration (`engine.ENGINE_PHASES`: the device's two waits, the host's admitting,
 dispatching and delivering).
 
-    python bench/bench_serve.py [--clients 1,8,32,128] [--seconds 10] [--slots 256] [--decode-steps 4]
+    python bench/bench_serve.py [--clients 1,8,32,128] [--loads open,closed] [--seconds 10] [--slots 256] [--decode-steps 4]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row
 """
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -247,6 +251,28 @@ def client_process(url, bodies, arrivals, queue):
     queue.put(asyncio.run(main()))
 
 
+def closed_clients_process(url, client_bodies, starts, stop_at, queue):
+    """Client k sends client_bodies[k] in turn (cycling), each as soon as its last one has ended, the first
+    at perf_counter time starts[k], until stop_at: each client has one request in flight at a time."""
+    import httpx
+
+    async def client(c, bodies, start):
+        await asyncio.sleep(max(0.0, start - time.perf_counter()))
+        records = []
+        for body in itertools.cycle(bodies):
+            if time.perf_counter() >= stop_at:
+                return records
+            records.append(await stream_one(c, body, time.perf_counter()))
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=None,
+                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as c:
+            per_client = await asyncio.gather(*(client(c, b, t) for b, t in zip(client_bodies, starts)))
+            return [r for records in per_client for r in records]
+
+    queue.put(asyncio.run(main()))
+
+
 def poisson_arrivals(rate: float, seconds: float, seed: int) -> np.ndarray:
     """Arrival offsets (s) of a Poisson process of `rate` per second over [0, seconds), the first at 0."""
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=int(rate * seconds * 2) + 16)
@@ -258,12 +284,26 @@ def run_load(url, bodies, offsets, processes):
     """Records of requests bodies[i] sent at offsets[i] (s from a common start), arrival k from process
     k mod P: every process sends a thinned Poisson stream, all of them together the exact schedule."""
     processes = max(1, min(processes, len(bodies)))
+    start = time.perf_counter() + 2.0  # every process running before the first arrival
+    return _in_processes(client_process, [(url, bodies[p::processes], [start + t for t in offsets[p::processes]])
+                                          for p in range(processes)])
+
+
+def run_closed_load(url, client_bodies, spread, seconds, processes):
+    """Records of len(client_bodies) closed-loop clients (`closed_clients_process`), client k from process
+    k mod P, their first requests spread evenly over `spread` s, sending for `seconds` s from the first."""
+    processes = max(1, min(processes, len(client_bodies)))
+    start = time.perf_counter() + 2.0
+    starts = [start + spread * k / len(client_bodies) for k in range(len(client_bodies))]
+    return _in_processes(closed_clients_process, [(url, client_bodies[p::processes], starts[p::processes],
+                                                   start + seconds) for p in range(processes)])
+
+
+def _in_processes(target, per_process_args):
+    """The records that target(*args, queue) puts on the queue, one process per args, all joined."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    start = time.perf_counter() + 2.0  # every process running before the first arrival
-    procs = [context.Process(target=client_process, args=(url, bodies[p::processes],
-                                                         [start + t for t in offsets[p::processes]], queue))
-             for p in range(processes)]
+    procs = [context.Process(target=target, args=(*args, queue)) for args in per_process_args]
     for p in procs:
         p.start()
     records = [r for _ in procs for r in queue.get()]
@@ -364,6 +404,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, short rows")
     parser.add_argument("--clients", default="1,8,32,128",
                         help="load levels, in concurrent clients: N arrive at N / (batch-1 request latency) per s")
+    parser.add_argument("--loads", default="open,closed",
+                        help="kinds of load level: open (N / T1 requests/s offered), closed (N clients in turn)")
     parser.add_argument("--seconds", type=float, default=10.0, help="arrivals per row span this long")
     parser.add_argument("--seed", type=int, default=0, help="of the arrival times and prompts")
     parser.add_argument("--slots", type=int, default=256)
@@ -378,6 +420,9 @@ def main():
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.clients_list = [int(c) for c in args.clients.split(",")]
+    args.loads_list = args.loads.split(",")
+    if not args.loads_list or set(args.loads_list) - {"open", "closed"}:
+        parser.error(f"--loads: a comma-separated list of open and closed, not {args.loads!r}")
     if args.smoke:
         args.slots, args.prompt_tokens, args.max_tokens = min(args.slots, 8), min(args.prompt_tokens, 32), \
             min(args.max_tokens, 8)
@@ -432,14 +477,21 @@ def main():
             batch1_latency(url, bodies(model, 1)[0], repeats=1)
         latency = batch1_latency(url, bodies("receiver", 1)[0], repeats=5)
         report.add(what="calibration", batch1_latency_s=round(latency, 4))
-        for level, clients in enumerate(args.clients_list):
-            rate = clients / latency
-            offsets = poisson_arrivals(rate, args.seconds, seed=args.seed + level)
-            prompts = bodies("receiver", len(offsets))
+        for load, (level, clients) in itertools.product(args.loads_list, enumerate(args.clients_list)):
+            if load == "open":
+                rate = clients / latency
+                offsets = poisson_arrivals(rate, args.seconds, seed=args.seed + level)
+                prompts = bodies("receiver", len(offsets))
+            else:  # each client's own prompts, enough for the row at batch-1 speed (then they cycle)
+                rate, prompts = None, [bodies("receiver", int(args.seconds / latency) + 2) for _ in range(clients)]
             for model in ("receiver", "c2c"):  # the same arrivals and prompts for both routes
                 before = scrape(url)
-                records = run_load(url, [dict(b, model=model) for b in prompts], offsets, args.processes)
-                report.add(model=model, clients=clients, offered_rps=round(rate, 2),
+                if load == "open":
+                    records = run_load(url, [dict(b, model=model) for b in prompts], offsets, args.processes)
+                else:
+                    records = run_closed_load(url, [[dict(b, model=model) for b in own] for own in prompts],
+                                              latency, args.seconds, args.processes)
+                report.add(model=model, load=load, clients=clients, offered_rps=rate and round(rate, 2),
                            **summarize(records, args.max_tokens), **engine_breakdown(before, scrape(url)))
         metrics = httpx.get(url + "/metrics").text
         report.add(what="server_metrics", requests_200=sum(

@@ -109,8 +109,11 @@ def test_ab_runs_each_side_on_its_own_tree(tmp_path):
 def test_serving_benchmark_reports_both_routes(tmp_path):
     run_script("bench_serve.py", "--clients", "2", "--seconds", "1", "--processes", "1", out_dir=tmp_path)
     measured = [r for r in rows(tmp_path / "serve.jsonl") if r.get("model")]
-    assert [(r["model"], r["clients"]) for r in measured] == [("receiver", 2), ("c2c", 2)]
+    assert [(r["load"], r["model"], r["clients"]) for r in measured] == [
+        (load, model, 2) for load in ("open", "closed") for model in ("receiver", "c2c")]
     for row in measured:
+        if row["load"] == "closed":  # two clients, one request in flight each: never more than two at once
+            assert row["offered_rps"] is None and row["concurrency_max"] <= 2 and row["requests"] >= 2, row
         assert row["requests"] > 0 and row["failed"] == 0 and row["output_tokens_per_s"] > 0, row
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and 0 < row["itl_p50_ms"] <= row["itl_p99_ms"], row
         # From the server's metrics: a request waits for its prefill before its first token, so the
