@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from c2c_jax.models.attention import cache_attention, prefix_attention, resolve_implementation
+from c2c_jax.models.attention import (DECODE_BLOCK, cache_attention, decode_attention, prefix_attention,
+                                      resolve_implementation)
 from c2c_jax.models.decoder import attention_mask
 
 
@@ -67,21 +68,30 @@ def test_prefix_attention_under_jit_and_grad_of_a_scalar():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+# (cache columns, end, hidden cached columns per row): one block of keys for the Pallas kernel; and
+# several (blocks of 64), where it skips whole blocks: before a row's start, from the end on, and all
+# of them for a row that sees only its new token (a free server slot).
+CACHES = {"one block": (16, 7, [slice(0, 3), slice(4, 5)]),
+          "four blocks": (256, 150, [slice(0, 70), slice(100, 101), slice(0, 150)])}
+
+
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 @pytest.mark.parametrize("num_new", [1, 3])
-def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_new, implementation):
+@pytest.mark.parametrize("cache", CACHES)
+def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(cache, num_new, implementation):
     """New tokens at columns [end, end + T) of a cache whose columns from `end` on hold stale K/V (as
     after the pipeline rewinds a prompt cache) and with padding among the cached columns: the same
     as NumPy softmax attention over the cache with the new K/V written in, under the decoder's mask.
     "pallas" is the Pallas decode kernel (in Pallas' interpreter here) for one new token."""
-    layers, layer, b, s, heads, kv_heads, d, end = 3, 1, 2, 16, 4, 2, 8, 7
+    s, end, hidden = CACHES[cache]
+    layers, layer, b, heads, kv_heads, d = 3, 1, len(hidden), 4, 2, 8
     rng = np.random.default_rng(0)
     q = rng.normal(size=(b, num_new, heads, d)).astype(np.float32)
     cache_k, cache_v = (rng.normal(size=(layers, b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
     new_k, new_v = (rng.normal(size=(b, num_new, kv_heads, d)).astype(np.float32) for _ in range(2))
     valid = np.ones((b, s), bool)
-    valid[0, :3] = False  # left padding
-    valid[1, 4] = False  # a pad inside the row
+    for row, columns in enumerate(hidden):  # left padding, a pad inside the row, or every cached column
+        valid[row, columns] = False
     new_valid = np.ones((b, num_new), bool)
     valid[:, end:end + num_new] = new_valid
     mask = attention_mask(jnp.asarray(valid), end, num_new)
@@ -100,6 +110,46 @@ def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(num_n
     weights /= weights.sum(-1, keepdims=True)
     reference = np.einsum("bnts,bsnd->btnd", weights, values)
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_the_pallas_decode_kernel_reads_no_block_whose_cached_keys_are_all_hidden():
+    """NaN K/V in the blocks a row cannot see (before its start, from the cache's end on) leave its
+    output as it was: the kernel loads no block of DECODE_BLOCK keys that are all hidden."""
+    layers, layer, b, heads, kv_heads, d = 2, 1, 2, 4, 2, 8
+    s, end, start = 4 * DECODE_BLOCK, 2 * DECODE_BLOCK + 22, DECODE_BLOCK + 6
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(b, 1, heads, d)).astype(np.float32)
+    new_k, new_v = (rng.normal(size=(b, 1, kv_heads, d)).astype(np.float32) for _ in range(2))
+    cache_k, cache_v = (rng.normal(size=(layers, b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
+    visible = np.zeros((b, s), bool)
+    visible[0, start:end] = True  # row 0: a prompt that starts in the second block
+    visible[1, :end] = True
+    clean = decode_attention(q, new_k, new_v, cache_k, cache_v, layer, jnp.asarray(visible))
+    for cache in (cache_k, cache_v):
+        cache[layer, 0, :DECODE_BLOCK] = np.nan  # row 0's first block
+        cache[layer, :, 3 * DECODE_BLOCK:] = np.nan  # every row's last block, past the end
+    poisoned = decode_attention(q, new_k, new_v, cache_k, cache_v, layer, jnp.asarray(visible))
+    assert np.isfinite(np.asarray(clean)).all()
+    np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))
+
+
+def test_the_pallas_decode_kernel_lowers_to_triton_for_a_gpu():
+    """The kernel as a GPU compile sees it, lowered on this machine (`jax.export` for CUDA) at a
+    server's decode shapes (Qwen3-0.6B, 256 slots of 384 columns): Pallas turns it into one Triton
+    call over a grid of rows x query heads x key blocks, so a construct that Pallas cannot lower to
+    Triton fails here, not first on a GPU (compiling the Triton code itself needs one)."""
+    layers, b, s, heads, kv_heads, d = 28, 256, 384, 16, 8, 128
+    spec = jax.ShapeDtypeStruct
+    args = (spec((b, 1, heads, d), jnp.bfloat16), spec((b, 1, kv_heads, d), jnp.bfloat16),
+            spec((b, 1, kv_heads, d), jnp.bfloat16), spec((layers, b, s, kv_heads, d), jnp.bfloat16),
+            spec((layers, b, s, kv_heads, d), jnp.bfloat16), spec((), jnp.int32), spec((b, s), jnp.bool_))
+    kernel = lambda *a: decode_attention(*a, platform="gpu")  # noqa: E731
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(jax.jit(kernel), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
+    module = exported.mlir_module()
+    assert module.count(f"stablehlo.custom_call @{triton}") == 1
+    assert f"grid_x = {b} : i32, grid_y = {heads} : i32, grid_z = {s // DECODE_BLOCK} : i32" in module
 
 
 def test_cache_attention_after_a_cache_without_a_mask_is_an_error():

@@ -130,7 +130,7 @@ def cache_attention(q, k_new, v_new, cache_k=None, cache_v=None, layer=None, *, 
         # A new token sees itself and the cached columns before `end` that its mask shows.
         cached_visible = mask[:, 0, 0, :] & (jnp.arange(cache_k.shape[2]) < end)
         if impl == "pallas":
-            return decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible)
+            return decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible, platform=platform)
         return tpu_decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible, platform=platform)
     cached_k, cached_v = cache_k[layer], cache_v[layer]
     if impl == "xla":
@@ -186,7 +186,7 @@ def _pallas_decode_fits(q, num_new, cache_k) -> bool:
             and q.shape[2] % cache_k.shape[3] == 0)
 
 
-def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
+def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible, *, platform: str | None = None):
     """One new token per row over layer `layer` of the stacked cache and over its own K/V:
     `_cache_then_new_attention` for T = 1, as a Pallas (Triton) kernel and one XLA reduction.
 
@@ -196,6 +196,9 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
     cached keys, each a softmax over its block (the first block's also over the new key); the
     blocks are then merged by their maxima and sums (flash-decoding). One program per row and head
     looping over the blocks was latency-bound: slower than XLA at batch 1 (docs/performance.md).
+    A block whose cached keys are all hidden loads none of them: a row sees only the columns from
+    its prompt's start to the cache's end, and a server's slots span the whole capacity.
+    platform: the target ("gpu" compiles the kernel; elsewhere it runs in Pallas' interpreter).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pallas_triton
@@ -213,16 +216,26 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
         row, head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         kv_head, index, keys = head // group, layer_ref[0], pl.ds(part * block, block)
         query = q_ref[...].astype(jnp.float32)
-        k = k_ref[index, row, keys, kv_head, :].astype(jnp.float32)
-        scores = jnp.sum(k * query[None, :], axis=1) * scale + bias_ref[keys]
+        bias, v_new = bias_ref[keys], v_new_ref[...].astype(jnp.float32)
         # The new key joins the first block only.
         new_score = jnp.sum(query * k_new_ref[...].astype(jnp.float32)) * scale
         new_score = jnp.where(part == 0, new_score, np.float32(_MASKED))
-        top = jnp.maximum(jnp.max(scores), new_score)
-        p, p_new = jnp.exp(scores - top), jnp.exp(new_score - top)
-        v = v_ref[index, row, keys, kv_head, :].astype(jnp.float32)
-        acc_ref[...] = jnp.sum(p[:, None] * v, axis=0) + p_new * v_new_ref[...].astype(jnp.float32)
-        stats_ref[...] = jnp.where(jnp.arange(2) == 0, top, jnp.sum(p) + p_new)  # max, sum of exponentials
+
+        def cached_and_new():
+            k = k_ref[index, row, keys, kv_head, :].astype(jnp.float32)
+            scores = jnp.sum(k * query[None, :], axis=1) * scale + bias
+            top = jnp.maximum(jnp.max(scores), new_score)
+            p, p_new = jnp.exp(scores - top), jnp.exp(new_score - top)
+            v = v_ref[index, row, keys, kv_head, :].astype(jnp.float32)
+            return jnp.sum(p[:, None] * v, axis=0) + p_new * v_new, top, jnp.sum(p) + p_new
+
+        def new_only():  # what the other branch computes when every cached key is hidden (p = 0)
+            p_new = jnp.exp(new_score - new_score)  # 1, as a value: a literal cannot leave a Triton branch
+            return p_new * v_new, new_score, p_new
+
+        acc, top, total = jax.lax.cond(jnp.max(bias) > _MASKED / 2, cached_and_new, new_only)
+        acc_ref[...] = acc
+        stats_ref[...] = jnp.where(jnp.arange(2) == 0, top, total)  # max, sum of exponentials
 
     def vector(index_map):
         return pl.BlockSpec((pl.squeezed, pl.squeezed, d), index_map)
@@ -240,7 +253,7 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, layer, cached_visible):
         out_specs=[pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, d), lambda i, h, j: (i, h, j, 0)),
                    pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, 2), lambda i, h, j: (i, h, j, 0))],
         compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=1),
-        interpret=jax.default_backend() != "gpu",  # Pallas' interpreter: for tests off the GPU
+        interpret=_interpret(platform, "gpu"),  # Pallas' interpreter: for tests off the GPU
     )(q[:, 0], k_new[:, 0].astype(cache_k.dtype), v_new[:, 0].astype(cache_v.dtype), cache_k, cache_v, layer, bias)
     return merge_decode_blocks(acc, stats).astype(q.dtype)
 
@@ -293,9 +306,10 @@ def _per_device_rows(fn, args, batch_axes, out_batch_axes=0):
     return jax.shard_map(fn, in_specs=tuple(map(spec, batch_axes)), out_specs=out_specs, check_vma=False)(*args)
 
 
-def _interpret(platform: str | None) -> bool:
-    """Whether a Pallas TPU kernel runs in Pallas' interpreter: when it is not compiled for a TPU."""
-    return (platform or jax.default_backend()) != "tpu"
+def _interpret(platform: str | None, kernel_platform: str = "tpu") -> bool:
+    """Whether a Pallas kernel for `kernel_platform` runs in Pallas' interpreter: when it is not compiled
+    for that platform (`platform`, default `jax.default_backend()`)."""
+    return (platform or jax.default_backend()) != kernel_platform
 
 
 def splash_attention(q, k, v, *, prefix_length: int, prefix_lengths=None, platform: str | None = None):
