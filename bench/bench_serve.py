@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -133,12 +134,19 @@ def call_ms(engine, call, calls: int) -> float:
 def decode_step_ms(engine, calls: int = 40) -> dict:
     """{slot width: ms} of one decode step over that many busy rows, its tokens read on the host after
     each decode call of --decode-steps steps (no overlap with the next, no admission, no HTTP): the
-    device's share of a token."""
-    # Every step writes a column: stay within the cache (the engine compacts it before its next step).
+    device's share of a token. Every width starts from the same cache: each row sees a whole prompt
+    (columns [0, prompt width)) and then the columns its steps write, as a request does."""
+    import jax.numpy as jnp
+
     steps = engine.limits.decode_steps
-    calls = min(calls, (engine.capacity - engine.end) // (len(engine.widths) * steps) - 1)
+    start = engine.prompt_width
+    calls = min(calls, (engine.capacity - start) // steps - 1)  # every step writes a column
     times = {}
     for width in engine.widths:
+        cache = engine.slots.cache
+        seen = jnp.broadcast_to(jnp.arange(cache.valid.shape[1]) < start, cache.valid.shape)
+        engine.slots = dataclasses.replace(engine.slots, cache=dataclasses.replace(
+            cache, valid=seen, end=jnp.asarray(start, jnp.int32)))
         active = np.ones((width,), bool)
 
         def step(slots, width=width, active=active):

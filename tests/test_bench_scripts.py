@@ -123,6 +123,8 @@ def test_serving_benchmark_reports_both_routes(tmp_path):
         assert row["engine_iteration_ms"]["wait_decode"] > 0, row
     settings = next(r for r in rows(tmp_path / "serve.jsonl") if r.get("what") == "settings")
     assert all(ms > 0 for route in ("receiver", "c2c") for ms in settings["prefill_ms"][route].values()), settings
+    assert [int(w) for w in settings["decode_step_ms"]] == settings["slot_widths"], settings
+    assert all(ms > 0 for ms in settings["decode_step_ms"].values()), settings
 
 
 def test_http_benchmark_sees_each_first_token_after_the_stand_in_engine_hands_it_out(tmp_path):
