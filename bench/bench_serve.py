@@ -29,8 +29,8 @@ streamed chunks: a chunk holds one token while the server keeps up, several when
 the concurrency reached (mean number of requests in flight over the span, and
 its maximum); and, from the server's metrics over the row, what the engine saw: the median first
 token and wait for a prefill from each request's arrival (no HTTP), and the mean ms of each phase of
-an engine iteration (`engine.ENGINE_PHASES`: the device's two waits, the host's admitting,
-dispatching and delivering).
+an engine iteration (`engine.ENGINE_PHASES`: the device's two waits, the host's admitting, dispatching
+the prefill and the decode call, and delivering).
 
     python bench/bench_serve.py [--clients 1,8,32,128] [--loads open,closed] [--seconds 10] [--slots 256] [--decode-steps 4]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row

@@ -219,7 +219,8 @@ class PrometheusMetrics(Metrics):
                                 buckets=latency, registry=self.registry)
         self.phases = Histogram("c2c_engine_phase_seconds", "The engine thread's time in each phase of an "
                                 "iteration: waiting for the decode call and the prefill (the device); admitting, "
-                                "handing out first tokens, dispatching and delivering (the host).", ["phase"],
+                                "dispatching the prefill, handing out first tokens, dispatching the decode call "
+                                "and delivering (the host).", ["phase"],
                                 buckets=latency, registry=self.registry)
         self._phase = {phase: self.phases.labels(phase=phase) for phase in ENGINE_PHASES}  # resolved once
         self.generated = Counter("c2c_generated_tokens", "Tokens generated.", registry=self.registry)

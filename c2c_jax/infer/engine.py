@@ -398,9 +398,11 @@ class Request:
 
 
 # What the engine thread does in an iteration (`Engine.iteration`), in order; `Metrics.engine_phase`
-# gets the seconds of each. The two waits are the device's share, the rest the host's (a dispatch
-# that blocks, as a GPU conditional makes it, shows as host time: `sample_rows`).
-ENGINE_PHASES = ("wait_decode", "admit", "wait_prefill", "deliver_first", "dispatch", "deliver")
+# gets the seconds of each. The two waits are the device's share, the rest the host's: taking waiting
+# requests and building their batch (admit), launching the prefill and the decode call, handing out
+# tokens (a dispatch that blocks, as a GPU conditional makes it, shows as host time: `sample_rows`).
+ENGINE_PHASES = ("wait_decode", "admit", "dispatch_prefill", "wait_prefill", "deliver_first", "dispatch_decode",
+                 "deliver")
 
 
 class Metrics:
@@ -450,6 +452,18 @@ class PhaseClock:
 # event loop keep the engine thread from its next dispatch for up to 5 ms after every decode step:
 # with 128 streams a step took 11-14 ms on an H100 whose device work was 5 ms (docs/design.md).
 SWITCH_INTERVAL_S = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """One prefill chunk, taken from the queue (`Engine._take_chunk`): its requests (in their rows) and
+    the prefill's inputs, rows and batch padded to a prefill size."""
+
+    route: Route
+    requests: list[Request]
+    batch: PromptBatch
+    rows: np.ndarray  # int32 [B]
+    sampling: RowSampling
 
 
 class Engine:
@@ -626,9 +640,16 @@ class Engine:
             done_tokens, done_rows = np.asarray(done[0]), done[1]
         clock.lap("wait_decode")
         self._free_cancelled()
-        admitted, first = self._admit_chunk()
+        admission = self._take_chunk()
         clock.lap("admit")
-        first = np.asarray(first).tolist() if admitted else []
+        admitted, first = [], None
+        if admission is not None:
+            admitted = admission.requests
+            self.slots, first = admission.route.programs.run(
+                admission.route.state, self.slots, admission.batch, admission.rows, admission.sampling,
+                sampled=any(r.sampling.samples for r in admitted))
+        clock.lap("dispatch_prefill")
+        first = [] if first is None else np.asarray(first).tolist()  # blocks until the prefill has run
         clock.lap("wait_prefill")
         for request, token in zip(admitted, first):
             self._emit(request, [token])
@@ -644,7 +665,7 @@ class Engine:
             self.slots, tokens = self.decode.step(width, self.receiver_state, self.slots, active, sampled=sampled)
             self.end += self.limits.decode_steps
             self.pending = (tokens, live)
-        clock.lap("dispatch")
+        clock.lap("dispatch_decode")
         if done is not None:
             for row, request in done_rows:
                 self._emit(request, done_tokens[:, row].tolist())
@@ -704,11 +725,14 @@ class Engine:
                 self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
                 self.metrics.queue_depth(len(self.waiting))
 
-    def _admit_chunk(self):
+    def _take_chunk(self) -> Admission | None:
+        """Up to `max_prefill_batch` waiting requests of the first waiting one's route, taken from the
+        queue into free rows, with their prompt batch (padded to a prefill size with copies of the
+        first); None when nobody waits or no row is free."""
         free = [r for r, req in enumerate(self.rows) if req is None]
         with self._lock:
             if not free or not self.waiting:
-                return [], None
+                return None
             route = self.waiting[0].route
             chunk = [r for r in self.waiting if r.route is route][: min(len(free), self.limits.max_prefill_batch)]
             for request in chunk:
@@ -723,13 +747,11 @@ class Engine:
         requests = chunk + [chunk[0]] * (padded - len(chunk))
         batch = route.encoder.batch([r.prompt for r in requests])
         width = batch.tokens.shape[1]
-        sampling = row_sampling([r.sampling for r in requests])
         for row, request in zip(rows, chunk):  # in their rows first: if the programs fail, `_fail_all` ends them
             self.rows[row], request.row = request, row
             self.row_start[row] = self.end - width
-        self.slots, first = route.programs.run(route.state, self.slots, batch, np.asarray(chunk_rows, np.int32),
-                                               sampling, sampled=any(r.sampling.samples for r in chunk))
-        return chunk, first
+        return Admission(route, chunk, batch, np.asarray(chunk_rows, np.int32),
+                         row_sampling([r.sampling for r in requests]))
 
     def _compact(self) -> None:
         live = [self.row_start[r] for r, req in enumerate(self.rows) if req is not None]
