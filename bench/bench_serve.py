@@ -32,7 +32,8 @@ token and wait for a prefill from each request's arrival (no HTTP), and the mean
 an engine iteration (`engine.ENGINE_PHASES`: the device's two waits, the host's admitting, dispatching
 the prefill and the decode call, and delivering).
 
-    python bench/bench_serve.py [--clients 1,8,32,128] [--loads open,closed] [--seconds 10] [--slots 256] [--decode-steps 4]
+    python bench/bench_serve.py [--clients 1,8,32,128] [--loads open,closed] [--seconds 10] [--slots 256]
+                                [--decode-steps 4]
     python bench/bench_serve.py --smoke     # tiny models on the CPU, a few seconds per row
 """
 
@@ -144,7 +145,7 @@ def decode_step_ms(engine, calls: int = 40) -> dict:
     times = {}
     for width in engine.widths:
         cache = engine.slots.cache
-        seen = jnp.broadcast_to(jnp.arange(cache.valid.shape[1]) < start, cache.valid.shape)
+        seen = jnp.broadcast_to(jnp.arange(engine.capacity) < start, cache.valid.shape)
         engine.slots = dataclasses.replace(engine.slots, cache=dataclasses.replace(
             cache, valid=seen, end=jnp.asarray(start, jnp.int32)))
         active = np.ones((width,), bool)
@@ -243,13 +244,18 @@ async def stream_one(client, body: dict, sent: float) -> dict:
             "done": time.perf_counter()}
 
 
-def client_process(url, bodies, arrivals, queue):
-    """Sends bodies[i] at perf_counter time arrivals[i], whether or not earlier requests have finished."""
+def load_client(url):
+    """An HTTP client for the load, as many connections at once as requests in flight."""
     import httpx
 
+    return httpx.AsyncClient(base_url=url, timeout=None,
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+
+
+def client_process(url, bodies, arrivals, queue):
+    """Sends bodies[i] at perf_counter time arrivals[i], whether or not earlier requests have finished."""
     async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=None,
-                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as c:
+        async with load_client(url) as c:
             tasks = []
             for body, at in zip(bodies, arrivals):
                 await asyncio.sleep(max(0.0, at - time.perf_counter()))
@@ -262,8 +268,6 @@ def client_process(url, bodies, arrivals, queue):
 def closed_clients_process(url, client_bodies, starts, stop_at, queue):
     """Client k sends client_bodies[k] in turn (cycling), each as soon as its last one has ended, the first
     at perf_counter time starts[k], until stop_at: each client has one request in flight at a time."""
-    import httpx
-
     async def client(c, bodies, start):
         await asyncio.sleep(max(0.0, start - time.perf_counter()))
         records = []
@@ -273,8 +277,7 @@ def closed_clients_process(url, client_bodies, starts, stop_at, queue):
             records.append(await stream_one(c, body, time.perf_counter()))
 
     async def main():
-        async with httpx.AsyncClient(base_url=url, timeout=None,
-                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as c:
+        async with load_client(url) as c:
             per_client = await asyncio.gather(*(client(c, b, t) for b, t in zip(client_bodies, starts)))
             return [r for records in per_client for r in records]
 
@@ -411,7 +414,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, short rows")
     parser.add_argument("--clients", default="1,8,32,128",
-                        help="load levels, in concurrent clients: N arrive at N / (batch-1 request latency) per s")
+                        help="load levels N: N / (batch-1 request latency) requests/s offered (open), N clients in "
+                             "turn (closed)")
     parser.add_argument("--loads", default="open,closed",
                         help="kinds of load level: open (N / T1 requests/s offered), closed (N clients in turn)")
     parser.add_argument("--seconds", type=float, default=10.0, help="arrivals per row span this long")
@@ -429,7 +433,7 @@ def main():
     args = parser.parse_args()
     args.clients_list = [int(c) for c in args.clients.split(",")]
     args.loads_list = args.loads.split(",")
-    if not args.loads_list or set(args.loads_list) - {"open", "closed"}:
+    if set(args.loads_list) - {"open", "closed"}:
         parser.error(f"--loads: a comma-separated list of open and closed, not {args.loads!r}")
     if args.smoke:
         args.slots, args.prompt_tokens, args.max_tokens = min(args.slots, 8), min(args.prompt_tokens, 32), \

@@ -2,11 +2,11 @@
 
 `c2c_jax.serve.create_app` runs over a stand-in engine with no model and no device: a thread that,
 every --call-ms (a decode call), hands each request submitted since the last call its first token,
-then each running request --decode-steps tokens, in the engine's order. The same open-loop load as `bench_serve.py` (seeded
-Poisson arrivals, streamed /v1/completions, several load processes) then measures the first token as
-the clients see it; the stand-in records when it handed each first token out, so the difference is
-the HTTP side's share: parsing, tokenizing and submitting the request, and delivering its first chunk
-behind every other stream's. Runs anywhere (no accelerator); compare uvicorn's HTTP implementations
+then each running request --decode-steps tokens, in the engine's order. The same open-loop load as
+`bench_serve.py` (seeded Poisson arrivals, streamed /v1/completions, several load processes) then
+measures the first token as the clients see it; the stand-in records when it handed each first token
+out, so the difference is the HTTP side's share: parsing, tokenizing and submitting the request, and
+delivering its first chunk behind every other stream's. Runs anywhere (no accelerator); compare uvicorn's HTTP implementations
 with --http.
 
     python bench/bench_serve_http.py [--rate 99] [--call-ms 55] [--http h11|httptools]

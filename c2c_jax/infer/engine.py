@@ -465,6 +465,11 @@ class Admission:
     rows: np.ndarray  # int32 [B]
     sampling: RowSampling
 
+    def prefill(self, slots: Slots) -> tuple[Slots, jax.Array]:
+        """The chunk's prefill dispatched on `slots`: the new slots and the first tokens int32 [B]."""
+        return self.route.programs.run(self.route.state, slots, self.batch, self.rows, self.sampling,
+                                       sampled=any(r.sampling.samples for r in self.requests))
+
 
 class Engine:
     """Continuous batching over `limits.slots` decode rows for a receiver and its routes.
@@ -642,14 +647,12 @@ class Engine:
         self._free_cancelled()
         admission = self._take_chunk()
         clock.lap("admit")
-        admitted, first = [], None
+        admitted, first = [], []
         if admission is not None:
             admitted = admission.requests
-            self.slots, first = admission.route.programs.run(
-                admission.route.state, self.slots, admission.batch, admission.rows, admission.sampling,
-                sampled=any(r.sampling.samples for r in admitted))
+            self.slots, first = admission.prefill(self.slots)
         clock.lap("dispatch_prefill")
-        first = [] if first is None else np.asarray(first).tolist()  # blocks until the prefill has run
+        first = np.asarray(first).tolist()  # blocks until the prefill has run
         clock.lap("wait_prefill")
         for request, token in zip(admitted, first):
             self._emit(request, [token])
