@@ -78,13 +78,15 @@ CACHES = {"one block": (16, 7, [slice(0, 3), slice(4, 5)]),
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 @pytest.mark.parametrize("num_new", [1, 3])
 @pytest.mark.parametrize("cache", CACHES)
-def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(cache, num_new, implementation):
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (2, 2)])  # query heads per kv head: 2, 3, 1
+def test_cache_attention_after_a_cache_equals_numpy_over_the_written_cache(cache, num_new, implementation, heads,
+                                                                           kv_heads):
     """New tokens at columns [end, end + T) of a cache whose columns from `end` on hold stale K/V (as
     after the pipeline rewinds a prompt cache) and with padding among the cached columns: the same
     as NumPy softmax attention over the cache with the new K/V written in, under the decoder's mask.
     "pallas" is the Pallas decode kernel (in Pallas' interpreter here) for one new token."""
     s, end, hidden = CACHES[cache]
-    layers, layer, b, heads, kv_heads, d = 3, 1, len(hidden), 4, 2, 8
+    layers, layer, b, d = 3, 1, len(hidden), 8
     rng = np.random.default_rng(0)
     q = rng.normal(size=(b, num_new, heads, d)).astype(np.float32)
     cache_k, cache_v = (rng.normal(size=(layers, b, s, kv_heads, d)).astype(np.float32) for _ in range(2))
