@@ -10,8 +10,11 @@ Generate (`--only generate`): the library's decode loop (`infer.decode.decode`, 
 checks for EOS after every token) for Qwen3-0.6B at a 512-token context, ms per token.
 Methods: first-token latency of receiver, sharer, text-to-text (sharer writes an
 80-token message first) and C2C at a 512-token prompt.
+Decode attention (`--only decode_attention`): one new token's attention over every layer of a
+server's stacked cache (Qwen3-0.6B, 384 columns), the GPU's Pallas kernel against XLA's route, with
+each row seeing the first `--seen` columns: the kernel loads no block a row cannot see.
 
-    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts,generate]
+    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts,generate,decode_attention]
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from c2c_jax.c2c.prefix import PackedRows  # noqa: E402
 from c2c_jax.c2c.prompt import PromptBatch  # noqa: E402
 from c2c_jax.infer.decode import SamplingConfig, decode  # noqa: E402
 from c2c_jax.infer.generator import InferencePrograms  # noqa: E402
+from c2c_jax.models.attention import cache_attention  # noqa: E402
+from c2c_jax.models.decoder import attention_mask  # noqa: E402
 from c2c_jax.models.kv_cache import decode_capacity  # noqa: E402
 
 
@@ -336,6 +341,35 @@ def bench_generate(report, cfg, batches, context, new_tokens):
                    ms_per_token=round(ms / (new_tokens - 1), 3))
 
 
+def bench_decode_attention(report, cfg, rows, capacity, seen):
+    """One new token per row at column `seen` over the layers of a stacked cache of `capacity` columns
+    whose first `seen` columns the rows see, as `cache_attention` computes it in a decode step, once
+    per layer (a `fori_loop`, so that each implementation compiles one attention): "pallas", the GPU
+    kernel over the stacked cache in place (Pallas' interpreter off the GPU), against "xla"."""
+    layers, heads, kv_heads, d = (cfg[k] for k in ("num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "head_dim"))
+    for b in rows:
+        keys = jax.random.split(jax.random.key(0), 5)
+        q = jax.random.normal(keys[0], (b, 1, heads, d), jnp.bfloat16)
+        new_k, new_v = (jax.random.normal(k, (b, 1, kv_heads, d), jnp.bfloat16) for k in keys[1:3])
+        cache_k, cache_v = (jax.random.normal(k, (layers, b, capacity, kv_heads, d), jnp.bfloat16) for k in keys[3:])
+        for visible in seen:
+            mask = attention_mask(jnp.broadcast_to(jnp.arange(capacity) <= visible, (b, capacity)), visible, 1)
+            ms = {}
+            for implementation in ("pallas", "xla"):
+                @jax.jit
+                def run(q, new_k, new_v, cache_k, cache_v, mask, implementation=implementation):
+                    def layer(index, total):
+                        out = cache_attention(q, new_k, new_v, cache_k, cache_v, index, mask=mask,
+                                              end=jnp.int32(visible), implementation=implementation)
+                        return total + out.astype(jnp.float32)
+                    return jax.lax.fori_loop(0, layers, layer, jnp.zeros(q.shape, jnp.float32))
+
+                ms[implementation] = time_ms(run, q, new_k, new_v, cache_k, cache_v, mask, iters=20)
+            report.add(what="decode_attention", rows=b, capacity=capacity, seen=visible, layers=layers,
+                       pallas_ms=round(ms["pallas"], 3), xla_ms=round(ms["xla"], 3))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check of this script")
@@ -349,6 +383,8 @@ def main():
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--models", default="qwen3-0.6b,qwen2.5-0.5b", help="which models --only models runs")
     parser.add_argument("--generate-tokens", type=int, default=128, help="--only generate: new tokens per row")
+    parser.add_argument("--rows", default="1,32,256", help="--only decode_attention: rows (server slots)")
+    parser.add_argument("--seen", default="192,383", help="--only decode_attention: columns each row sees, of 384")
     args = parser.parse_args()
     common.SCAN_UNROLL = args.unroll
     parts = args.only.split(",")
@@ -380,6 +416,10 @@ def main():
     if "generate" in parts:  # Qwen3-0.6B's decode loop as the library runs it, at --decode-batches
         bench_generate(report, receiver_cfg, decode_batches, 512 if not args.smoke else 16,
                        args.generate_tokens if not args.smoke else 6)
+    if "decode_attention" in parts:
+        rows, seen = (tuple(int(x) for x in a.split(",")) for a in (args.rows, args.seen))
+        bench_decode_attention(report, receiver_cfg, (2,) if args.smoke else rows, 128 if args.smoke else 384,
+                               (64, 127) if args.smoke else seen)
     if "methods" in parts:
         bench_methods(report, receiver_cfg, sharer_cfg, 512 if not args.smoke else 32, 80 if not args.smoke else 8)
     report.save()

@@ -38,7 +38,8 @@ def test_data_parallel_training_matches_one_device(tmp_path):
 
 @pytest.mark.parametrize("script,args,output", [
     ("bench_train.py", ("--micro-batches", "2"), "train.jsonl"),
-    ("bench_inference.py", ("--skip-torch", "--only", "models,fusion,ttft,ttft_parts,generate"), "inference.jsonl"),
+    ("bench_inference.py", ("--skip-torch", "--only", "models,fusion,ttft,ttft_parts,generate,decode_attention"),
+     "inference.jsonl"),
 ])
 def test_benchmark_scripts_report_rows(tmp_path, script, args, output):
     run_script(script, *args, out_dir=tmp_path)
