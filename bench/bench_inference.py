@@ -342,10 +342,11 @@ def bench_generate(report, cfg, batches, context, new_tokens):
 
 
 def bench_decode_attention(report, cfg, rows, capacity, seen):
-    """One new token per row at column `seen` over the layers of a stacked cache of `capacity` columns
-    whose first `seen` columns the rows see, as `cache_attention` computes it in a decode step, once
-    per layer (a `fori_loop`, so that each implementation compiles one attention): "pallas", the GPU
-    kernel over the stacked cache in place (Pallas' interpreter off the GPU), against "xla"."""
+    """For each count `visible` in `seen`: one new token per row at column `visible` over the layers of a
+    stacked cache of `capacity` columns whose first `visible` columns the rows see, as `cache_attention`
+    computes it in a decode step, once per layer (a `fori_loop`, so that each implementation compiles
+    one attention): "pallas", the GPU kernel over the stacked cache in place (Pallas' interpreter off
+    the GPU), against "xla"."""
     layers, heads, kv_heads, d = (cfg[k] for k in ("num_hidden_layers", "num_attention_heads",
                                                    "num_key_value_heads", "head_dim"))
     for b in rows:
