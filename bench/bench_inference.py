@@ -14,7 +14,8 @@ Decode attention (`--only decode_attention`): one new token's attention over eve
 server's stacked cache (Qwen3-0.6B, 384 columns), the GPU's Pallas kernel against XLA's route, with
 each row seeing the first `--seen` columns: the kernel loads no block a row cannot see.
 
-    python bench/bench_inference.py [--smoke] [--skip-torch] [--only models,fusion,ttft,methods,ttft_parts,generate,decode_attention]
+    python bench/bench_inference.py [--smoke] [--skip-torch]
+                                    [--only models,fusion,ttft,methods,ttft_parts,generate,decode_attention]
 """
 
 from __future__ import annotations

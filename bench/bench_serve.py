@@ -144,10 +144,10 @@ def decode_step_ms(engine, calls: int = 40) -> dict:
     calls = min(calls, (engine.capacity - start) // steps - 1)  # every step writes a column
     times = {}
     for width in engine.widths:
-        cache = engine.slots.cache
-        seen = jnp.broadcast_to(jnp.arange(engine.capacity) < start, cache.valid.shape)
+        # A fresh mask per width: the decode step donates the slots, and with them the last one.
+        seen = jnp.broadcast_to(jnp.arange(engine.capacity) < start, engine.slots.cache.valid.shape)
         engine.slots = dataclasses.replace(engine.slots, cache=dataclasses.replace(
-            cache, valid=seen, end=jnp.asarray(start, jnp.int32)))
+            engine.slots.cache, valid=seen, end=jnp.asarray(start, jnp.int32)))
         active = np.ones((width,), bool)
 
         def step(slots, width=width, active=active):

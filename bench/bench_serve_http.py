@@ -6,8 +6,8 @@ then each running request --decode-steps tokens, in the engine's order. The same
 `bench_serve.py` (seeded Poisson arrivals, streamed /v1/completions, several load processes) then
 measures the first token as the clients see it; the stand-in records when it handed each first token
 out, so the difference is the HTTP side's share: parsing, tokenizing and submitting the request, and
-delivering its first chunk behind every other stream's. Runs anywhere (no accelerator); compare uvicorn's HTTP implementations
-with --http.
+delivering its first chunk behind every other stream's. Runs anywhere (no accelerator); compare
+uvicorn's HTTP implementations with --http.
 
     python bench/bench_serve_http.py [--rate 99] [--call-ms 55] [--http h11|httptools]
     python bench/bench_serve_http.py --smoke     # a second of light load
