@@ -87,6 +87,8 @@ def serve(args) -> None:
     from c2c_jax.c2c.prompt import PromptEncoder
     from c2c_jax.serve import create_app, use_compilation_cache
 
+    # Of the source just imported: the tree may change on disk during the minutes of warm-up.
+    library = common.library_digest()
     if args.compilation_cache_dir:
         use_compilation_cache(args.compilation_cache_dir)
     receiver_cfg, sharer_cfg = ((common.SMOKE_RECEIVER, common.SMOKE_SHARER) if args.smoke
@@ -105,7 +107,7 @@ def serve(args) -> None:
     engine = Engine(receiver, routes, limits, eos_ids=(), pad_id=0)  # no end of sequence: fixed lengths
     start = time.perf_counter()
     engine.warm_up([args.prompt_tokens], sampling=False)  # every request is greedy
-    settings = dict(device=common.device_name(), library=common.library_digest(), capacity=engine.capacity,
+    settings = dict(device=common.device_name(), library=library, capacity=engine.capacity,
                     warm_up_s=round(time.perf_counter() - start, 1), programs=engine.compiled_programs,
                     slot_widths=list(engine.widths), scan_unroll=receiver.scan_unroll,
                     backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""),
